@@ -1,0 +1,159 @@
+"""Typed stage configs and named presets.
+
+Every field states its unit. Configs are frozen; derive variants with
+``dataclasses.replace``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Literal
+
+from .errors import InvalidInputError
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class DepthEncoding:
+    """How depth PNG values map to z-depth along the optical axis (scene units).
+
+    ``z = near + value / max_value * (far - near)`` for ``value != background``.
+    """
+
+    kind: Literal["zdepth_linear"] = "zdepth_linear"
+    near: float = 0.0
+    """z of value 0, scene units."""
+    far: float = 2.5
+    """z of value ``max_value``, scene units."""
+    max_value: float = 255.0
+    """The PNG value that encodes ``far`` (255 for 8-bit, 65535 for 16-bit)."""
+    background: float = 0.0
+    """The PNG value that marks background pixels."""
+
+    @classmethod
+    def from_dict(cls, d: dict, *, where: str = "depth_encoding") -> DepthEncoding:
+        if not isinstance(d, dict):
+            raise InvalidInputError(f"{where} must be an object", code="INVALID_TRANSFORMS", details={"field": where})
+        unknown = set(d) - {"kind", "near", "far", "max_value", "background"}
+        if unknown:
+            raise InvalidInputError(
+                f"{where} has unknown keys {sorted(unknown)}", code="INVALID_TRANSFORMS", details={"field": where}
+            )
+        if d.get("kind", "zdepth_linear") != "zdepth_linear":
+            raise InvalidInputError(
+                f"{where}.kind {d.get('kind')!r} is not supported; use 'zdepth_linear'",
+                code="INVALID_TRANSFORMS",
+                details={"field": f"{where}.kind"},
+            )
+        try:
+            enc = cls(**{k: (float(v) if k != "kind" else v) for k, v in d.items()})
+        except (TypeError, ValueError) as e:
+            raise InvalidInputError(f"{where}: {e}", code="INVALID_TRANSFORMS", details={"field": where}) from None
+        if not (enc.far > enc.near >= 0.0) or enc.max_value <= 0:
+            raise InvalidInputError(
+                f"{where} needs far > near >= 0 and max_value > 0", code="INVALID_TRANSFORMS", details={"field": where}
+            )
+        return enc
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+DEFAULT_DEPTH_ENCODING = DepthEncoding()
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    """How cameras are resolved when the bundle has no transforms.json."""
+
+    estimate_rig: bool = True
+    """Refine the default rig's field of view and check its view assignment by silhouette consistency."""
+    fov_search_deg: tuple[float, float] = (40.0, 80.0)
+    """Range of horizontal fields of view searched, degrees."""
+    carve_resolution: int = 64
+    """Voxels per axis of the silhouette carving grid."""
+    estimate_depth_encoding: bool = True
+    """Fit the depth encoding against the silhouette hull when the bundle does not state one."""
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """TSDF fusion of the depth maps, bounded by the silhouette hull."""
+
+    resolution: int = 192
+    """Voxels along the longest side of the object's bounding box."""
+    truncation_voxels: float = 4.0
+    """TSDF truncation distance, in voxels."""
+    hull_dilation_voxels: int = 1
+    """Silhouette hull dilation before it bounds the surface, voxels."""
+    min_component_fraction: float = 0.02
+    """Connected components with fewer faces than this fraction of the largest are removed."""
+    smooth_iterations: int = 2
+    """Taubin smoothing passes applied after marching cubes (removes 8-bit banding)."""
+    target_faces: int = 40_000
+    """Face count after decimation."""
+
+
+@dataclass(frozen=True)
+class TextureConfig:
+    """UV atlas and texture baking."""
+
+    size: int = 2048
+    """Texture width and height, pixels."""
+    padding_px: int = 4
+    """Gutter between UV charts, pixels; baked colours are dilated into it."""
+    angle_power: float = 4.0
+    """Per-view weight is cos(angle between normal and view ray) ** angle_power."""
+    depth_tolerance: float = 0.01
+    """Visibility test tolerance, as a fraction of the object's largest extent."""
+    xatlas_timeout_s: float = 120.0
+    """Wall-clock limit of the isolated UV-atlas process, seconds."""
+
+
+@dataclass(frozen=True)
+class ReconstructConfig:
+    """Everything one reconstruction needs."""
+
+    preset: str = "balanced"
+    device: Device = "auto"
+    camera: CameraConfig = field(default_factory=CameraConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    texture: TextureConfig = field(default_factory=TextureConfig)
+    max_working_resolution: int = 1024
+    """Images are processed at most at this size (longest side, pixels); textures sample the full-resolution photos."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, ReconstructConfig] = {
+    "fast": ReconstructConfig(
+        preset="fast",
+        fusion=FusionConfig(resolution=128, target_faces=15_000, smooth_iterations=2),
+        texture=TextureConfig(size=1024),
+        max_working_resolution=512,
+    ),
+    "balanced": ReconstructConfig(preset="balanced"),
+    "quality": ReconstructConfig(
+        preset="quality",
+        fusion=FusionConfig(resolution=256, target_faces=100_000, smooth_iterations=2),
+        texture=TextureConfig(size=4096),
+        max_working_resolution=2048,
+    ),
+}
+
+PRESET_DESCRIPTIONS: dict[str, str] = {
+    "fast": "128^3 fusion, 15k faces, 1024^2 texture: previews and tests.",
+    "balanced": "192^3 fusion, 40k faces, 2048^2 texture: the default.",
+    "quality": "256^3 fusion, 100k faces, 4096^2 texture: the most detail.",
+}
+
+
+def get_preset(name: str, *, device: Device = "auto") -> ReconstructConfig:
+    """The named preset, with ``device`` set. Unknown names raise InvalidInputError listing the valid ones."""
+    if name not in PRESETS:
+        raise InvalidInputError(
+            f"unknown preset {name!r}; choose one of {sorted(PRESETS)}", code="UNKNOWN_PRESET", details={"preset": name}
+        )
+    return replace(PRESETS[name], device=device)

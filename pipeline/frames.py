@@ -1,0 +1,49 @@
+"""Posed frames: the typed hand-off from input preparation to fusion, texturing and metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .camera import Camera
+
+
+@dataclass
+class PosedView:
+    """One view with its resolved camera and decoded depth.
+
+    Attributes
+    ----------
+    name : str
+    rgb : (H, W, 3) uint8, the full-resolution photo
+    camera : Camera at (W, H)
+    depth : (h, w) float32, z-depth in scene units, 0 where invalid (working resolution)
+    mask : (h, w) bool, foreground (working resolution)
+    depth_camera : Camera, ``camera`` scaled to (w, h)
+    """
+
+    name: str
+    rgb: np.ndarray
+    camera: Camera
+    depth: np.ndarray
+    mask: np.ndarray
+    depth_camera: Camera
+
+
+@dataclass
+class PosedFrames:
+    """All views of a bundle, posed and decoded, plus the reports of how cameras and depth were resolved."""
+
+    views: list[PosedView]
+    camera_estimate: dict = field(default_factory=dict)
+    depth_encoding: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def cameras(self) -> list[Camera]:
+        return [v.camera for v in self.views]
+
+    @property
+    def depth_cameras(self) -> list[Camera]:
+        return [v.depth_camera for v in self.views]

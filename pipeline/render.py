@@ -1,0 +1,184 @@
+"""Rasterisation: for each pixel, the triangle id, barycentrics and z-depth of a mesh seen by a camera.
+
+One interface, two backends:
+
+- ``embree``: CPU ray casting through embreex (pixel-centre rays, exact visibility);
+- ``nvdiffrast``: CUDA rasterisation, used when torch sees a GPU and nvdiffrast imports.
+
+Both return a :class:`Rasterization` in the same convention, so metrics, texture
+baking and previews never care which one ran. Shading on top of it is in
+:mod:`pipeline.shading`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from .camera import Camera, pixel_rays, ray_z_scale, transform_points
+
+Backend = Literal["auto", "embree", "nvdiffrast"]
+
+
+@dataclass
+class Rasterization:
+    """Per-pixel visibility of one mesh in one camera.
+
+    Attributes
+    ----------
+    tri_id : (H, W) int64, index of the visible face; -1 for background
+    bary : (H, W, 3) float32, barycentric weights of the face's three vertices (0 on background)
+    depth : (H, W) float32, z-depth along the optical axis, scene units; 0 on background
+    """
+
+    tri_id: np.ndarray
+    bary: np.ndarray
+    depth: np.ndarray
+
+    @property
+    def mask(self) -> np.ndarray:
+        """(H, W) bool, True where the mesh covers the pixel."""
+        return self.tri_id >= 0
+
+    def interpolate(self, attr: np.ndarray, faces: np.ndarray) -> np.ndarray:
+        """Interpolate a per-vertex attribute (V, C) to (H, W, C); zeros on background."""
+        H, W = self.tri_id.shape
+        m = self.mask
+        out = np.zeros((H, W, attr.shape[1]), dtype=np.float32)
+        f = faces[self.tri_id[m]]
+        b = self.bary[m]
+        out[m] = (attr[f[:, 0]] * b[:, :1] + attr[f[:, 1]] * b[:, 1:2] + attr[f[:, 2]] * b[:, 2:3]).astype(np.float32)
+        return out
+
+
+def cuda_available() -> bool:
+    """True when torch sees a CUDA device and nvdiffrast imports."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False
+        import nvdiffrast.torch  # noqa: F401
+    except Exception:  # any import or driver problem means "no CUDA backend"
+        return False
+    return True
+
+
+class EmbreeRasterizer:
+    """CPU backend. Builds the BVH once; :meth:`rasterize` casts one ray per pixel centre.
+
+    Parameters
+    ----------
+    vertices : (V, 3) float, world
+    faces : (F, 3) int
+    """
+
+    name = "embree"
+
+    def __init__(self, vertices: np.ndarray, faces: np.ndarray):
+        from embreex import mesh_construction, rtcore_scene
+
+        self.vertices = np.ascontiguousarray(vertices, dtype=np.float64)
+        self.faces = np.ascontiguousarray(faces, dtype=np.int64)
+        self._scene = rtcore_scene.EmbreeScene()
+        tris = self.vertices[self.faces].astype(np.float32)
+        if len(tris):
+            mesh_construction.TriangleMesh(self._scene, tris)
+
+    def cast(self, origins: np.ndarray, directions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Cast (N, 3) rays. Returns (tri_id (N,) int64, bary (N, 3) float32, t (N,) float32 ray length)."""
+        n = len(origins)
+        if len(self.faces) == 0 or n == 0:
+            return np.full(n, -1, np.int64), np.zeros((n, 3), np.float32), np.zeros(n, np.float32)
+        r = self._scene.run(
+            np.ascontiguousarray(origins, dtype=np.float32), np.ascontiguousarray(directions, dtype=np.float32), output=1
+        )
+        tri = r["primID"].astype(np.int64)
+        u, v = r["u"], r["v"]
+        bary = np.stack([1.0 - u - v, u, v], axis=-1).astype(np.float32)
+        hit = tri >= 0
+        bary[~hit] = 0.0
+        t = np.where(hit, r["tfar"], 0.0).astype(np.float32)
+        return tri, bary, t
+
+    def rasterize(self, cam: Camera) -> Rasterization:
+        o, d = pixel_rays(cam)
+        tri, bary, t = self.cast(o, d)
+        z = t * ray_z_scale(cam).astype(np.float32)
+        H, W = cam.height, cam.width
+        return Rasterization(tri.reshape(H, W), bary.reshape(H, W, 3), z.reshape(H, W).astype(np.float32))
+
+
+class NvdiffrastRasterizer:
+    """CUDA backend through nvdiffrast. Same inputs and outputs as :class:`EmbreeRasterizer`."""
+
+    name = "nvdiffrast"
+    _ctx = None
+
+    def __init__(self, vertices: np.ndarray, faces: np.ndarray, *, device: str = "cuda"):
+        import nvdiffrast.torch as dr
+        import torch
+
+        self._dr, self._torch = dr, torch
+        self.device = torch.device(device)
+        self.vertices = np.ascontiguousarray(vertices, dtype=np.float64)
+        self.faces = np.ascontiguousarray(faces, dtype=np.int64)
+        self._v = torch.as_tensor(self.vertices, dtype=torch.float32, device=self.device)
+        self._f = torch.as_tensor(self.faces, dtype=torch.int32, device=self.device)
+        if NvdiffrastRasterizer._ctx is None:
+            NvdiffrastRasterizer._ctx = dr.RasterizeCudaContext(device=self.device)
+
+    def rasterize(self, cam: Camera) -> Rasterization:
+        torch = self._torch
+        H, W = cam.height, cam.width
+        if len(self.faces) == 0:
+            return Rasterization(np.full((H, W), -1, np.int64), np.zeros((H, W, 3), np.float32), np.zeros((H, W), np.float32))
+        clip, z_cam = clip_space(self._v, cam, torch)
+        rast, _ = self._dr.rasterize(self._ctx, clip[None].contiguous(), self._f, resolution=[H, W])
+        rast = rast[0]
+        tri = rast[..., 3].long() - 1
+        u, v = rast[..., 0], rast[..., 1]
+        # nvdiffrast weights (u, v) belong to vertices 0 and 1.
+        bary = torch.stack([u, v, 1.0 - u - v], dim=-1)
+        hit = tri >= 0
+        bary = torch.where(hit[..., None], bary, torch.zeros_like(bary))
+        fz = z_cam[self._f[tri.clamp(min=0)].long()]  # (H, W, 3)
+        depth = torch.where(hit, (fz * bary).sum(-1), torch.zeros_like(u))
+        return Rasterization(tri.cpu().numpy(), bary.cpu().numpy().astype(np.float32), depth.cpu().numpy().astype(np.float32))
+
+
+def clip_space(vertices, cam: Camera, xp, *, near: float = 1e-3, far: float = 1e3):
+    """Clip-space (V, 4) positions for nvdiffrast and camera z (V,), from torch (V, 3) world vertices.
+
+    Image row 0 maps to NDC y = -1, which nvdiffrast writes to its first output row,
+    so the raster comes out in image order with no flip. Pixel centres match the
+    +0.5 convention of :mod:`pipeline.camera`.
+    """
+    torch = xp
+    w2c = torch.as_tensor(cam.world_to_cam, dtype=vertices.dtype, device=vertices.device)
+    pc = transform_points(w2c, vertices)
+    x, y, z = pc[:, 0], pc[:, 1], pc[:, 2]
+    K = cam.K
+    W, H = cam.width, cam.height
+    cx = 2.0 * K[0, 0] / W * x + (2.0 * K[0, 2] / W - 1.0) * z
+    cy = 2.0 * K[1, 1] / H * y + (2.0 * K[1, 2] / H - 1.0) * z
+    a = (far + near) / (far - near)
+    b = -2.0 * far * near / (far - near)
+    cz = a * z + b
+    return torch.stack([cx, cy, cz, z], dim=-1), z
+
+
+def make_rasterizer(vertices: np.ndarray, faces: np.ndarray, *, backend: Backend = "auto"):
+    """A rasterizer for one mesh. ``auto`` picks nvdiffrast when CUDA is usable, else embree."""
+    if backend == "nvdiffrast" or (backend == "auto" and cuda_available()):
+        return NvdiffrastRasterizer(vertices, faces)
+    if backend not in ("auto", "embree"):
+        raise ValueError(f"unknown render backend {backend!r}; use auto, embree or nvdiffrast")
+    return EmbreeRasterizer(vertices, faces)
+
+
+def rasterize(vertices: np.ndarray, faces: np.ndarray, cam: Camera, *, backend: Backend = "auto") -> Rasterization:
+    """One-shot :class:`Rasterization` of a mesh (V, 3) / (F, 3) in ``cam``."""
+    return make_rasterizer(vertices, faces, backend=backend).rasterize(cam)
