@@ -1,0 +1,283 @@
+"""Quality metrics: image agreement with the input views and surface agreement with a reference mesh.
+
+Image metrics compare a re-render of the mesh with the input photo at one camera.
+Colour metrics are computed twice:
+
+- *masked*: over the union of the input's foreground mask and the rendered
+  silhouette, so missing geometry (input foreground, no render) and floaters (render,
+  no input foreground) both count, while the white background both share does not
+  inflate the score;
+- *full-frame*: over the whole image, for comparison with other systems' numbers.
+
+Geometry metrics sample both surfaces in the cameras' world frame (no re-alignment:
+a shifted or scaled result is penalised) and use nearest-neighbour distances.
+
+Every per-view function is a plain function of picklable arguments, so the service
+can fan views out as Ray tasks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image
+from scipy.spatial import cKDTree
+from skimage.metrics import structural_similarity
+
+from .frames import PosedFrames, PosedView
+from .mesh import TexturedMesh
+from .render import Backend, make_rasterizer
+from .shading import shade_rgb
+
+#: PSNR reported when the two images are identical (MSE == 0), dB.
+PSNR_MAX_DB = 100.0
+#: Value range of the float images the colour metrics see (uint8 inputs are divided by 255).
+DATA_RANGE = 1.0
+#: SSIM window: Gaussian with this sigma, pixels (Wang et al. 2004).
+SSIM_SIGMA = 1.5
+#: Default F-score threshold, as a fraction of the reference mesh's largest bounding-box extent.
+FSCORE_TAU_FRACTION = 0.01
+#: Default number of surface samples per mesh for geometry metrics.
+GEOMETRY_SAMPLES = 100_000
+
+
+# ---------------------------------------------------------------- image metrics
+
+
+def _as_unit_float(img: np.ndarray, name: str) -> np.ndarray:
+    """(H, W, 3) uint8 or float in [0, 1] -> float64 in [0, 1]."""
+    a = np.asarray(img)
+    if a.ndim != 3 or a.shape[-1] != 3:
+        raise ValueError(f"{name} must be (H, W, 3), got {a.shape}")
+    if a.dtype == np.uint8:
+        return a.astype(np.float64) / 255.0
+    return a.astype(np.float64)
+
+
+def psnr_from_mse(mse: float) -> float:
+    """PSNR in dB for images in [0, DATA_RANGE]; capped at :data:`PSNR_MAX_DB` (MSE 0 gives the cap)."""
+    if mse <= 0.0:
+        return PSNR_MAX_DB
+    return float(min(PSNR_MAX_DB, 10.0 * math.log10(DATA_RANGE**2 / mse)))
+
+
+def image_metrics(
+    pred_rgb: np.ndarray,
+    pred_mask: np.ndarray,
+    ref_rgb: np.ndarray,
+    ref_mask: np.ndarray,
+    *,
+    pred_depth: np.ndarray | None = None,
+    ref_depth: np.ndarray | None = None,
+) -> dict:
+    """Compare a rendered view with the reference photo.
+
+    Parameters
+    ----------
+    pred_rgb : (H, W, 3) uint8, or float in [0, 1], the re-render (background filled)
+    pred_mask : (H, W) bool, the rendered silhouette
+    ref_rgb : (H, W, 3) uint8, or float in [0, 1], the input photo at the same size
+    ref_mask : (H, W) bool, the input foreground
+    pred_depth, ref_depth : (H, W) float, z-depth in scene units, 0 where invalid
+
+    Returns
+    -------
+    dict with
+      ``psnr``, ``ssim``: masked over ``pred_mask | ref_mask`` (None if the union is empty);
+      ``psnr_full``, ``ssim_full``: over the whole frame;
+      ``depth_mae``: mean |pred_depth - ref_depth| in scene units over pixels valid in
+      both masks and both depths (None without depths or overlap);
+      ``silhouette_iou``: |pred & ref| / |pred | ref| (None if both are empty);
+      ``mask_pixels``: size of the union; ``width``, ``height``.
+    """
+    pred = _as_unit_float(pred_rgb, "pred_rgb")
+    ref = _as_unit_float(ref_rgb, "ref_rgb")
+    pm = np.asarray(pred_mask, dtype=bool)
+    rm = np.asarray(ref_mask, dtype=bool)
+    if pred.shape != ref.shape or pm.shape != pred.shape[:2] or rm.shape != pred.shape[:2]:
+        raise ValueError(f"shape mismatch: pred {pred.shape}, ref {ref.shape}, masks {pm.shape} {rm.shape}")
+
+    union = pm | rm
+    inter = pm & rm
+    sq = ((pred - ref) ** 2).mean(axis=-1)  # (H, W) per-pixel MSE over channels
+    # Gaussian-weighted SSIM with population covariance: the Wang et al. (2004) definition.
+    ssim_full, ssim_map = structural_similarity(
+        pred,
+        ref,
+        data_range=DATA_RANGE,
+        channel_axis=-1,
+        gaussian_weights=True,
+        sigma=SSIM_SIGMA,
+        use_sample_covariance=False,
+        full=True,
+    )
+    ssim_map = ssim_map.mean(axis=-1)
+    n_union = int(union.sum())
+
+    out: dict = {
+        "psnr": psnr_from_mse(float(sq[union].mean())) if n_union else None,
+        "ssim": float(ssim_map[union].mean()) if n_union else None,
+        "psnr_full": psnr_from_mse(float(sq.mean())),
+        "ssim_full": float(ssim_full),
+        "depth_mae": None,
+        "silhouette_iou": float(inter.sum() / n_union) if n_union else None,
+        "mask_pixels": n_union,
+        "width": int(pred.shape[1]),
+        "height": int(pred.shape[0]),
+    }
+    if pred_depth is not None and ref_depth is not None:
+        pd = np.asarray(pred_depth, dtype=np.float64)
+        rd = np.asarray(ref_depth, dtype=np.float64)
+        if pd.shape != pm.shape or rd.shape != pm.shape:
+            raise ValueError(f"depth shapes {pd.shape} {rd.shape} do not match the image {pm.shape}")
+        both = inter & (pd > 0) & (rd > 0)
+        if both.any():
+            out["depth_mae"] = float(np.abs(pd[both] - rd[both]).mean())
+    return out
+
+
+def resize_rgb(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (height, width, 3) uint8 by area averaging (no aliasing when shrinking)."""
+    if rgb.shape[1] == width and rgb.shape[0] == height:
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize((width, height), Image.Resampling.BOX))
+
+
+def render_view_for_metrics(mesh: TexturedMesh, view: PosedView, rasterizer) -> dict[str, np.ndarray]:
+    """Re-render ``view`` at its working (depth) resolution and fetch the matching reference.
+
+    Returns ``pred_rgb`` (h, w, 3) uint8 on white, ``pred_mask`` (h, w) bool, ``pred_depth``
+    (h, w) float32, and ``ref_rgb`` (the photo shrunk to (w, h)), ``ref_mask``, ``ref_depth``.
+    """
+    cam = view.depth_camera
+    rast = rasterizer.rasterize(cam)
+    return {
+        "pred_rgb": shade_rgb(mesh, rast),
+        "pred_mask": rast.mask,
+        "pred_depth": rast.depth,
+        "ref_rgb": resize_rgb(view.rgb, cam.width, cam.height),
+        "ref_mask": np.asarray(view.mask, dtype=bool),
+        "ref_depth": np.asarray(view.depth, dtype=np.float32),
+    }
+
+
+def _evaluate_with(mesh: TexturedMesh, view: PosedView, rasterizer) -> dict:
+    r = render_view_for_metrics(mesh, view, rasterizer)
+    m = image_metrics(
+        r["pred_rgb"], r["pred_mask"], r["ref_rgb"], r["ref_mask"], pred_depth=r["pred_depth"], ref_depth=r["ref_depth"]
+    )
+    return {"name": view.name, **m}
+
+
+def evaluate_view(mesh: TexturedMesh, view: PosedView, *, backend: Backend = "auto") -> dict:
+    """Metrics of one view (see :func:`image_metrics`) plus its ``name``.
+
+    The mesh is re-rendered at ``view.depth_camera`` (the working resolution) and compared
+    with the photo shrunk to that size, the input mask and the decoded depth.
+    """
+    return _evaluate_with(mesh, view, make_rasterizer(mesh.vertices, mesh.faces, backend=backend))
+
+
+def evaluate_views(mesh: TexturedMesh, frames: PosedFrames, *, backend: Backend = "auto") -> list[dict]:
+    """:func:`evaluate_view` for every view, building the rasterizer once."""
+    r = make_rasterizer(mesh.vertices, mesh.faces, backend=backend)
+    return [_evaluate_with(mesh, v, r) for v in frames.views]
+
+
+# ---------------------------------------------------------------- geometry metrics
+
+
+def sample_surface(
+    vertices: np.ndarray, faces: np.ndarray, n: int, *, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Area-uniform random points on a triangle mesh.
+
+    Parameters
+    ----------
+    vertices : (V, 3) float, world
+    faces : (F, 3) int
+    n : number of samples
+    seed : random seed (the same seed on the same mesh gives the same points)
+
+    Returns
+    -------
+    points : (n, 3) float64, world
+    normals : (n, 3) float64, unit normals of the sampled faces
+    """
+    v = np.asarray(vertices, dtype=np.float64)
+    f = np.asarray(faces, dtype=np.int64)
+    if v.ndim != 2 or v.shape[1] != 3 or f.ndim != 2 or f.shape[1] != 3:
+        raise ValueError(f"need (V, 3) vertices and (F, 3) faces, got {v.shape} {f.shape}")
+    tri = v[f]
+    cross = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    area2 = np.linalg.norm(cross, axis=1)
+    total = area2.sum()
+    if len(f) == 0 or total <= 0:
+        raise ValueError("the mesh has no surface area to sample")
+    rng = np.random.default_rng(seed)
+    fid = np.searchsorted(np.cumsum(area2) / total, rng.random(n), side="right").clip(0, len(f) - 1)
+    r1, r2 = rng.random(n), rng.random(n)
+    # Fold the unit square onto the triangle: uniform barycentrics.
+    flip = r1 + r2 > 1.0
+    r1[flip], r2[flip] = 1.0 - r1[flip], 1.0 - r2[flip]
+    t = tri[fid]
+    points = t[:, 0] + r1[:, None] * (t[:, 1] - t[:, 0]) + r2[:, None] * (t[:, 2] - t[:, 0])
+    normals = cross[fid] / np.maximum(area2[fid], 1e-300)[:, None]
+    return points, normals
+
+
+def geometry_metrics(
+    pred_vertices: np.ndarray,
+    pred_faces: np.ndarray,
+    gt_vertices: np.ndarray,
+    gt_faces: np.ndarray,
+    *,
+    n_samples: int = GEOMETRY_SAMPLES,
+    tau: float | None = None,
+    seed: int = 0,
+) -> dict:
+    """Surface agreement of a predicted mesh with a ground-truth mesh, both in the cameras' world frame.
+
+    Both surfaces get ``n_samples`` area-uniform samples (the same ``seed``); distances are
+    to the nearest sample of the other surface (scipy cKDTree).
+
+    Parameters
+    ----------
+    pred_vertices, gt_vertices : (V, 3) float, world (scene units)
+    pred_faces, gt_faces : (F, 3) int
+    tau : F-score distance threshold in scene units; default
+        :data:`FSCORE_TAU_FRACTION` of the GT's largest bounding-box extent
+
+    Returns
+    -------
+    dict with ``accuracy`` (mean pred -> GT distance), ``completeness`` (mean GT -> pred
+    distance), ``chamfer_l1`` (their mean), ``precision`` / ``recall`` (fraction of pred / GT
+    samples within ``tau``), ``f_score`` (their harmonic mean), ``normal_consistency``
+    (mean |cos| between the normals of nearest samples, both directions), ``tau``,
+    ``n_samples``. Distances are in scene units.
+    """
+    gt_v = np.asarray(gt_vertices, dtype=np.float64)
+    if tau is None:
+        tau = FSCORE_TAU_FRACTION * float((gt_v.max(0) - gt_v.min(0)).max())
+    p_pts, p_nrm = sample_surface(pred_vertices, pred_faces, n_samples, seed=seed)
+    g_pts, g_nrm = sample_surface(gt_v, gt_faces, n_samples, seed=seed)
+    d_pg, i_pg = cKDTree(g_pts).query(p_pts, workers=-1)
+    d_gp, i_gp = cKDTree(p_pts).query(g_pts, workers=-1)
+    precision = float((d_pg < tau).mean())
+    recall = float((d_gp < tau).mean())
+    f_score = 2.0 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    nc_pg = np.abs((p_nrm * g_nrm[i_pg]).sum(-1)).mean()
+    nc_gp = np.abs((g_nrm * p_nrm[i_gp]).sum(-1)).mean()
+    accuracy, completeness = float(d_pg.mean()), float(d_gp.mean())
+    return {
+        "chamfer_l1": 0.5 * (accuracy + completeness),
+        "accuracy": accuracy,
+        "completeness": completeness,
+        "f_score": float(f_score),
+        "precision": precision,
+        "recall": recall,
+        "normal_consistency": float(0.5 * (nc_pg + nc_gp)),
+        "tau": float(tau),
+        "n_samples": int(n_samples),
+    }

@@ -1,0 +1,199 @@
+"""The reconstruction pipeline: named stages from an input bundle to exported files.
+
+    read_bundle -> prepare_frames -> reconstruct_geometry -> bake_texture -> export
+                -> [evaluate -> quality.json] [previews]
+
+Each model is a sequence of stages; :data:`MODELS` names them. Progress is reported
+as (stage, overall fraction) through a callback, and cancellation is polled between
+and inside stages, so the service can stop a job promptly.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from . import __version__
+from .bundle import BundleLimits, load_bundle
+from .config import ReconstructConfig, get_preset
+from .errors import CanceledError, InvalidInputError
+
+ProgressFn = Callable[[str, float], None]
+CancelFn = Callable[[], bool]
+
+#: Relative cost of each stage, for an overall progress fraction that never goes backwards.
+_STAGE_WEIGHTS: dict[str, float] = {
+    "read_bundle": 0.05,
+    "prepare_frames": 0.15,
+    "reconstruct_geometry": 0.30,
+    "bake_texture": 0.25,
+    "export": 0.05,
+    "evaluate": 0.10,
+    "previews": 0.10,
+}
+
+#: Models served and run by the CLI. ``nvdiffrec`` joins once its refinement stage exists.
+MODELS: tuple[str, ...] = ("fusion",)
+
+OUTPUT_FILES = ("mesh.obj", "material.mtl", "texture_kd.png", "mesh.glb", "result.json")
+
+
+class _Progress:
+    """Maps (stage, fraction within stage) to a monotone overall fraction."""
+
+    def __init__(self, stages: list[str], callback: ProgressFn | None, should_cancel: CancelFn | None):
+        total = sum(_STAGE_WEIGHTS[s] for s in stages)
+        self._start: dict[str, float] = {}
+        acc = 0.0
+        for s in stages:
+            self._start[s] = acc / total
+            acc += _STAGE_WEIGHTS[s]
+        self._weight = {s: _STAGE_WEIGHTS[s] / total for s in stages}
+        self._callback = callback
+        self._should_cancel = should_cancel
+        self._last = 0.0
+
+    def check_cancel(self) -> None:
+        if self._should_cancel is not None and self._should_cancel():
+            raise CanceledError("the job was canceled")
+
+    def stage(self, name: str) -> ProgressFn:
+        def report(_stage: str, fraction: float) -> None:
+            self.check_cancel()
+            overall = self._start[name] + self._weight[name] * min(max(fraction, 0.0), 1.0)
+            if overall >= self._last and self._callback is not None:
+                self._last = overall
+                self._callback(name, overall)
+
+        return report
+
+
+def reconstruct_bundle(
+    src: str | Path | bytes,
+    out_dir: str | Path,
+    *,
+    model: str = "fusion",
+    preset: str = "balanced",
+    device: str = "auto",
+    config: ReconstructConfig | None = None,
+    progress: ProgressFn | None = None,
+    should_cancel: CancelFn | None = None,
+    evaluate: bool = True,
+    previews: bool = True,
+    limits: BundleLimits | None = None,
+) -> dict:
+    """Reconstruct one bundle and write the outputs into ``out_dir``.
+
+    Writes ``mesh.obj``, ``material.mtl``, ``texture_kd.png``, ``mesh.glb`` and
+    ``result.json``; with ``evaluate`` also ``quality.json``, and with ``previews``
+    the ``previews/`` folder. All geometry is in the input cameras' world frame.
+
+    Returns the content of ``result.json``. Raises :class:`~pipeline.errors.ReconError`
+    subclasses: ``InvalidInputError`` for bad input, ``CanceledError`` when
+    ``should_cancel()`` turned True, others for stage failures.
+    """
+    if model not in MODELS:
+        raise InvalidInputError(
+            f"unknown model {model!r}; choose one of {list(MODELS)}", code="UNKNOWN_MODEL", details={"model": model}
+        )
+    cfg = config or get_preset(preset, device=device)
+    if config is not None and device != "auto":
+        cfg = replace(cfg, device=device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    stages = ["read_bundle", "prepare_frames", "reconstruct_geometry", "bake_texture", "export"]
+    stages += ["evaluate"] * evaluate + ["previews"] * previews
+    prog = _Progress(stages, progress, should_cancel)
+    timings: dict[str, float] = {}
+
+    def run(name: str, fn, *args, **kw):
+        prog.check_cancel()
+        report = prog.stage(name)
+        report(name, 0.0)
+        t0 = time.perf_counter()
+        value = fn(*args, **kw)
+        timings[name] = round(time.perf_counter() - t0, 3)
+        report(name, 1.0)
+        return value
+
+    from .export import export_mesh
+    from .fusion import reconstruct_geometry
+    from .prepare import prepare_frames
+    from .texture import bake_texture
+
+    t_start = time.perf_counter()
+    fs = run("read_bundle", load_bundle, src, limits)
+    frames = run("prepare_frames", prepare_frames, fs, cfg, progress=prog.stage("prepare_frames"))
+    vertices, faces, geometry_report = run(
+        "reconstruct_geometry",
+        reconstruct_geometry,
+        frames,
+        cfg,
+        progress=prog.stage("reconstruct_geometry"),
+        should_cancel=should_cancel,
+    )
+    mesh = run("bake_texture", bake_texture, vertices, faces, frames, cfg.texture, progress=prog.stage("bake_texture"))
+    files = run("export", export_mesh, mesh, out)
+
+    result = {
+        "recon3d_version": __version__,
+        "model": model,
+        "preset": cfg.preset,
+        "device": cfg.device,
+        "views": [v.name for v in frames.views],
+        "camera_estimate": frames.camera_estimate,
+        "depth_encoding": frames.depth_encoding,
+        "geometry": geometry_report,
+        "mesh": {"vertices": int(len(mesh.vertices)), "faces": int(len(mesh.faces)), "texture_size": int(mesh.texture.shape[0]) if mesh.texture is not None else 0},
+        "warnings": list(fs.warnings) + list(frames.warnings),
+        "timings_s": timings,
+        "config": cfg.to_dict(),
+        "files": sorted(Path(p).name for p in files.values()),
+    }
+
+    if evaluate:
+        from .metrics import evaluate_views
+        from .quality import build_quality_report
+
+        def _evaluate():
+            per_view = evaluate_views(mesh, frames)
+            return build_quality_report(
+                per_view,
+                mesh=mesh,
+                model=model,
+                preset=cfg.preset,
+                timings=timings,
+                camera_estimate=frames.camera_estimate,
+            )
+
+        report = run("evaluate", _evaluate)
+        (out / "quality.json").write_text(report.model_dump_json(indent=2))
+        result["quality"] = {"status": report.status, "psnr": report.psnr, "ssim": report.ssim}
+        result["files"].append("quality.json")
+
+    if previews:
+        from .previews import write_previews
+
+        written = run("previews", write_previews, mesh, out, frames)
+        result["previews"] = written
+
+    timings["total"] = round(time.perf_counter() - t_start, 3)
+    result["timings_s"] = timings
+    (out / "result.json").write_text(json.dumps(result, indent=2, default=_json_default))
+    return result
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
