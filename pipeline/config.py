@@ -85,8 +85,9 @@ class FusionConfig:
     """Voxels along the longest side of the object's bounding box."""
     truncation_voxels: float = 4.0
     """TSDF truncation distance, in voxels."""
-    hull_dilation_voxels: int = 1
-    """Silhouette hull dilation before it bounds the surface, voxels."""
+    hull_tolerance_px: float = 1.0
+    """The masks are widened by this much before their hull bounds the surface, pixels at the working
+    resolution (so slightly wrong cameras do not carve into the object)."""
     min_component_fraction: float = 0.02
     """Connected components with fewer faces than this fraction of the largest are removed."""
     smooth_iterations: int = 2
@@ -109,6 +110,43 @@ class TextureConfig:
     """Visibility test tolerance, as a fraction of the object's largest extent."""
     xatlas_timeout_s: float = 120.0
     """Wall-clock limit of the isolated UV-atlas process, seconds."""
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """Differentiable-rendering refinement of a textured mesh (the ``nvdiffrec`` model, :mod:`pipeline.refine`)."""
+
+    iterations: int = 400
+    """Largest number of optimisation steps."""
+    resolution: int = 512
+    """Render size, pixels along the longest image side (capped at the views' working resolution)."""
+    lr_vertices: float = 1e-3
+    """Adam step for vertex offsets, as a fraction of the start mesh's bounding-box diagonal."""
+    lr_texture: float = 1e-2
+    """Adam step for kd texels, colour units in [0, 1]."""
+    laplacian_weight: float = 20.0
+    """Weight of the uniform-Laplacian term relative to the start mesh (keeps the surface smooth)."""
+    mask_weight: float = 1.0
+    """Weight of the silhouette term."""
+    depth_weight: float = 1.0
+    """Weight of the depth term (smooth L1 of z-depth over the bounding-box diagonal)."""
+    time_budget_s: float = 600.0
+    """Wall-clock limit of the optimisation loop, seconds; the loop stops (without error) when reached."""
+    convergence_tol: float = 2e-3
+    """Stop when the mean loss of the last window improves on the window before by less than this fraction."""
+    convergence_window: int = 25
+    """Iterations per window of the convergence test."""
+    visibility_interval: int = 5
+    """CPU backend: re-run the exact (embree) visibility every this many iterations."""
+    smoothing_steps: int = 8
+    """Laplacian diffusion passes applied to the optimised vertex offsets (larger: smoother, more global moves)."""
+
+
+REFINE_PRESETS: dict[str, RefineConfig] = {
+    "fast": RefineConfig(iterations=150, resolution=256, time_budget_s=150.0, convergence_window=15),
+    "balanced": RefineConfig(iterations=400, resolution=512, time_budget_s=600.0),
+    "quality": RefineConfig(iterations=1000, resolution=1024, time_budget_s=1800.0, convergence_window=40),
+}
 
 
 @dataclass(frozen=True)

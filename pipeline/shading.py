@@ -22,6 +22,10 @@ def sample_texture(texture: np.ndarray, uv: np.ndarray) -> np.ndarray:
     (N, C) float32 in the texture's value range
     """
     th, tw = texture.shape[:2]
+    # glTF's default sampler repeats: wrap coordinates outside [0, 1] (ours stay inside).
+    outside = (uv < 0.0) | (uv > 1.0)
+    if outside.any():
+        uv = np.where(outside, uv - np.floor(uv), uv)
     x = np.clip(uv[:, 0] * tw - 0.5, 0, tw - 1)
     y = np.clip((1.0 - uv[:, 1]) * th - 0.5, 0, th - 1)
     x0 = np.floor(x).astype(np.int64)

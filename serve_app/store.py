@@ -143,7 +143,9 @@ class LocalStore(Store):
         if not base.is_dir():
             return []
         return sorted(
-            p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file() and not p.name.startswith(".tmp-")
+            p.relative_to(self.root).as_posix()
+            for p in base.rglob("*")
+            if p.is_file() and not p.name.startswith(".tmp-")
         )
 
     def delete(self, key: str) -> None:
@@ -191,7 +193,11 @@ class S3Store(Store):
             self._ensure_bucket()
 
     def __reduce__(self):
-        return (S3Store, (self.bucket,), {"prefix": self.prefix, "endpoint_url": self.endpoint_url, "region": self.region})
+        return (
+            S3Store,
+            (self.bucket,),
+            {"prefix": self.prefix, "endpoint_url": self.endpoint_url, "region": self.region},
+        )
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -277,6 +283,10 @@ def make_store(cfg: StoreConfig) -> Store:
     """Build the store a :class:`StoreConfig` describes."""
     if cfg.kind == "s3":
         return S3Store(
-            cfg.bucket or "", prefix=cfg.prefix, endpoint_url=cfg.endpoint_url, region=cfg.region, create_bucket=cfg.create_bucket
+            cfg.bucket or "",
+            prefix=cfg.prefix,
+            endpoint_url=cfg.endpoint_url,
+            region=cfg.region,
+            create_bucket=cfg.create_bucket,
         )
     return LocalStore(cfg.path)

@@ -1,0 +1,147 @@
+"""Fusion benchmark: our `fusion` model against Open3D's TSDF on the same bundles, in the same run.
+
+    python bench/fusion.py [--data ../shared/data] [--preset balanced]
+
+Prints one table: time, faces, F-score, normal consistency, Chamfer and masked
+PSNR/SSIM for both methods, plus the ratios ours / Open3D. Open3D gets our
+resolved cameras and depth encoding (for the sneaker: our estimates), so the
+comparison is of fusion alone. Needs the bench extra (`pip install -e '.[bench]'`;
+open3d-cpu needs Debian's libusb-1.0-0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.bundle import load_bundle
+from pipeline.config import get_preset
+from pipeline.export import load_mesh
+from pipeline.mesh import TexturedMesh
+from pipeline.metrics import evaluate_views, geometry_metrics
+from pipeline.prepare import prepare_frames
+from pipeline.reconstruct import reconstruct_bundle
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+def find_bundles(data: Path) -> list[tuple[str, Path, Path | None]]:
+    """(name, bundle folder, ground-truth mesh or None) for every bundle under ``data``."""
+    out = []
+    for mv in sorted(data.rglob("multi_views")):
+        b = mv.parent
+        if "examples" in b.parts:
+            continue
+        gt = b / "gt" / "mesh.glb"
+        name = b.name if b.name != "input" else b.parent.name
+        out.append((name, b, gt if gt.exists() else None))
+    return out
+
+
+def _summary(per_view: list[dict]) -> tuple[float, float]:
+    return float(np.mean([v["psnr_masked"] for v in per_view])), float(np.mean([v["ssim_masked"] for v in per_view]))
+
+
+def run_ours(bundle: Path, gt, preset: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        result = reconstruct_bundle(bundle, tmp, preset=preset, evaluate=False, previews=False)
+        elapsed = time.perf_counter() - t0
+        mesh = load_mesh(Path(tmp) / "mesh.obj")
+    return {"mesh": mesh, "time_s": elapsed, "faces": len(mesh.faces), "result": result}
+
+
+def run_open3d(frames, voxel: float) -> dict:
+    import open3d as o3d
+
+    t0 = time.perf_counter()
+    vol = o3d.pipelines.integration.ScalableTSDFVolume(
+        voxel_length=voxel, sdf_trunc=4 * voxel, color_type=o3d.pipelines.integration.TSDFVolumeColorType.RGB8
+    )
+    for v in frames.views:
+        cam = v.depth_camera
+        h, w = v.depth.shape
+        from PIL import Image
+
+        color = np.asarray(Image.fromarray(v.rgb).resize((w, h), Image.BILINEAR))
+        depth = np.where(v.mask, v.depth, 0.0).astype(np.float32)
+        rgbd = o3d.geometry.RGBDImage.create_from_color_and_depth(
+            o3d.geometry.Image(np.ascontiguousarray(color)),
+            o3d.geometry.Image(depth),
+            depth_scale=1.0,
+            depth_trunc=1e3,
+            convert_rgb_to_intensity=False,
+        )
+        K = cam.K
+        intr = o3d.camera.PinholeCameraIntrinsic(w, h, K[0, 0], K[1, 1], K[0, 2] - 0.5, K[1, 2] - 0.5)
+        vol.integrate(rgbd, intr, cam.world_to_cam)
+    m = vol.extract_triangle_mesh()
+    elapsed = time.perf_counter() - t0
+    verts = np.asarray(m.vertices, dtype=np.float32)
+    faces = np.asarray(m.triangles, dtype=np.int32)
+    colors = (np.asarray(m.vertex_colors) * 255).round().astype(np.uint8) if m.has_vertex_colors() else None
+    mesh = TexturedMesh(vertices=verts, faces=faces, vertex_colors=colors)
+    return {"mesh": mesh, "time_s": elapsed, "faces": len(faces)}
+
+
+def score(run: dict, frames, gt) -> dict:
+    mesh = run["mesh"]
+    per_view = evaluate_views(mesh, frames)
+    psnr, ssim = _summary(per_view)
+    row = {"time_s": run["time_s"], "faces": run["faces"], "psnr": psnr, "ssim": ssim}
+    row["iou"] = float(np.mean([v["silhouette_iou"] for v in per_view]))
+    if gt is not None and len(mesh.faces):
+        g = geometry_metrics(mesh.vertices, mesh.faces, gt.vertices, gt.faces)
+        row.update(fscore=g["fscore"], nc=g["normal_consistency"], chamfer=g["chamfer_l1"])
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--preset", default="balanced")
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    args = ap.parse_args(argv)
+    cfg = get_preset(args.preset)
+    rows = []
+    for name, bundle, gt_path in find_bundles(args.data):
+        gt = load_mesh(gt_path) if gt_path else None
+        ours = run_ours(bundle, gt, args.preset)
+        frames = prepare_frames(load_bundle(bundle), cfg)
+        voxel = float(ours["result"]["geometry"]["voxel_size"])
+        o3d_run = run_open3d(frames, voxel)
+        for method, run in (("recon3d", ours), ("open3d", o3d_run)):
+            rows.append({"bundle": name, "method": method, **score(run, frames, gt)})
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    cols = ["bundle", "method", "time_s", "faces", "fscore", "nc", "chamfer", "psnr", "ssim", "iou"]
+    print(" | ".join(f"{c:>9}" for c in cols))
+    for r in rows:
+        print(" | ".join(f"{_fmt(r.get(c)):>9}" for c in cols))
+    print("\nratios recon3d / open3d (time, faces: lower is better; fscore, nc, psnr: higher is better)")
+    for name in dict.fromkeys(r["bundle"] for r in rows):
+        a, b = (next(r for r in rows if r["bundle"] == name and r["method"] == m) for m in ("recon3d", "open3d"))
+        parts = [f"{k} {a[k] / b[k]:.2f}x" for k in ("time_s", "faces") if b.get(k)]
+        parts += [f"{k} {a[k] - b[k]:+.3f}" for k in ("fscore", "nc", "psnr") if k in a and k in b]
+        print(f"  {name:>10}: " + ", ".join(parts))
+    print(f"\npeak RSS of this process: {peak_gb:.2f} GB")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

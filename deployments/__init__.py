@@ -1,0 +1,1 @@
+"""Ray Serve deployments: one thin class per model, each with its own builder."""

@@ -1,0 +1,277 @@
+"""The thin model server every model deployment shares.
+
+A model replica takes a :class:`ModelRequest` (plain, serialisable), reads the upload
+from the store, runs the pipeline in a worker thread (``asyncio.to_thread``) and
+uploads the artifacts back to the store. It *streams* events to the caller::
+
+    {"type": "progress", "stage": "bake_texture", "fraction": 0.62}   # any number
+    {"type": "result", "result": {...result.json...}, "files": ["mesh.obj", ...]}   # or
+    {"type": "error", "error": {"code": "MODEL_OOM", "message": "...", "details": {...}}}
+
+Errors travel as data (the last event), never as exceptions, so nothing depends on
+how Ray wraps exception types across a handle.
+
+Cancellation: the pipeline polls ``should_cancel``, which is true once the cancel flag
+``jobs/<id>/cancel`` exists in the store (polled at most every CANCEL_POLL_INTERVAL_S),
+once the job's deadline passed, or once the caller dropped the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import CanceledError, ModelOOMError, ReconError
+from serve_app.config import ModelConfig, StoreConfig
+from serve_app.store import Store, make_store
+
+from . import constants as DC
+
+logger = logging.getLogger("recon3d.model")
+
+DEFAULT_RUNNER = "pipeline.reconstruct:reconstruct_bundle"
+JOB_TIMEOUT_CODE = "JOB_TIMEOUT"
+
+Runner = Callable[..., dict]
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """What crosses the handle: ids and store keys, never bytes or arrays."""
+
+    job_id: str
+    model: str
+    preset: str
+    input_key: str
+    output_prefix: str
+    cancel_key: str
+    deadline: float
+    """Unix time after which the run stops with JOB_TIMEOUT."""
+    attempt: int = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelDeploymentConfig:
+    """Everything a model replica needs: its model config, the store, and the resolved GPU count."""
+
+    model: ModelConfig
+    store: StoreConfig
+    num_gpus: float
+
+
+def resolve_runner(spec: str | None) -> Runner:
+    """Import ``module:function`` (default: the library's reconstruct_bundle)."""
+    module, _, attr = (spec or DEFAULT_RUNNER).partition(":")
+    fn = getattr(importlib.import_module(module), attr)
+    if not callable(fn):
+        raise TypeError(f"runner {spec!r} is not callable")
+    return fn
+
+
+class CancelCheck:
+    """``should_cancel`` for the pipeline: store flag (rate-limited), deadline, or local stop."""
+
+    def __init__(self, store: Store, key: str, deadline: float, *, interval_s: float = DC.CANCEL_POLL_INTERVAL_S):
+        self.store = store
+        self.key = key
+        self.deadline = deadline
+        self.interval_s = interval_s
+        self.stop = threading.Event()
+        self.reason: str | None = None
+        self._next_poll = 0.0
+
+    def __call__(self) -> bool:
+        if self.reason is not None:
+            return True
+        if self.stop.is_set():
+            self.reason = "dropped"
+        elif time.time() > self.deadline:
+            self.reason = "timeout"
+        else:
+            now = time.monotonic()
+            if now >= self._next_poll:
+                self._next_poll = now + self.interval_s
+                try:
+                    if self.store.exists(self.key):
+                        self.reason = "canceled"
+                except Exception:  # a flaky store must not kill the run; try again next poll
+                    logger.warning("cancel flag poll failed", exc_info=True)
+        return self.reason is not None
+
+
+def _is_oom(e: BaseException) -> bool:
+    if isinstance(e, (MemoryError, ModelOOMError)):
+        return True
+    name = type(e).__name__
+    return name == "OutOfMemoryError" or "out of memory" in str(e).lower()
+
+
+def _json_safe(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+class ModelServer:
+    """Base of the model deployments (the Serve class is made by ``build_<model>_deployment``)."""
+
+    #: Model id served; subclasses set it.
+    model_name: str = ""
+    #: Whether this model runs on a GPU when one is there (drives ``num_gpus``).
+    uses_gpu: bool = True
+
+    def __init__(self, cfg: ModelDeploymentConfig, *, runner: Runner | None = None):
+        self.cfg = cfg
+        self.store = make_store(cfg.store)
+        self.runner = runner or resolve_runner(cfg.model.runner)
+        self.device = cfg.model.device
+        if self.device == "auto" and cfg.num_gpus == 0:
+            self.device = "cpu"  # no GPU reserved: never grab one that belongs to another replica
+
+    @classmethod
+    def get_deployment_options(cls, cfg: ModelDeploymentConfig) -> dict:
+        """Serve options owned by the model: resources, concurrency, shutdown, autoscaling."""
+        m = cfg.model
+        a = m.autoscaling
+        return {
+            "name": f"{cls.model_name}-model",
+            "ray_actor_options": {"num_gpus": cfg.num_gpus, "num_cpus": m.num_cpus},
+            "max_ongoing_requests": m.max_ongoing_requests,
+            "graceful_shutdown_timeout_s": m.graceful_shutdown_timeout_s,
+            "health_check_period_s": DC.MODEL_HEALTH_CHECK_PERIOD_S,
+            "health_check_timeout_s": DC.MODEL_HEALTH_CHECK_TIMEOUT_S,
+            "autoscaling_config": {
+                "min_replicas": a.min_replicas,
+                "initial_replicas": max(a.min_replicas, 1),
+                "max_replicas": a.max_replicas,
+                "target_ongoing_requests": a.target_ongoing_requests,
+                "upscale_delay_s": a.upscale_delay_s,
+                "downscale_delay_s": a.downscale_delay_s,
+            },
+        }
+
+    # ------------------------------------------------------------ handle methods
+
+    async def run(self, request: dict) -> AsyncIterator[dict]:
+        """Run one job; yields progress events, then exactly one result or error event."""
+        req = ModelRequest(**request)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        cancel = CancelCheck(self.store, req.cancel_key, req.deadline)
+
+        def progress(stage: str, fraction: float) -> None:
+            loop.call_soon_threadsafe(
+                events.put_nowait, {"type": "progress", "stage": stage, "fraction": float(fraction)}
+            )
+
+        work = asyncio.ensure_future(asyncio.to_thread(self._run_sync, req, progress, cancel))
+        try:
+            while True:
+                getter = asyncio.ensure_future(events.get())
+                done, _ = await asyncio.wait({work, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield getter.result()
+                    continue
+                getter.cancel()
+                break
+            while not events.empty():
+                yield events.get_nowait()
+            yield work.result()
+        finally:
+            # The caller went away (or Serve canceled the request): stop the thread at its next checkpoint.
+            cancel.stop.set()
+
+    async def info(self) -> dict:
+        """Device facts for /health."""
+        return await asyncio.to_thread(self._info_sync)
+
+    async def check_health(self) -> None:
+        try:
+            await asyncio.to_thread(self.store.exists, "health-probe")
+            if self.cfg.num_gpus > 0:
+                import torch
+
+                if not torch.cuda.is_available():
+                    raise RuntimeError("this replica reserved a GPU but CUDA is not available")
+        except Exception:
+            logger.exception("health check failed", extra={"model": self.model_name})
+            raise
+
+    # ------------------------------------------------------------ work (worker thread)
+
+    def _run_sync(self, req: ModelRequest, progress, cancel: CancelCheck) -> dict:
+        t0 = time.perf_counter()
+        work_dir = Path(tempfile.mkdtemp(prefix=f"recon3d-{req.job_id}-"))
+        try:
+            src = self.store.get(req.input_key)
+            out = work_dir / "out"
+            result = self.runner(
+                src,
+                out,
+                model=req.model,
+                preset=req.preset,
+                device=self.device,
+                progress=progress,
+                should_cancel=cancel,
+                evaluate=False,
+                previews=False,
+            )
+            if cancel():  # the last checkpoint may have passed; don't publish a canceled job's files
+                raise CanceledError("the job was canceled")
+            result_path = out / "result.json"
+            result = json.loads(result_path.read_text()) if result_path.is_file() else _json_safe(result or {})
+            # Replace whatever an interrupted earlier attempt left behind.
+            self.store.delete_prefix(req.output_prefix)
+            files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+            for rel in files:
+                self.store.put_file(f"{req.output_prefix}/{rel}", out / rel)
+            return {"type": "result", "result": result, "files": files, "elapsed_s": round(time.perf_counter() - t0, 3)}
+        except CanceledError as e:
+            if cancel.reason == "timeout":
+                err = {
+                    "code": JOB_TIMEOUT_CODE,
+                    "message": "the job ran past its time limit",
+                    "details": {"deadline": req.deadline},
+                }
+            else:
+                err = e.to_dict()
+            return {"type": "error", "error": err}
+        except ReconError as e:
+            if _is_oom(e):
+                return {"type": "error", "error": {"code": "MODEL_OOM", "message": e.message, "details": e.details}}
+            return {"type": "error", "error": e.to_dict()}
+        except Exception as e:
+            logger.exception("model run failed", extra={"job_id": req.job_id, "model": req.model})
+            code = "MODEL_OOM" if _is_oom(e) else "MODEL_FAILED"
+            return {"type": "error", "error": {"code": code, "message": f"{type(e).__name__}: {e}", "details": {}}}
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+    def _info_sync(self) -> dict:
+        out: dict[str, Any] = {
+            "model": self.model_name,
+            "device": self.device,
+            "num_gpus": self.cfg.num_gpus,
+            "gpus": [],
+        }
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                for i in range(torch.cuda.device_count()):
+                    p = torch.cuda.get_device_properties(i)
+                    out["gpus"].append({"index": i, "name": p.name, "memory_total_bytes": int(p.total_memory)})
+        except Exception as e:  # torch missing or broken driver: report, don't fail /health
+            out["gpu_error"] = str(e)
+        return out

@@ -1,0 +1,32 @@
+"""The ``fusion`` model deployment: TSDF fusion + texture baking (pipeline.reconstruct)."""
+
+from __future__ import annotations
+
+import logging
+
+from ray import serve
+from ray.serve import Application
+
+from .base import ModelDeploymentConfig, ModelServer
+
+logger = logging.getLogger("recon3d.model")
+
+
+class FusionServer(ModelServer):
+    """Serves ``model="fusion"``. Uses the GPU when the replica has one, else the CPU."""
+
+    model_name = "fusion"
+    uses_gpu = True
+
+
+def build_fusion_deployment(
+    cfg: ModelDeploymentConfig,
+    *,
+    override_serve_options: dict | None = None,
+    deployment_cls: type[ModelServer] | None = None,
+) -> Application:
+    """Bind the fusion deployment: options from ``get_deployment_options(cfg)``, then the overrides."""
+    cls = deployment_cls or FusionServer
+    options = {**cls.get_deployment_options(cfg), **(override_serve_options or {})}
+    logger.info("fusion deployment options: %s", options)
+    return serve.deployment(cls).options(**options).bind(cfg)

@@ -1,0 +1,437 @@
+"""Differentiable rendering of a UV-textured mesh: gradients reach vertex positions and texels.
+
+One interface, two backends, both returning a :class:`DiffRender` for a batch of
+cameras of one size:
+
+- ``nvdiffrast`` (CUDA): rasterize -> interpolate -> texture -> antialias. The
+  antialiased coverage carries silhouette gradients.
+- ``embree`` (CPU): exact visibility (the triangle id per pixel centre) comes from
+  :class:`pipeline.render.EmbreeRasterizer` and has no gradient. It is refreshed by
+  :meth:`CpuDiffRenderer.update_visibility` every few steps, because the mesh moves
+  little between steps. Each step recomputes, in torch, the barycentrics of every
+  covered pixel centre from the *projected* vertices of its triangle (so gradients
+  reach the vertices), interpolates UVs perspective-correctly and samples the
+  texture bilinearly with ``grid_sample`` (so gradients reach the texels).
+
+Silhouette gradients on CPU: a hard coverage has none, so the renderer also returns
+*contour samples*: points on the mesh's visible silhouette edges (edges between a
+front- and a back-facing face, found at each visibility refresh and kept only where
+they lie on the rendered mask's boundary), as differentiable pixel positions.
+:func:`silhouette_loss` looks the target mask's signed distance up at those points;
+summed with each sample's edge length, it approximates the area between the two
+silhouettes, the same quantity the CUDA path's squared coverage error measures.
+We chose this over blurring the coverage because a blur only has gradients within
+its radius and smears the colour term, while the distance lookup pulls an edge
+that is several pixels off straight to the target outline.
+
+Conventions (docs/conventions.md): cameras in OpenCV axes, pixel centres at +0.5,
+image row 0 at the top, UV v = 0 at the texture's bottom row, texture row 0 at the top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from .camera import Camera
+from .render import EmbreeRasterizer, clip_space, cuda_available
+
+DiffBackend = Literal["auto", "embree", "nvdiffrast"]
+
+#: Contour samples per pixel of silhouette-edge length (CPU backend).
+CONTOUR_SAMPLES_PER_PX = 1.0
+#: Contour samples are kept within this many pixels of the rendered mask's boundary.
+CONTOUR_BAND_PX = 2
+#: Screen-space triangle area (pixels squared) below which a pixel's barycentrics are not trusted.
+MIN_SCREEN_AREA_PX2 = 1e-10
+#: Scale of the pseudo-Huber penalty on contour distances, pixels.
+CONTOUR_HUBER_PX = 1.0
+
+
+@dataclass
+class DiffRender:
+    """A differentiable render of C views of size (H, W); torch tensors on the renderer's device.
+
+    Attributes
+    ----------
+    rgb : (C, H, W, 3) float, colour in [0, 1] composited over a white background
+    coverage : (C, H, W) float, antialiased coverage on CUDA, hard 0/1 (no gradient) on CPU
+    depth : (C, H, W) float, z-depth along the optical axis, scene units, 0 on background
+    mask : (C, H, W) bool, pixel centres covered by the mesh
+    contour_xy : (M, 2) float or None, CPU only: pixel positions of visible silhouette samples
+    contour_view : (M,) long or None, the view of each contour sample
+    contour_len : (M,) float or None, edge length each sample stands for, pixels
+    """
+
+    rgb: torch.Tensor
+    coverage: torch.Tensor
+    depth: torch.Tensor
+    mask: torch.Tensor
+    contour_xy: torch.Tensor | None = None
+    contour_view: torch.Tensor | None = None
+    contour_len: torch.Tensor | None = None
+
+
+def _camera_tensors(cameras: list[Camera], dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, 3, 3) K and (C, 4, 4) world_to_cam of a camera list."""
+    K = torch.as_tensor(np.stack([c.K for c in cameras]), dtype=dtype, device=device)
+    w2c = torch.as_tensor(np.stack([c.world_to_cam for c in cameras]), dtype=dtype, device=device)
+    return K, w2c
+
+
+def project_batch(vertices: torch.Tensor, K: torch.Tensor, w2c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Project (V, 3) world vertices into C cameras.
+
+    Returns
+    -------
+    xy : (C, V, 2) pixel coordinates (pixel centres at +0.5)
+    z : (C, V) z-depth along each optical axis
+    """
+    pc = torch.einsum("cij,vj->cvi", w2c[:, :3, :3], vertices) + w2c[:, None, :3, 3]
+    z = pc[..., 2]
+    zs = z.clamp(min=1e-9)
+    x = K[:, None, 0, 0] * pc[..., 0] / zs + K[:, None, 0, 1] * pc[..., 1] / zs + K[:, None, 0, 2]
+    y = K[:, None, 1, 1] * pc[..., 1] / zs + K[:, None, 1, 2]
+    return torch.stack([x, y], dim=-1), z
+
+
+def sample_texture_torch(texture: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
+    """Differentiable bilinear lookup, the same convention as :func:`pipeline.shading.sample_texture`.
+
+    Parameters
+    ----------
+    texture : (T, S, C) float, row 0 at the top
+    uv : (N, 2) float, v = 0 at the bottom row; clamped to the border texels
+
+    Returns
+    -------
+    (N, C) float
+    """
+    # align_corners=False puts -1 / +1 on the outer texel edges, so texel centres sit at
+    # (k + 0.5) / size as in the numpy sampler; y = +1 is the last (bottom) row, where v = 0.
+    grid = torch.stack([uv[:, 0] * 2.0 - 1.0, 1.0 - uv[:, 1] * 2.0], dim=-1)
+    img = texture.permute(2, 0, 1)[None]
+    out = F.grid_sample(img, grid[None, None], mode="bilinear", padding_mode="border", align_corners=False)
+    return out[0, :, 0, :].T
+
+
+def signed_distance_px(mask: np.ndarray) -> np.ndarray:
+    """(H, W) float32 signed distance to a mask's outline, pixels: negative inside, 0 half-way between pixels."""
+    m = np.asarray(mask, dtype=bool)
+    if not m.any():
+        return np.full(m.shape, float(max(m.shape)), np.float32)
+    if m.all():
+        return np.full(m.shape, -float(max(m.shape)), np.float32)
+    inside = ndimage.distance_transform_edt(m)  # to the nearest background pixel centre
+    outside = ndimage.distance_transform_edt(~m)
+    return np.where(m, -(inside - 0.5), outside - 0.5).astype(np.float32)
+
+
+def sample_images(images: torch.Tensor, view: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
+    """Bilinear lookup of (C, H, W) images at (M, 2) pixel positions in views (M,); (M,) out, border-clamped."""
+    C, H, W = images.shape
+    # Stack the views vertically into one (C*H, W) image; samples near a view's top or
+    # bottom row clamp to it below rather than reading the neighbouring view.
+    y = (xy[:, 1].clamp(0.5, H - 0.5) + view.to(xy.dtype) * H) / (C * H) * 2.0 - 1.0
+    x = xy[:, 0] / W * 2.0 - 1.0
+    grid = torch.stack([x, y], dim=-1)[None, None]
+    out = F.grid_sample(images.reshape(1, 1, C * H, W), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out[0, 0, 0]
+
+
+def silhouette_loss(render: DiffRender, target_mask: torch.Tensor, target_sdf: torch.Tensor) -> torch.Tensor:
+    """Area between the rendered and the target silhouettes, in pixels, summed over views.
+
+    CUDA: sum of squared differences between antialiased coverage and the target mask.
+    CPU: sum over contour samples of edge length times a pseudo-Huber of the target's
+    signed distance there (pixels); both approximate the area of the symmetric difference.
+
+    Parameters
+    ----------
+    target_mask : (C, H, W) bool
+    target_sdf : (C, H, W) float, from :func:`signed_distance_px`
+    """
+    if render.contour_xy is None:
+        return ((render.coverage - target_mask.to(render.coverage.dtype)) ** 2).sum()
+    if render.contour_xy.shape[0] == 0:
+        return render.rgb.new_zeros(())
+    d = sample_images(target_sdf.to(render.contour_xy.dtype), render.contour_view, render.contour_xy)
+    h = CONTOUR_HUBER_PX
+    return (render.contour_len * (torch.sqrt(d * d + h * h) - h)).sum()
+
+
+class CpuDiffRenderer:
+    """CPU backend: embree visibility, torch barycentrics, texture and depth.
+
+    Parameters
+    ----------
+    faces : (F, 3) int
+    uvs : (V, 2) float, texture coordinates, v = 0 at the bottom row
+    cameras : C cameras of one size (W, H)
+    device : torch device of the outputs (CPU in practice)
+    """
+
+    name = "embree"
+
+    def __init__(self, faces: np.ndarray, uvs: np.ndarray, cameras: list[Camera], *, device="cpu"):
+        _check_cameras(cameras)
+        self.cameras = list(cameras)
+        self.device = torch.device(device)
+        self.faces_np = np.ascontiguousarray(faces, dtype=np.int64)
+        self.faces = torch.as_tensor(self.faces_np, device=self.device)
+        self.uvs = torch.as_tensor(np.asarray(uvs, dtype=np.float64), device=self.device)
+        self.width, self.height = cameras[0].width, cameras[0].height
+        self._edges, self._edge_faces = _edge_adjacency(self.faces_np)
+        self._vis: dict | None = None
+
+    def update_visibility(self, vertices) -> None:
+        """Re-run exact visibility and silhouette-edge detection at the current vertices ((V, 3), no gradient)."""
+        v = _to_numpy(vertices)
+        rast = EmbreeRasterizer(v, self.faces_np)
+        H, W = self.height, self.width
+        views, pixels, face_ids, masks = [], [], [], []
+        for i, cam in enumerate(self.cameras):
+            tri = rast.rasterize(cam).tri_id.reshape(-1)
+            hit = np.flatnonzero(tri >= 0)
+            views.append(np.full(len(hit), i, np.int64))
+            pixels.append(hit)
+            face_ids.append(tri[hit])
+            masks.append((tri >= 0).reshape(H, W))
+        masks = np.stack(masks)
+        a, b, t, length, cview = self._contour_samples(v, masks)
+        dev = self.device
+        self._vis = {
+            "view": torch.as_tensor(np.concatenate(views), device=dev),
+            "pixel": torch.as_tensor(np.concatenate(pixels), device=dev),
+            "face": torch.as_tensor(np.concatenate(face_ids), device=dev),
+            "mask": torch.as_tensor(masks, device=dev),
+            "contour": tuple(torch.as_tensor(x, device=dev) for x in (a, b, t, length, cview)),
+        }
+
+    def _contour_samples(self, v: np.ndarray, masks: np.ndarray):
+        """Silhouette-edge samples on the rendered outline: (edge end a, end b, t, length px, view), each (M,)."""
+        faces, edges, ef = self.faces_np, self._edges, self._edge_faces
+        tri = v[faces]
+        fn = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+        centroid = tri.mean(axis=1)
+        out = [[], [], [], [], []]
+        for i, cam in enumerate(self.cameras):
+            facing = ((cam.center[None] - centroid) * fn).sum(-1) > 0
+            f0 = facing[ef[:, 0]]
+            f1 = np.where(ef[:, 1] >= 0, facing[ef[:, 1].clip(0)], ~f0)  # open boundary edges count when seen
+            sil = np.flatnonzero(f0 != f1)
+            if len(sil) == 0:
+                continue
+            a, b = edges[sil, 0], edges[sil, 1]
+            pc = v @ cam.world_to_cam[:3, :3].T + cam.world_to_cam[:3, 3]
+            z = np.maximum(pc[:, 2], 1e-9)
+            xy = np.stack([cam.K[0, 0] * pc[:, 0] / z + cam.K[0, 1] * pc[:, 1] / z + cam.K[0, 2], cam.K[1, 1] * pc[:, 1] / z + cam.K[1, 2]], -1)
+            seg = np.linalg.norm(xy[b] - xy[a], axis=1)
+            n = np.maximum(np.ceil(seg * CONTOUR_SAMPLES_PER_PX), 1).astype(np.int64)
+            e = np.repeat(np.arange(len(sil)), n)
+            k = np.arange(len(e)) - np.repeat(np.cumsum(n) - n, n)
+            t = (k + 0.5) / n[e]
+            p = xy[a[e]] * (1 - t)[:, None] + xy[b[e]] * t[:, None]
+            band = ndimage.binary_dilation(masks[i], iterations=CONTOUR_BAND_PX) & ~ndimage.binary_erosion(
+                masks[i], iterations=CONTOUR_BAND_PX, border_value=0
+            )
+            col, row = np.floor(p[:, 0]).astype(np.int64), np.floor(p[:, 1]).astype(np.int64)
+            inside = (col >= 0) & (col < self.width) & (row >= 0) & (row < self.height)
+            keep = np.zeros(len(p), bool)
+            keep[inside] = band[row[inside], col[inside]]
+            e, t = e[keep], t[keep]
+            for lst, val in zip(out, (a[e], b[e], t, (seg / n)[e], np.full(len(e), i, np.int64)), strict=True):
+                lst.append(val)
+        if not out[0]:
+            return tuple(np.zeros(0, dt) for dt in (np.int64, np.int64, np.float64, np.float64, np.int64))
+        return tuple(np.concatenate(x) for x in out)
+
+    def render(self, vertices: torch.Tensor, texture: torch.Tensor) -> DiffRender:
+        """Render all cameras.
+
+        Parameters
+        ----------
+        vertices : (V, 3) float tensor, world (may require grad)
+        texture : (T, S, 3) float tensor in [0, 1], row 0 at the top (may require grad), or a
+            sequence of such layers of any sizes: each is sampled bilinearly at the same UV and
+            the samples are summed and clamped to [0, 1] (a texture plus coarse corrections,
+            without composing a full-size texture every step)
+        """
+        if self._vis is None:
+            self.update_visibility(vertices)
+        vis = self._vis
+        dtype, dev = vertices.dtype, vertices.device
+        C, H, W = len(self.cameras), self.height, self.width
+        K, w2c = _camera_tensors(self.cameras, dtype, dev)
+        xy, z = project_batch(vertices, K, w2c)  # (C, V, 2), (C, V)
+        nv = vertices.shape[0]
+
+        view, pixel, face = vis["view"], vis["pixel"], vis["face"]
+        corner = view[:, None] * nv + self.faces[face]  # (N, 3) rows of the flattened (C*V) projections
+        p = xy.reshape(-1, 2)[corner]  # (N, 3, 2)
+        zc = z.reshape(-1)[corner]  # (N, 3)
+        q = torch.stack([(pixel % W).to(dtype) + 0.5, (pixel // W).to(dtype) + 0.5], dim=-1)
+
+        # Screen-space barycentrics of the pixel centre, then perspective-correct ones.
+        e1, e2, d = p[:, 1] - p[:, 0], p[:, 2] - p[:, 0], q - p[:, 0]
+        den = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
+        ok = den.abs() > MIN_SCREEN_AREA_PX2
+        den = torch.where(ok, den, torch.ones_like(den))
+        b1 = (d[:, 0] * e2[:, 1] - d[:, 1] * e2[:, 0]) / den
+        b2 = (e1[:, 0] * d[:, 1] - e1[:, 1] * d[:, 0]) / den
+        bs = torch.stack([1.0 - b1 - b2, b1, b2], dim=-1)
+        wz = bs / zc
+        inv_z = wz.sum(-1, keepdim=True)
+        bp = wz / inv_z  # weights of the face's vertices 0, 1, 2 at the surface point
+        depth_px = 1.0 / inv_z[:, 0]
+
+        uv = (self.uvs.to(dtype)[self.faces[face]] * bp[..., None]).sum(1)
+        col = sum(sample_texture_torch(t.to(dtype), uv) for t in _layers(texture))
+        if not isinstance(texture, torch.Tensor):
+            col = col.clamp(0.0, 1.0)
+        okf = ok.to(dtype)[:, None]
+        col = col * okf + (1.0 - okf)  # degenerate pixels read as background
+
+        flat = view * (H * W) + pixel
+        rgb = torch.ones(C * H * W, 3, dtype=dtype, device=dev).index_put((flat,), col).reshape(C, H, W, 3)
+        depth = torch.zeros(C * H * W, dtype=dtype, device=dev).index_put((flat,), depth_px * ok.to(dtype))
+        mask = vis["mask"]
+
+        a, b, t, length, cview = vis["contour"]
+        pa, pb = xy[cview, a], xy[cview, b]
+        t = t.to(dtype)[:, None]
+        contour_xy = pa * (1.0 - t) + pb * t
+        return DiffRender(
+            rgb=rgb,
+            coverage=mask.to(dtype),
+            depth=depth.reshape(C, H, W),
+            mask=mask,
+            contour_xy=contour_xy,
+            contour_view=cview,
+            contour_len=length.to(dtype),
+        )
+
+
+class CudaDiffRenderer:
+    """CUDA backend through nvdiffrast (one batched rasterisation per step; visibility is always fresh).
+
+    Parameters are those of :class:`CpuDiffRenderer`; ``device`` must be a CUDA device.
+    """
+
+    name = "nvdiffrast"
+    _ctx: dict = {}
+
+    def __init__(self, faces: np.ndarray, uvs: np.ndarray, cameras: list[Camera], *, device="cuda"):
+        import nvdiffrast.torch as dr
+
+        _check_cameras(cameras)
+        self._dr = dr
+        self.cameras = list(cameras)
+        self.device = torch.device(device)
+        self.faces = torch.as_tensor(np.asarray(faces), dtype=torch.int32, device=self.device).contiguous()
+        uv = np.asarray(uvs, dtype=np.float32).copy()
+        uv[:, 1] = 1.0 - uv[:, 1]  # nvdiffrast's v = 0 is texture row 0 (the top); ours is the bottom row
+        self.uvs = torch.as_tensor(uv, device=self.device).contiguous()
+        self.width, self.height = cameras[0].width, cameras[0].height
+        key = str(self.device)
+        if key not in CudaDiffRenderer._ctx:
+            CudaDiffRenderer._ctx[key] = dr.RasterizeCudaContext(device=self.device)
+        self._glctx = CudaDiffRenderer._ctx[key]
+
+    def update_visibility(self, vertices) -> None:
+        """Nothing to do: every :meth:`render` rasterises afresh."""
+
+    def render(self, vertices: torch.Tensor, texture: torch.Tensor) -> DiffRender:
+        """Render all cameras; see :meth:`CpuDiffRenderer.render`. Computes in float32 (nvdiffrast's type)."""
+        dr = self._dr
+        v = vertices.to(torch.float32)
+        H, W = self.height, self.width
+        clip, zs = [], []
+        for cam in self.cameras:
+            c, z = clip_space(v, cam, torch)
+            clip.append(c)
+            zs.append(z)
+        clip = torch.stack(clip).contiguous()  # (C, V, 4)
+        z = torch.stack(zs)[..., None].contiguous()  # (C, V, 1)
+        rast, _ = dr.rasterize(self._glctx, clip, self.faces, resolution=[H, W])
+        hit = rast[..., 3:4] > 0
+        uv, _ = dr.interpolate(self.uvs, rast, self.faces)
+        uv = uv.contiguous()
+        col = sum(
+            dr.texture(t.to(torch.float32)[None].contiguous(), uv, filter_mode="linear", boundary_mode="clamp")
+            for t in _layers(texture)
+        )
+        if not isinstance(texture, torch.Tensor):
+            col = col.clamp(0.0, 1.0)
+        depth, _ = dr.interpolate(z, rast, self.faces)
+        cov = hit.to(torch.float32)
+        rgba = torch.cat([torch.where(hit, col, torch.ones_like(col)), cov], dim=-1)
+        # antialias blends across silhouette edges; its gradient moves the edges (vertices).
+        rgba = dr.antialias(rgba.contiguous(), rast, clip, self.faces)
+        return DiffRender(
+            rgb=rgba[..., :3],
+            coverage=rgba[..., 3],
+            depth=torch.where(hit, depth, torch.zeros_like(depth))[..., 0],
+            mask=hit[..., 0],
+        )
+
+
+def make_diff_renderer(
+    faces: np.ndarray, uvs: np.ndarray, cameras: list[Camera], *, backend: DiffBackend = "auto", device=None
+):
+    """A differentiable renderer for one mesh topology and a fixed camera batch.
+
+    ``auto`` picks nvdiffrast when CUDA is usable, else embree. ``device`` defaults to
+    ``cuda`` for nvdiffrast and ``cpu`` for embree.
+    """
+    if backend == "nvdiffrast" or (backend == "auto" and cuda_available()):
+        return CudaDiffRenderer(faces, uvs, cameras, device=device or "cuda")
+    if backend not in ("auto", "embree"):
+        raise ValueError(f"unknown differentiable render backend {backend!r}; use auto, embree or nvdiffrast")
+    return CpuDiffRenderer(faces, uvs, cameras, device=device or "cpu")
+
+
+def _check_cameras(cameras: list[Camera]) -> None:
+    if not cameras:
+        raise ValueError("need at least one camera")
+    sizes = {(c.width, c.height) for c in cameras}
+    if len(sizes) != 1:
+        raise ValueError(f"all cameras of one renderer must share an image size, got {sorted(sizes)}")
+
+
+def _edge_adjacency(faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique edges (E, 2) int64 and their two faces (E, 2) int64 (-1 where an edge has one face).
+
+    Non-manifold edges (three or more faces) keep their first two faces.
+    """
+    F_ = len(faces)
+    e = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+    fid = np.tile(np.arange(F_), 3)
+    key = np.sort(e, axis=1)
+    order = np.lexsort((key[:, 1], key[:, 0]))
+    key, fid = key[order], fid[order]
+    start = np.ones(len(key), bool)
+    start[1:] = (key[1:] != key[:-1]).any(axis=1)
+    first = np.flatnonzero(start)
+    edges = key[first]
+    counts = np.diff(np.append(first, len(key)))
+    ef = np.full((len(edges), 2), -1, np.int64)
+    ef[:, 0] = fid[first]
+    two = counts >= 2
+    ef[two, 1] = fid[first[two] + 1]
+    return edges, ef
+
+
+def _layers(texture) -> list[torch.Tensor]:
+    return [texture] if isinstance(texture, torch.Tensor) else list(texture)
+
+
+def _to_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy().astype(np.float64)
+    return np.asarray(x, dtype=np.float64)

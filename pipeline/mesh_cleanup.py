@@ -1,0 +1,104 @@
+"""Triangle-mesh clean-up after marching cubes: components, orientation, smoothing, decimation.
+
+Functions take and return plain arrays: ``vertices`` (V, 3) float, ``faces`` (F, 3) int.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
+
+#: Taubin's shrink and inflate factors (lambda > 0, mu < -lambda): smoothing without shrinkage.
+TAUBIN_LAMBDA = 0.5
+TAUBIN_MU = -0.53
+
+
+def remove_unreferenced(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop vertices no face uses. Returns (vertices (V', 3), faces (F, 3) reindexed)."""
+    used = np.zeros(len(vertices), bool)
+    used[faces.ravel()] = True
+    remap = np.cumsum(used) - 1
+    return vertices[used], remap[faces].astype(faces.dtype)
+
+
+def face_components(faces: np.ndarray, n_vertices: int) -> np.ndarray:
+    """(F,) int component label of each face (faces sharing a vertex are connected)."""
+    F = len(faces)
+    rows = np.repeat(np.arange(F), 3)
+    g = sp.coo_matrix((np.ones(3 * F, bool), (rows, faces.ravel())), shape=(F, n_vertices)).tocsr()
+    # Faces connect through shared vertices: components of the face-vertex incidence graph.
+    big = sp.bmat([[None, g], [g.T, None]], format="csr")
+    _, labels = connected_components(big, directed=False)
+    return labels[:F]
+
+
+def keep_large_components(
+    vertices: np.ndarray, faces: np.ndarray, min_fraction: float
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Remove connected components with fewer faces than ``min_fraction`` of the largest one.
+
+    Returns (vertices, faces, report) with report ``{"components": n, "removed": k, "removed_faces": m}``.
+    """
+    if len(faces) == 0:
+        return vertices, faces, {"components": 0, "removed": 0, "removed_faces": 0}
+    labels = face_components(faces, len(vertices))
+    _, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    keep_comp = counts >= min_fraction * counts.max()
+    keep = keep_comp[inv]
+    v, f = remove_unreferenced(vertices, faces[keep])
+    report = {"components": int(len(counts)), "removed": int((~keep_comp).sum()), "removed_faces": int((~keep).sum())}
+    return v, f, report
+
+
+def signed_volume(vertices: np.ndarray, faces: np.ndarray) -> float:
+    """Volume enclosed by a closed mesh; negative when its faces wind inwards."""
+    v = vertices.astype(np.float64)
+    a, b, c = v[faces[:, 0]], v[faces[:, 1]], v[faces[:, 2]]
+    return float(np.einsum("ij,ij->i", a, np.cross(b, c)).sum() / 6.0)
+
+
+def orient_outward(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Faces wound counter-clockwise seen from outside (flipped when the enclosed volume is negative)."""
+    if signed_volume(vertices, faces) < 0:
+        return faces[:, ::-1].copy()
+    return faces
+
+
+def _umbrella_operator(faces: np.ndarray, n: int) -> sp.csr_matrix:
+    """(V, V) row-normalised vertex adjacency (the uniform 'umbrella' averaging operator)."""
+    e = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+    e = np.concatenate([e, e[:, ::-1]])
+    A = sp.coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(n, n)).tocsr()
+    A.data[:] = 1.0  # duplicate edges count once
+    deg = np.asarray(A.sum(axis=1)).ravel()
+    return sp.diags(1.0 / np.maximum(deg, 1.0)) @ A
+
+
+def taubin_smooth(vertices: np.ndarray, faces: np.ndarray, iterations: int) -> np.ndarray:
+    """Taubin lambda|mu smoothing (removes marching-cubes stair steps and 8-bit depth banding).
+
+    Returns (V, 3) vertices of the same dtype.
+    """
+    if iterations <= 0 or len(faces) == 0:
+        return vertices
+    M = _umbrella_operator(faces, len(vertices))
+    v = vertices.astype(np.float64)
+    for _ in range(iterations):
+        v = v + TAUBIN_LAMBDA * (M @ v - v)
+        v = v + TAUBIN_MU * (M @ v - v)
+    return v.astype(vertices.dtype)
+
+
+def decimate(vertices: np.ndarray, faces: np.ndarray, target_faces: int) -> tuple[np.ndarray, np.ndarray]:
+    """Quadric decimation (fast_simplification) to about ``target_faces``; unchanged when already smaller."""
+    if target_faces <= 0 or len(faces) <= target_faces:
+        return vertices, faces
+    import fast_simplification
+
+    v, f = fast_simplification.simplify(
+        np.ascontiguousarray(vertices, dtype=np.float32),
+        np.ascontiguousarray(faces, dtype=np.int32),
+        target_reduction=1.0 - target_faces / len(faces),
+    )
+    return np.asarray(v, np.float32), np.asarray(f, np.int32)

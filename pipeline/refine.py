@@ -1,0 +1,468 @@
+"""Refinement by differentiable rendering (the ``nvdiffrec`` model's last stage).
+
+Starts from the fusion mesh (its UV atlas and baked kd texture) and jointly optimises
+
+- vertex positions, as offsets from the start, regularised by a uniform Laplacian
+  relative to the start mesh (keeps the fusion's smoothness, lets the shape move);
+- the kd texture's texels,
+
+against the input views: colour (L1 over the union of input and rendered masks, the
+same region the masked PSNR uses), silhouette (:func:`pipeline.diffrender.silhouette_loss`)
+and z-depth (smooth L1). Inputs are unlit albedo renders or evenly lit photos, so no
+specular (ks) or normal map is fitted: with no view-dependent shading in the data they
+would only absorb noise.
+
+Topology, UVs and the world frame never change. Errors:
+:class:`~pipeline.errors.ModelOOMError` (CUDA memory, after one retry at half the
+resolution), :class:`~pipeline.errors.ConvergenceError` (NaN or a rising loss; the
+caller keeps the fusion result), :class:`~pipeline.errors.CanceledError`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .camera import Camera
+from .config import RefineConfig
+from .diffrender import make_diff_renderer, signed_distance_px, silhouette_loss
+from .errors import CanceledError, ConvergenceError, InvalidInputError, ModelOOMError
+from .frames import PosedFrames
+from .mesh import TexturedMesh
+from .render import cuda_available
+
+ProgressFn = Callable[[str, float], None]
+CancelFn = Callable[[], bool]
+
+STAGE = "refine"
+#: A windowed mean loss above this multiple of the first window's mean means the optimisation diverged.
+DIVERGENCE_RATIO = 1.5
+#: Smooth-L1 transition of the depth term, as a fraction of the bounding-box diagonal (about 8-bit depth steps).
+DEPTH_HUBER_FRACTION = 0.005
+#: Render sizes below this (longest side, pixels) are not worth a retry after running out of memory.
+MIN_RETRY_RESOLUTION = 64
+#: Coarsest texture-correction level, texels along its longest side.
+TEXTURE_COARSEST_PX = 32
+#: Loss-curve entries kept in a ConvergenceError's details.
+ERROR_CURVE_TAIL = 50
+
+
+# ---------------------------------------------------------------- targets
+
+
+def _resize_float(img: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(H, W) float -> (height, width) float32 by area averaging."""
+    if img.shape == (height, width):
+        return img.astype(np.float32)
+    return np.asarray(Image.fromarray(img.astype(np.float32), mode="F").resize((width, height), Image.Resampling.BOX))
+
+
+def build_targets(frames: PosedFrames, resolution: int, device) -> tuple[list[Camera], dict[str, torch.Tensor]]:
+    """Cameras and target images of every view at the render size.
+
+    The render size keeps each view's working (depth) aspect ratio with its longest side
+    ``min(resolution, working size)``. Colour is the photo shrunk by area averaging, the mask
+    is the area-averaged working mask > 0.5, and depth is the area average of the working
+    depth where every contributing pixel is valid (0 elsewhere).
+
+    Returns
+    -------
+    cameras : list of C Camera at (w, h)
+    targets : dict of tensors ``rgb`` (C, h, w, 3) float32 in [0, 1], ``mask`` (C, h, w) bool,
+        ``sdf`` (C, h, w) float32 pixels (negative inside), ``depth`` (C, h, w) float32 scene units
+    """
+    if not frames.views:
+        raise InvalidInputError("refinement needs at least one view", code="INSUFFICIENT_VIEWS")
+    dcam0 = frames.views[0].depth_camera
+    long_side = max(dcam0.width, dcam0.height)
+    s = min(1.0, resolution / long_side)
+    w, h = max(1, round(dcam0.width * s)), max(1, round(dcam0.height * s))
+    cams, rgbs, masks, sdfs, depths = [], [], [], [], []
+    for v in frames.views:
+        cam = v.depth_camera.scaled(w, h)
+        rgb = np.asarray(Image.fromarray(v.rgb).resize((w, h), Image.Resampling.BOX), dtype=np.float32) / 255.0
+        m = _resize_float(np.asarray(v.mask, dtype=np.float32), w, h) > 0.5
+        valid = (np.asarray(v.depth) > 0) & np.asarray(v.mask, dtype=bool)
+        dsum = _resize_float(np.where(valid, v.depth, 0.0), w, h)
+        vfrac = _resize_float(valid.astype(np.float32), w, h)
+        depth = np.where(vfrac > 1.0 - 1e-4, dsum / np.maximum(vfrac, 1e-6), 0.0).astype(np.float32)
+        cams.append(cam)
+        rgbs.append(rgb)
+        masks.append(m)
+        sdfs.append(signed_distance_px(m))
+        depths.append(depth)
+    t = {
+        "rgb": torch.as_tensor(np.stack(rgbs), device=device),
+        "mask": torch.as_tensor(np.stack(masks), device=device),
+        "sdf": torch.as_tensor(np.stack(sdfs), device=device),
+        "depth": torch.as_tensor(np.stack(depths), device=device),
+    }
+    return cams, t
+
+
+# ---------------------------------------------------------------- regulariser
+
+
+def uniform_laplacian(faces: np.ndarray, n_vertices: int, device) -> torch.Tensor:
+    """(V, V) sparse float32 uniform Laplacian L: (L x)_i = x_i - mean of x over i's neighbours."""
+    f = np.asarray(faces, dtype=np.int64)
+    e = np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
+    e = np.unique(np.sort(e, axis=1), axis=0)
+    i = np.concatenate([e[:, 0], e[:, 1]])
+    j = np.concatenate([e[:, 1], e[:, 0]])
+    deg = np.bincount(i, minlength=n_vertices).astype(np.float64)
+    w = -1.0 / np.maximum(deg[i], 1.0)
+    diag = np.arange(n_vertices)
+    rows = np.concatenate([i, diag])
+    cols = np.concatenate([j, diag])
+    vals = np.concatenate([w, (deg > 0).astype(np.float64)])
+    L = torch.sparse_coo_tensor(np.stack([rows, cols]), vals.astype(np.float32), (n_vertices, n_vertices), check_invariants=False)
+    return L.coalesce().to(device)
+
+
+def diffuse(L: torch.Tensor, x: torch.Tensor, steps: int) -> torch.Tensor:
+    """``steps`` passes of x <- x - 0.5 L x over (V, C) per-vertex values (a low-pass filter on the mesh).
+
+    Vertex offsets are optimised through this filter: every parameter moves a smooth
+    patch of surface, so Adam's per-parameter step normalisation cannot make
+    neighbouring vertices jitter against each other (the idea behind "large steps"
+    preconditioning, Nicolet et al. 2021, in its cheapest form).
+    """
+    for _ in range(steps):
+        x = x - 0.5 * torch.sparse.mm(L, x)
+    return x
+
+
+def texture_pyramid_params(shape: tuple[int, ...], resolution: int, device) -> list[torch.Tensor]:
+    """Zero-initialised texture corrections at halving sizes, finest about twice the render size.
+
+    Parameters
+    ----------
+    shape : (T, S, 3) of the base texture
+    resolution : render size, pixels
+
+    Returns
+    -------
+    list of (t_k, s_k, 3) float32 tensors requiring grad, coarsest last
+    """
+    T, S = int(shape[0]), int(shape[1])
+    finest = min(1.0, 2.0 * resolution / max(T, S))
+    levels, f = [], finest
+    while True:
+        t, s = max(1, round(T * f)), max(1, round(S * f))
+        levels.append(torch.zeros((t, s, 3), dtype=torch.float32, device=device, requires_grad=True))
+        if max(t, s) <= TEXTURE_COARSEST_PX:
+            break
+        f /= 2.0
+    return levels
+
+
+def compose_texture(base: torch.Tensor, levels: list[torch.Tensor]) -> torch.Tensor:
+    """(T, S, 3) texture in [0, 1]: the base plus every correction level upsampled bilinearly.
+
+    During optimisation the renderer samples the levels separately at each pixel's UV
+    (cheaper than composing T x S texels per step); bilinear sampling of a bilinear
+    upsample differs from direct sampling only by a fraction of a coarse texel.
+    """
+    T, S = base.shape[:2]
+    delta = torch.zeros((1, 3, T, S), dtype=base.dtype, device=base.device)
+    for lv in levels:
+        if tuple(lv.shape[:2]) == (T, S):
+            delta = delta + lv.permute(2, 0, 1)[None]
+        else:
+            delta = delta + F.interpolate(lv.permute(2, 0, 1)[None], size=(T, S), mode="bilinear", align_corners=False)
+    return (base + delta[0].permute(1, 2, 0)).clamp(0.0, 1.0)
+
+
+# ---------------------------------------------------------------- loss health
+
+
+def check_loss_health(history: list[float], window: int) -> str | None:
+    """Why the loss curve means the optimisation failed, or None when it is healthy.
+
+    Returns ``"nan"`` when the last value is not finite, ``"diverged"`` when the mean of the
+    last ``window`` values exceeds :data:`DIVERGENCE_RATIO` times the mean of the first window.
+    """
+    if not history:
+        return None
+    if not math.isfinite(history[-1]):
+        return "nan"
+    if len(history) >= 2 * window:
+        first = float(np.mean(history[:window]))
+        last = float(np.mean(history[-window:]))
+        if last > DIVERGENCE_RATIO * first:
+            return "diverged"
+    return None
+
+
+def has_converged(history: list[float], window: int, tol: float) -> bool:
+    """True when the mean of the last window improved on the window before it by less than ``tol`` (relative)."""
+    if len(history) < 2 * window:
+        return False
+    prev = float(np.mean(history[-2 * window : -window]))
+    last = float(np.mean(history[-window:]))
+    return prev - last < tol * abs(prev)
+
+
+# ---------------------------------------------------------------- optimisation
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if cuda_available() else "cpu")
+    if device == "cuda" and not cuda_available():
+        raise InvalidInputError(
+            "device 'cuda' was requested but no CUDA GPU with nvdiffrast is usable; use 'auto' or 'cpu'",
+            code="DEVICE_UNAVAILABLE",
+            details={"device": device},
+        )
+    return torch.device(device)
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+
+
+def refine_mesh(
+    mesh: TexturedMesh,
+    frames: PosedFrames,
+    cfg: RefineConfig,
+    *,
+    device: str = "auto",
+    progress: ProgressFn | None = None,
+    should_cancel: CancelFn | None = None,
+) -> tuple[TexturedMesh, dict]:
+    """Refine vertex positions and the kd texture of a textured mesh against the input views.
+
+    Parameters
+    ----------
+    mesh : TexturedMesh with ``uvs`` and ``texture`` (the fusion result), world frame
+    frames : PosedFrames, the input views with cameras, working-resolution masks and depth
+    cfg : RefineConfig
+    device : "auto" (CUDA with nvdiffrast when usable, else CPU with embree), "cpu" or "cuda"
+    progress : called as ``progress("refine", fraction)``
+    should_cancel : polled every iteration; True raises CanceledError
+
+    Returns
+    -------
+    mesh : TexturedMesh with the same faces, UVs and world frame; refined vertices (float32)
+        and texture (uint8)
+    report : dict with ``loss_curve`` (list of float, one per iteration), ``terms`` (dict of
+        per-iteration lists: photometric, mask, depth, laplacian), ``iterations``,
+        ``stop_reason`` ("converged", "iterations" or "time_budget"), ``time_s``, ``device``,
+        ``backend``, ``resolution`` (render size, longest side), ``visibility_updates``,
+        ``oom_retry`` (bool)
+
+    Raises
+    ------
+    InvalidInputError : the mesh has no texture or UVs
+    ModelOOMError : CUDA ran out of memory at ``cfg.resolution`` and at half of it
+    ConvergenceError : the loss became NaN or rose; ``details`` has the reason, iteration and loss tail
+    CanceledError : ``should_cancel()`` returned True
+    """
+    if not mesh.has_texture:
+        raise InvalidInputError(
+            "refinement needs a textured mesh (uvs and texture); bake a texture first",
+            code="MODEL_FAILED",
+            details={"vertices": int(len(mesh.vertices))},
+        )
+    dev = _resolve_device(device)
+    try:
+        return _refine(mesh, frames, cfg, dev, progress, should_cancel, oom_retry=False)
+    except Exception as e:
+        if not _is_oom(e):
+            raise
+        half = cfg.resolution // 2
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        if half < MIN_RETRY_RESOLUTION:
+            raise ModelOOMError(
+                f"out of memory refining at {cfg.resolution} px on {dev}",
+                details={"resolution": cfg.resolution, "device": str(dev)},
+            ) from None
+    try:
+        return _refine(mesh, frames, replace(cfg, resolution=half), dev, progress, should_cancel, oom_retry=True)
+    except Exception as e:
+        if not _is_oom(e):
+            raise
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        raise ModelOOMError(
+            f"out of memory refining at {cfg.resolution} px and again at {half} px on {dev}; "
+            "use a smaller refine resolution or a GPU with more memory",
+            details={"resolution": cfg.resolution, "retry_resolution": half, "device": str(dev)},
+        ) from None
+
+
+def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oom_retry: bool):
+    t0 = time.perf_counter()
+    cams, tgt = build_targets(frames, cfg.resolution, dev)
+    renderer = make_diff_renderer(
+        mesh.faces, mesh.uvs, cams, backend="nvdiffrast" if dev.type == "cuda" else "embree", device=dev
+    )
+    v0 = torch.as_tensor(np.asarray(mesh.vertices, dtype=np.float32), device=dev)
+    scale = float(torch.linalg.norm(v0.max(0).values - v0.min(0).values).clamp(min=1e-9))
+    L = uniform_laplacian(mesh.faces, len(v0), dev)
+    offset_param = torch.zeros_like(v0, requires_grad=True)
+    tex_base = torch.as_tensor(np.asarray(mesh.texture, dtype=np.float32) / 255.0, device=dev)
+    tex_levels = texture_pyramid_params(tex_base.shape, cfg.resolution, dev)
+    opt = torch.optim.Adam(
+        [{"params": [offset_param], "lr": cfg.lr_vertices * scale}, {"params": tex_levels, "lr": cfg.lr_texture}]
+    )
+    lap0 = torch.sparse.mm(L, v0)
+    n_obj = float(tgt["mask"].sum().clamp(min=1))
+    depth_valid = tgt["mask"] & (tgt["depth"] > 0)
+
+    history: list[float] = []
+    terms: dict[str, list[float]] = {"photometric": [], "mask": [], "depth": [], "laplacian": []}
+    stop_reason = "iterations"
+    vis_updates = 0
+    silhouette_iou: list[float] = []
+    it = 0
+    for it in range(cfg.iterations):
+        if should_cancel is not None and should_cancel():
+            raise CanceledError("the job was canceled during refinement", details={"iteration": it})
+        if time.perf_counter() - t0 > cfg.time_budget_s:
+            stop_reason = "time_budget"
+            break
+        vertices = v0 + diffuse(L, offset_param, cfg.smoothing_steps)
+        if it % max(cfg.visibility_interval, 1) == 0:
+            renderer.update_visibility(vertices.detach())
+            vis_updates += 1
+        out = renderer.render(vertices, [tex_base, *tex_levels])
+        if it % max(cfg.visibility_interval, 1) == 0:
+            with torch.no_grad():
+                inter = (out.mask & tgt["mask"]).sum((1, 2)).float()
+                uni = (out.mask | tgt["mask"]).sum((1, 2)).float().clamp(min=1)
+                silhouette_iou.append(float((inter / uni).mean()))
+
+        union = tgt["mask"] | out.mask | (out.coverage > 0)
+        photo = ((out.rgb - tgt["rgb"]).abs().mean(-1) * union).sum() / n_obj
+        sil = silhouette_loss(out, tgt["mask"], tgt["sdf"]) / n_obj
+        both = depth_valid & out.mask
+        dz = torch.where(both, (out.depth - tgt["depth"]) / scale, torch.zeros_like(out.depth))
+        depth = F.smooth_l1_loss(dz, torch.zeros_like(dz), beta=DEPTH_HUBER_FRACTION, reduction="sum") / n_obj
+        lap = ((torch.sparse.mm(L, vertices) - lap0) / scale).pow(2).sum(-1).mean() * len(v0) / n_obj
+        loss = photo + cfg.mask_weight * sil + cfg.depth_weight * depth + cfg.laplacian_weight * lap
+
+        value = float(loss.detach())
+        history.append(value)
+        for k, term in (("photometric", photo), ("mask", sil), ("depth", depth), ("laplacian", lap)):
+            terms[k].append(float(term.detach()))
+        reason = check_loss_health(history, cfg.convergence_window)
+        if reason is not None:
+            raise ConvergenceError(
+                f"refinement failed at iteration {it}: the loss {'is not finite' if reason == 'nan' else 'rose'}; "
+                "keep the fusion result",
+                details={
+                    "reason": reason,
+                    "iteration": it,
+                    "loss_tail": [v if math.isfinite(v) else None for v in history[-ERROR_CURVE_TAIL:]],
+                    "terms": {k: (v[-1] if math.isfinite(v[-1]) else None) for k, v in terms.items()},
+                    "resolution": max(cams[0].width, cams[0].height),
+                    "device": str(dev),
+                    "backend": renderer.name,
+                },
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress is not None and (it % 5 == 0 or it == cfg.iterations - 1):
+            progress(STAGE, (it + 1) / cfg.iterations)
+        if has_converged(history, cfg.convergence_window, cfg.convergence_tol):
+            stop_reason = "converged"
+            it += 1
+            break
+    else:
+        it = cfg.iterations
+
+    with torch.no_grad():
+        v_out = (v0 + diffuse(L, offset_param, cfg.smoothing_steps)).cpu().numpy().astype(np.float32)
+        tex_out = (compose_texture(tex_base, tex_levels) * 255.0 + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
+    if not np.isfinite(v_out).all():
+        raise ConvergenceError("refined vertices are not finite; keep the fusion result", details={"reason": "nan"})
+    refined = TexturedMesh(
+        vertices=v_out,
+        faces=np.asarray(mesh.faces, dtype=np.int32),
+        uvs=np.asarray(mesh.uvs, dtype=np.float32),
+        texture=tex_out,
+        vertex_colors=mesh.vertex_colors,
+    )
+    if progress is not None:
+        progress(STAGE, 1.0)
+    report = {
+        "loss_curve": history,
+        "terms": terms,
+        "iterations": int(len(history)),
+        "stop_reason": stop_reason,
+        "time_s": round(time.perf_counter() - t0, 3),
+        "device": str(dev),
+        "backend": renderer.name,
+        "resolution": int(max(cams[0].width, cams[0].height)),
+        "visibility_updates": vis_updates,
+        "silhouette_iou": silhouette_iou,
+        "oom_retry": oom_retry,
+        "vertex_offset_max": float(np.abs(v_out - np.asarray(mesh.vertices, dtype=np.float32)).max()) if len(v_out) else 0.0,
+    }
+    return refined, report
+
+
+# ---------------------------------------------------------------- plot
+
+
+def write_loss_plot(report: dict, path: str | Path) -> None:
+    """Write a PNG of the loss curve (total and per term, log scale): matplotlib if installed, else PIL."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    curve = [v for v in report.get("loss_curve", []) if v is not None and math.isfinite(v)]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _write_loss_plot_pil(curve, path)
+        return
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(curve, label="total", color="black", linewidth=1.5)
+    for name, values in report.get("terms", {}).items():
+        vals = [v for v in values if v is not None and math.isfinite(v)]
+        if vals and max(vals) > 0:
+            ax.plot(vals, label=name, linewidth=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.set_title(f"refinement ({report.get('backend', '?')}, stop: {report.get('stop_reason', '?')})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _write_loss_plot_pil(curve: list[float], path: Path, *, size: tuple[int, int] = (600, 400), margin: int = 30) -> None:
+    """A plain line plot of ``curve`` (log scale) on white."""
+    from PIL import ImageDraw
+
+    W, H = size
+    img = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([margin, margin, W - margin, H - margin], outline=(160, 160, 160))
+    pos = [v for v in curve if v > 0]
+    if len(pos) >= 2:
+        lo, hi = math.log10(min(pos)), math.log10(max(pos))
+        span = max(hi - lo, 1e-9)
+        pts = [
+            (margin + i / (len(pos) - 1) * (W - 2 * margin), H - margin - (math.log10(v) - lo) / span * (H - 2 * margin))
+            for i, v in enumerate(pos)
+        ]
+        draw.line(pts, fill=(0, 0, 0), width=2)
+        draw.text((margin, 5), f"loss {max(pos):.4g} -> {pos[-1]:.4g} ({len(curve)} it)", fill=(0, 0, 0))
+    img.save(path)

@@ -1,0 +1,495 @@
+"""The HTTP ingress: FastAPI through ``@serve.ingress`` (OpenAPI at /docs).
+
+The ingress validates uploads, persists them with a job record, and hands the job to
+the :class:`~serve_app.scheduler.JobScheduler` that runs in this replica. Heavy work
+(decoding images for validation, building ZIPs, store I/O) runs in worker threads;
+reconstruction runs in the model deployments and the fan-out in Ray tasks.
+
+The scheduler holds the queue in this replica's memory, so the ingress runs as ONE
+replica (``num_replicas=1``); every state change is written through to the store.
+"""
+
+import asyncio
+import io
+import json
+import mimetypes
+import os
+import posixpath
+import re
+import tempfile
+import time
+import zipfile
+
+import ray
+from fastapi import Body, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from starlette.background import BackgroundTask
+from starlette.middleware.base import BaseHTTPMiddleware
+
+from deployments import constants as DC
+from pipeline import __version__
+from pipeline.bundle import DEPTH_DIR, TRANSFORMS_FILE, VIEWS_DIR, load_bundle
+from pipeline.config import get_preset
+from pipeline.errors import InputTooLargeError, InvalidArchiveError, InvalidInputError, UnsupportedMediaError
+
+from . import errors as E
+from .config import KNOWN_MODELS, AppArgs
+from .jobs import TERMINAL, JobBook, JobRecord, ModelRun, WebhookState, input_key, new_job_id
+from .logging import configure_json_logging, job_logger
+from .metrics import ServiceMetrics
+from .middleware import add_exception_handling, error_response
+from .scheduler import JobScheduler
+from .schemas import CancelAccepted, CancelRequest, ErrorBody, JobAccepted, JobList, JobView, job_view, links_for
+from .store import STREAM_CHUNK_BYTES, make_store
+
+#: Seconds the confirm token of a two-step cancel stays valid.
+CANCEL_CONFIRM_TTL_S = 300.0
+#: Seconds /health waits for each model deployment's info().
+HEALTH_INFO_TIMEOUT_S = 5.0
+#: Largest page of GET /jobs.
+MAX_PAGE = 200
+
+_JOB_ID_RE = re.compile(r"^[0-9]{13}-[0-9a-f]{10}$")
+_SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+
+_ERRORS = {s: {"model": ErrorBody} for s in (404, 409, 410, 413, 415, 422, 429, 503)}
+
+app = FastAPI(
+    title="Recon3D",
+    version=__version__,
+    description="Multi-view photos + depth renders in, a textured mesh in the cameras' frame out. "
+    "Every error has the shape {error: {code, message, details}, request_id}; codes are listed in docs/API.md.",
+    docs_url="/docs",
+)
+add_exception_handling(app)
+
+
+class UploadLimitMiddleware(BaseHTTPMiddleware):
+    """413 before the body is parsed when Content-Length is over the limit."""
+
+    async def dispatch(self, request: Request, call_next):
+        limit = getattr(request.app.state, "max_upload_bytes", None)
+        length = request.headers.get("content-length")
+        if limit and request.method == "POST" and length and length.isdigit() and int(length) > limit:
+            return error_response(
+                request,
+                InputTooLargeError.code,
+                f"the request body is {length} bytes; the limit is {limit}",
+                {"bytes": int(length), "limit": limit},
+                413,
+            )
+        return await call_next(request)
+
+
+app.add_middleware(UploadLimitMiddleware)
+
+
+# ---------------------------------------------------------------- upload helpers
+
+
+def _safe_name(filename: str | None, field: str) -> str:
+    name = posixpath.basename((filename or "").replace("\\", "/"))
+    if not _SAFE_NAME_RE.match(name):
+        raise E.InvalidRequestError(
+            f"{field} file name {filename!r} is not a plain file name", details={"field": field, "file": filename}
+        )
+    return name
+
+
+def _check_magic(data: bytes, magics: tuple[bytes, ...], what: str, name: str) -> None:
+    if not any(data.startswith(m) for m in magics):
+        raise UnsupportedMediaError(f"{name} is not {what}", details={"file": name, "expected": what})
+
+
+async def _read_upload(f: UploadFile, budget: list[int]) -> bytes:
+    data = await f.read()
+    budget[0] -= len(data)
+    if budget[0] < 0:
+        raise InputTooLargeError("the uploaded files exceed the upload size limit", details={"file": f.filename})
+    return data
+
+
+def _zip_files(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:  # PNG/JPEG are compressed already
+        for k, v in files.items():
+            zf.writestr(k, v)
+    return buf.getvalue()
+
+
+def parse_models(spec: str) -> list[str]:
+    """'fusion' or 'fusion,nvdiffrec' -> unique names in order; unknown names raise (422)."""
+    names = list(dict.fromkeys(s.strip() for s in (spec or "").split(",") if s.strip()))
+    if not names:
+        raise E.InvalidRequestError("model must name at least one model", details={"field": "model"})
+    unknown = [n for n in names if n not in KNOWN_MODELS]
+    if unknown:
+        raise InvalidInputError(
+            f"unknown model(s) {unknown}; choose from {list(KNOWN_MODELS)}",
+            code="UNKNOWN_MODEL",
+            details={"models": unknown},
+        )
+    return names
+
+
+def _zip_artifacts(store, rec: JobRecord) -> str:
+    """Write the job's artifacts into a temporary ZIP (``<model>/<file>``); returns its path."""
+    fd, path = tempfile.mkstemp(prefix=f"recon3d-{rec.job_id}-", suffix=".zip")
+    os.close(fd)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for m, run in rec.runs.items():
+            for rel in run.files:
+                zf.writestr(f"{m}/{rel}", store.get(f"jobs/{rec.job_id}/models/{m}/{rel}"))
+    return path
+
+
+def _iter_file(path: str):
+    with open(path, "rb") as f:
+        while chunk := f.read(STREAM_CHUNK_BYTES):
+            yield chunk
+
+
+def _sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+# ---------------------------------------------------------------- the deployment
+
+
+@serve.ingress(app)
+class Ingress:
+    """Routes of the Recon3D API. ``model_handles`` maps model name -> model deployment handle."""
+
+    async def __init__(self, args: dict, model_handles: dict):
+        self.args = AppArgs.model_validate(args)
+        configure_json_logging()
+        app.state.max_upload_bytes = self.args.max_upload_bytes
+        self.store = make_store(self.args.store)
+        self.book = JobBook(self.store)
+        self.metrics = ServiceMetrics()
+        self.handles = dict(model_handles)
+        self.scheduler = JobScheduler(self.args, self.store, self.book, self.handles, self.metrics)
+        await self.scheduler.start()
+
+    # ------------------------------------------------------------ helpers
+
+    def _job(self, job_id: str) -> JobRecord:
+        rec = self.book.get(job_id) if _JOB_ID_RE.match(job_id) else None
+        if rec is None:
+            raise E.JobNotFoundError(f"no job {job_id!r}", details={"job_id": job_id})
+        return rec
+
+    def _view(self, rec: JobRecord) -> JobView:
+        return job_view(rec, self.scheduler.queue_position(rec.job_id))
+
+    def _artifacts_available(self, rec: JobRecord) -> None:
+        if rec.expired:
+            raise E.JobExpiredError(
+                f"the artifacts of job {rec.job_id} expired and were deleted", details={"expired_at": rec.expires_at}
+            )
+        if not rec.terminal or not any(r.files for r in rec.runs.values()):
+            raise E.JobNotReadyError(
+                f"job {rec.job_id} is {rec.status} and has no artifacts yet; wait for a terminal state",
+                details={"status": rec.status},
+            )
+
+    # ------------------------------------------------------------ jobs
+
+    @app.post("/jobs", status_code=202, response_model=JobAccepted, responses=_ERRORS)
+    async def submit_job(
+        self,
+        request: Request,
+        views: list[UploadFile] | None = File(None, description="Photos, matched to depth renders by file name."),
+        depth_renders: list[UploadFile] | None = File(None, description="Depth renders named like their views."),
+        bundle: UploadFile | None = File(None, description="A whole bundle as one ZIP (instead of views)."),
+        transforms: UploadFile | None = File(None, description="Optional transforms.json (NeRF convention)."),
+        model: str = Form("fusion", description="Model, or several comma-separated."),
+        preset: str | None = Form(None, description="fast, balanced or quality."),
+        webhook_url: str | None = Form(None, description="POSTed a JSON summary on the terminal state."),
+    ):
+        models = parse_models(model)
+        unavailable = [m for m in models if m not in self.handles]
+        if unavailable:
+            raise E.ModelUnavailableError(
+                f"model(s) {unavailable} are not served by this deployment; served: {sorted(self.handles)}",
+                details={"models": unavailable, "served": sorted(self.handles)},
+            )
+        preset = preset or self.args.default_preset
+        get_preset(preset)  # UNKNOWN_PRESET (422) lists the valid names
+        if webhook_url is not None and not re.match(r"^https?://[^\s/]+", webhook_url):
+            raise E.InvalidRequestError("webhook_url must be an http(s) URL", details={"field": "webhook_url"})
+        queued = self.scheduler.queued_count()
+        if queued >= self.args.max_queued_jobs:
+            raise E.QueueFullError(
+                f"{queued} jobs are queued (the limit is {self.args.max_queued_jobs}); retry later",
+                retry_after_s=DC.QUEUE_FULL_RETRY_AFTER_S,
+                details={"queued": queued},
+            )
+
+        budget = [self.args.max_upload_bytes]
+        if bundle is not None and (views or depth_renders):
+            raise E.InvalidRequestError(
+                "send either `bundle` or `views` + `depth_renders`, not both", details={"field": "bundle"}
+            )
+        if bundle is not None:
+            data = await _read_upload(bundle, budget)
+            _check_magic(data, _ZIP_MAGIC, "a ZIP archive", bundle.filename or "bundle")
+            if transforms is not None:  # add (or replace) transforms.json at the bundle root
+                tdata = await _read_upload(transforms, budget)
+                data = await asyncio.to_thread(_add_to_zip, data, TRANSFORMS_FILE, tdata)
+        elif views:
+            files: dict[str, bytes] = {}
+            for field, folder, uploads in (
+                ("views", VIEWS_DIR, views),
+                ("depth_renders", DEPTH_DIR, depth_renders or []),
+            ):
+                for f in uploads:
+                    name = _safe_name(f.filename, field)
+                    content = await _read_upload(f, budget)
+                    _check_magic(content, _IMAGE_MAGIC, "a PNG or JPEG image", name)
+                    key = f"{folder}/{name}"
+                    if key in files:
+                        raise E.InvalidRequestError(
+                            f"{field} has {name!r} twice", details={"field": field, "file": name}
+                        )
+                    files[key] = content
+            if transforms is not None:
+                tdata = await _read_upload(transforms, budget)
+                if not tdata.lstrip()[:1] == b"{":
+                    raise UnsupportedMediaError(
+                        "transforms is not a JSON object", details={"file": transforms.filename}
+                    )
+                files[TRANSFORMS_FILE] = tdata
+            data = await asyncio.to_thread(_zip_files, files)
+        else:
+            raise E.InvalidRequestError(
+                "no input: send `views` + `depth_renders` files, or one `bundle` ZIP", details={"field": "views"}
+            )
+        if self.args.validate_pixels:
+            fs = await asyncio.to_thread(load_bundle, data)
+            n_views = len(fs.views)
+            del fs
+        else:
+            n_views = None
+
+        rid = getattr(request.state, "request_id", None)
+        job_id = new_job_id()
+        rec = JobRecord(
+            job_id=job_id,
+            models=models,
+            preset=preset,
+            runs={m: ModelRun() for m in models},
+            webhook=WebhookState(url=webhook_url) if webhook_url else None,
+            upload_bytes=len(data),
+            request_id=rid,
+        )
+        await asyncio.to_thread(self.store.put, input_key(job_id), data)
+        await self.scheduler.submit(rec)
+        self.metrics.submitted.inc()
+        job_logger(job_id).info(
+            "job queued" + (f" ({n_views} views)" if n_views else ""),
+            extra={"request_id": rid, "model": ",".join(models), "status": "queued"},
+        )
+        body = JobAccepted(job_id=job_id, status="queued", links=links_for(job_id))
+        return JSONResponse(body.model_dump(), status_code=202, headers={"Location": f"/jobs/{job_id}"})
+
+    @app.get("/jobs", response_model=JobList)
+    async def list_jobs(
+        self,
+        status: str | None = Query(None, description="queued, running, succeeded, failed or canceled."),
+        limit: int = Query(50, ge=1, le=MAX_PAGE),
+        offset: int = Query(0, ge=0),
+    ):
+        if status is not None and status not in {"queued", "running", *TERMINAL}:
+            raise E.InvalidRequestError(f"unknown status filter {status!r}", details={"field": "status"})
+        recs = self.book.list(status)
+        page = recs[offset : offset + limit]
+        nxt = offset + limit if offset + limit < len(recs) else None
+        return JobList(
+            items=[self._view(r) for r in page], total=len(recs), limit=limit, offset=offset, next_offset=nxt
+        )
+
+    @app.get("/jobs/{job_id}", response_model=JobView, responses=_ERRORS)
+    async def get_job(self, job_id: str):
+        return self._view(self._job(job_id))
+
+    @app.get("/jobs/{job_id}/events", responses=_ERRORS)
+    async def job_events(self, job_id: str):
+        """Server-Sent Events: `progress` on every change, then one `end` with the full job at a terminal state."""
+        self._job(job_id)
+
+        async def stream():
+            last = None
+            while True:
+                changed = self.book.changed_event(job_id)
+                rec = self.book.get(job_id)
+                if rec is None:
+                    yield _sse("end", {"job_id": job_id, "status": "deleted"})
+                    return
+                view = self._view(rec)
+                snap = {
+                    "job_id": job_id,
+                    "status": view.status,
+                    "progress": view.progress,
+                    "stage": view.stage,
+                    "queue_position": view.queue_position,
+                    "models": {
+                        m: {"status": r.status, "progress": r.progress, "stage": r.stage}
+                        for m, r in view.models.items()
+                    },
+                }
+                if snap != last:
+                    yield _sse("progress", snap)
+                    last = snap
+                if rec.terminal:
+                    yield _sse("end", view.model_dump(mode="json"))
+                    return
+                try:
+                    await asyncio.wait_for(changed.wait(), DC.SSE_KEEPALIVE_S)
+                except TimeoutError:
+                    yield ": keep-alive\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/jobs/{job_id}/download", responses={200: {"content": {"application/zip": {}}}, **_ERRORS})
+    async def download(self, job_id: str):
+        rec = self._job(job_id)
+        self._artifacts_available(rec)
+        path = await asyncio.to_thread(_zip_artifacts, self.store, rec)
+        return StreamingResponse(
+            _iter_file(path),
+            media_type="application/zip",
+            headers={"Content-Disposition": f'attachment; filename="recon3d-{job_id}.zip"'},
+            background=BackgroundTask(os.unlink, path),
+        )
+
+    @app.get("/jobs/{job_id}/files/{path:path}", responses=_ERRORS)
+    async def get_file(
+        self, job_id: str, path: str, redirect: bool = Query(False, description="307 to a presigned URL (S3).")
+    ):
+        rec = self._job(job_id)
+        norm = posixpath.normpath(path) if path else ""
+        if not path or "\\" in path or path.startswith("/") or norm != path or ".." in path.split("/"):
+            raise E.InvalidPathError(f"file path {path!r} is not a plain relative path", details={"path": path})
+        self._artifacts_available(rec)
+        model, _, rel = path.partition("/")
+        run = rec.runs.get(model)
+        if run is None or rel not in run.files:
+            raise E.FileNotFoundInJobError(
+                f"job {job_id} has no file {path!r}",
+                details={"path": path, "files": {m: r.files for m, r in rec.runs.items()}},
+            )
+        key = f"jobs/{job_id}/models/{model}/{rel}"
+        if redirect:
+            url = await asyncio.to_thread(self.store.presigned_url, key)
+            if url:
+                return Response(status_code=307, headers={"Location": url})
+        media = mimetypes.guess_type(rel)[0] or "application/octet-stream"
+        if rel.endswith(".glb"):
+            media = "model/gltf-binary"
+        size = await asyncio.to_thread(self.store.size, key)
+        return StreamingResponse(self.store.iter_bytes(key), media_type=media, headers={"Content-Length": str(size)})
+
+    @app.post("/jobs/{job_id}/cancel", status_code=202, response_model=CancelAccepted, responses=_ERRORS)
+    async def cancel_job(self, job_id: str, body: CancelRequest | None = Body(None)):
+        """Two steps: the first call answers 409 CANCEL_CONFIRMATION_REQUIRED with a token; repeat with {"confirm": true}."""
+        rec = self._job(job_id)
+        if rec.terminal:
+            raise E.JobFinishedError(f"job {job_id} is already {rec.status}", details={"status": rec.status})
+        body = body or CancelRequest()
+        if rec.cancel_requested:
+            return CancelAccepted(job_id=job_id, status=rec.status, cancel_requested=True)
+        if not body.confirm or not rec.cancel_token_valid(body.token):
+            token = rec.issue_cancel_token(CANCEL_CONFIRM_TTL_S)
+            await self.book.save(rec)
+            raise E.CancelConfirmationRequiredError(
+                f"canceling stops job {job_id} ({rec.status}, {rec.progress:.0f}%); "
+                'to confirm, POST again with {"confirm": true}',
+                details={
+                    "confirm_token": token,
+                    "expires_in_s": CANCEL_CONFIRM_TTL_S,
+                    "confirm_body": {"confirm": True, "token": token},
+                },
+            )
+        await self.scheduler.cancel(rec)
+        job_logger(job_id).info("cancel confirmed", extra={"status": rec.status})
+        return JSONResponse(
+            CancelAccepted(job_id=job_id, status=rec.status, cancel_requested=True).model_dump(), status_code=202
+        )
+
+    @app.delete("/jobs/{job_id}", status_code=204, responses=_ERRORS)
+    async def delete_job(self, job_id: str):
+        rec = self._job(job_id)
+        if not rec.terminal:
+            raise E.JobNotReadyError(
+                f"job {job_id} is {rec.status}; cancel it first (POST /jobs/{job_id}/cancel)",
+                details={"status": rec.status},
+            )
+        await self.scheduler.delete(rec)
+        return Response(status_code=204)
+
+    # ------------------------------------------------------------ service
+
+    @app.get("/health")
+    async def health(self):
+        """Ray cluster resources, GPUs of the model replicas, and each Serve deployment's state."""
+        out: dict = {"status": "ok", "version": __version__, "ray": {}, "gpus": [], "deployments": {}, "models": {}}
+        try:
+            out["ray"] = {
+                "initialized": ray.is_initialized(),
+                "nodes": sum(1 for n in ray.nodes() if n.get("Alive")),
+                "resources": ray.cluster_resources(),
+                "available": ray.available_resources(),
+            }
+        except Exception as e:
+            out["status"] = "degraded"
+            out["ray"] = {"error": str(e)}
+        try:
+            st = await asyncio.to_thread(serve.status)
+            for app_name, a in st.applications.items():
+                for d_name, d in a.deployments.items():
+                    out["deployments"][f"{app_name}/{d_name}"] = {
+                        "status": str(getattr(d.status, "value", d.status)),
+                        "replicas": {str(k): v for k, v in (d.replica_states or {}).items()},
+                        "message": d.message,
+                    }
+        except Exception as e:
+            out["deployments"] = {"error": str(e)}
+        for m, h in self.handles.items():
+            try:
+                info = await asyncio.wait_for(h.info.remote(), HEALTH_INFO_TIMEOUT_S)
+                out["models"][m] = {"status": "ok", **info}
+                out["gpus"] += [{**g, "model": m} for g in info.get("gpus", [])]
+            except Exception as e:
+                out["models"][m] = {"status": "unavailable", "error": f"{type(e).__name__}: {e}"}
+                out["status"] = "degraded"
+        out["jobs"] = {s: self.book.count(s) for s in ("queued", "running")}
+        return out
+
+    @app.get("/ready", responses={503: {"model": ErrorBody}})
+    async def ready(self):
+        if not self.scheduler.recovered:
+            raise E.NotReadyError("the job scheduler is still recovering jobs")
+        return {"ready": True, "models": sorted(self.handles), "time": time.time()}
+
+
+def _add_to_zip(data: bytes, name: str, content: bytes) -> bytes:
+    """Copy a bundle ZIP with ``name`` added (or replaced) next to its multi_views/ folder."""
+    try:
+        src = zipfile.ZipFile(io.BytesIO(data))
+        infos = src.infolist()
+    except zipfile.BadZipFile as e:
+        raise InvalidArchiveError(f"the bundle is not a readable ZIP archive: {e}") from None
+    tops = {i.filename.split("/")[0] for i in infos}
+    nested = len(tops) == 1 and all("/" in i.filename for i in infos)
+    target = f"{tops.pop()}/{name}" if nested else name
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as out:
+        for info in infos:
+            if info.filename != target:
+                out.writestr(info, src.read(info))
+        out.writestr(target, content)
+    return buf.getvalue()

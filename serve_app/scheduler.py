@@ -1,0 +1,379 @@
+"""The job scheduler: an asyncio loop inside the (single) ingress replica.
+
+* Per model, a FIFO of job ids and ``max_concurrent_jobs`` workers that dispatch them to
+  the model deployment's handle (a streaming call: progress events, then the result).
+* After a model run, the fan-out (per-view metrics, previews, quality.json) runs as
+  Ray tasks; the model replica is already free for the next job.
+* On start-up, :meth:`JobScheduler.recover` re-reads every record from the store:
+  queued runs are queued again (in submission order); runs that were ``running`` when
+  the app stopped are retried while ``attempts < max_attempts``, else failed with
+  JOB_INTERRUPTED. No run stays ``running`` forever: each has a deadline
+  (``job_timeout_s``), enforced by the model (JOB_TIMEOUT) and, as a backstop, here.
+* Terminal states trigger the webhook (with retries) and set ``expires_at``; a sweep
+  deletes expired artifacts (the API then answers 410 JOB_EXPIRED).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+
+import httpx
+
+from deployments import constants as DC
+from deployments.base import ModelRequest
+
+from . import errors as E
+from .config import AppArgs
+from .fanout import run_fanout
+from .jobs import (
+    ErrorInfo,
+    JobBook,
+    JobRecord,
+    artifacts_prefix,
+    cancel_key,
+    input_key,
+    job_key,
+)
+from .logging import job_logger
+from .store import Store
+
+logger = logging.getLogger("recon3d.scheduler")
+
+#: Share of a model run's progress bar given to the model itself; the fan-out fills the rest.
+MODEL_PROGRESS_SHARE = 0.9
+
+
+class JobScheduler:
+    def __init__(self, args: AppArgs, store: Store, book: JobBook, handles: dict, metrics=None):
+        self.args = args
+        self.store = store
+        self.book = book
+        self.handles = handles
+        self.metrics = metrics
+        self.queues: dict[str, collections.deque[str]] = {m: collections.deque() for m in handles}
+        self._wake: dict[str, asyncio.Condition] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._background: set[asyncio.Task] = set()
+        self._running: dict[tuple[str, str], asyncio.Task] = {}
+        self.recovered = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self._wake = {m: asyncio.Condition() for m in self.handles}
+        await self.recover()
+        for m in self.handles:
+            n = self.args.model(m).max_concurrent_jobs
+            self._tasks += [asyncio.create_task(self._worker(m), name=f"worker:{m}:{i}") for i in range(n)]
+        self._tasks.append(asyncio.create_task(self._sweeper(), name="sweeper"))
+        self.recovered = True
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+
+    def _spawn(self, coro) -> None:
+        t = asyncio.create_task(coro)
+        self._background.add(t)
+        t.add_done_callback(self._background.discard)
+
+    async def recover(self) -> None:
+        """Rebuild the queues from the store after a (re)start."""
+        recs = await asyncio.to_thread(self.book.load_all)
+        requeued = interrupted = 0
+        for rec in recs:
+            if rec.terminal:
+                if rec.webhook is not None and not rec.webhook.delivered:
+                    self._spawn(self._deliver_webhook(rec))
+                continue
+            for m, run in rec.runs.items():
+                if run.status == "running":
+                    if rec.cancel_requested:
+                        run.status = "canceled"
+                        run.error = ErrorInfo(code=E.CANCELED, message="canceled while the service was down")
+                    elif run.attempts < self.args.max_attempts:
+                        run.status = "queued"
+                        run.stage = "requeued"
+                        run.warnings.append(f"attempt {run.attempts} was interrupted by a restart; retrying")
+                        requeued += 1
+                    else:
+                        run.status = "failed"
+                        run.error = ErrorInfo(
+                            code=E.JOB_INTERRUPTED,
+                            message=f"the service stopped during the run and {run.attempts} attempt(s) are used up",
+                            details={"attempts": run.attempts},
+                        )
+                        interrupted += 1
+                    run.finished_at = time.time() if run.status != "queued" else None
+                if run.status == "queued" and m not in self.handles:
+                    run.status = "failed"
+                    run.error = ErrorInfo(code="MODEL_UNAVAILABLE", message=f"model {m!r} is not served any more")
+            rec.refresh_summary()
+            for m, run in rec.runs.items():
+                if run.status == "queued":
+                    self.queues[m].append(rec.job_id)
+            if rec.terminal:
+                await self._finish(rec)
+            else:
+                await self.book.save(rec)
+        logger.info("recovered %d jobs: %d retried, %d failed as interrupted", len(recs), requeued, interrupted)
+        self._update_queue_metric()
+
+    # ------------------------------------------------------------ queue
+
+    def queue_position(self, job_id: str) -> int | None:
+        """0-based place in the earliest queue holding the job, or None when not queued."""
+        pos = [q.index(job_id) for q in self.queues.values() if job_id in q]
+        return min(pos) if pos else None
+
+    def queued_count(self) -> int:
+        return self.book.count("queued")
+
+    async def submit(self, rec: JobRecord) -> None:
+        self.book.add(rec)
+        await self.book.save(rec)
+        for m in rec.models:
+            self.queues[m].append(rec.job_id)
+            async with self._wake[m]:
+                self._wake[m].notify()
+        self._update_queue_metric()
+
+    async def cancel(self, rec: JobRecord) -> None:
+        """Cancel queued runs at once; flag running ones (the model polls the flag and stops)."""
+        rec.cancel_requested = True
+        for m, run in rec.runs.items():
+            if run.status == "queued":
+                if rec.job_id in self.queues[m]:
+                    self.queues[m].remove(rec.job_id)
+                run.status = "canceled"
+                run.finished_at = time.time()
+                run.error = ErrorInfo(code=E.CANCELED, message="canceled before it started")
+        if any(r.status == "running" for r in rec.runs.values()):
+            await asyncio.to_thread(self.store.put, cancel_key(rec.job_id), b"canceled")
+        rec.refresh_summary()
+        if rec.terminal:
+            await self._finish(rec)
+        else:
+            await self.book.save(rec)
+        self._update_queue_metric()
+
+    async def delete(self, rec: JobRecord) -> None:
+        self.book.remove(rec.job_id)
+        await asyncio.to_thread(self.store.delete_prefix, job_key(rec.job_id))
+
+    def _update_queue_metric(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self.queued_count())
+
+    async def _next(self, model: str) -> str:
+        cond = self._wake[model]
+        q = self.queues[model]
+        async with cond:
+            await cond.wait_for(lambda: bool(q))
+            job_id = q.popleft()
+        for other in q:  # their queue position changed
+            self.book.notify(other)
+        return job_id
+
+    async def _worker(self, model: str) -> None:
+        while True:
+            job_id = await self._next(model)
+            rec = self.book.get(job_id)
+            if rec is None or rec.runs.get(model) is None or rec.runs[model].status != "queued":
+                continue
+            try:
+                await self._run_model(rec, model)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("scheduler error", extra={"job_id": job_id, "model": model})
+                run = rec.runs[model]
+                if run.status == "running":
+                    run.status = "failed"
+                    run.error = ErrorInfo(code=E.INTERNAL, message="the scheduler failed while running this job")
+                    rec.refresh_summary()
+                    await self._finish(rec) if rec.terminal else await self.book.save(rec)
+            self._update_queue_metric()
+
+    # ------------------------------------------------------------ one model run
+
+    async def _run_model(self, rec: JobRecord, model: str) -> None:
+        log = job_logger(rec.job_id)
+        run = rec.runs[model]
+        run.status = "running"
+        run.attempts += 1
+        run.stage = "dispatched"
+        run.started_at = time.time()
+        run.error = None
+        rec.started_at = rec.started_at or run.started_at
+        rec.refresh_summary()
+        await self.book.save(rec)
+        log.info("dispatch", extra={"model": model, "attempt": run.attempts})
+
+        prefix = artifacts_prefix(rec.job_id, model)
+        req = ModelRequest(
+            job_id=rec.job_id,
+            model=model,
+            preset=rec.preset,
+            input_key=input_key(rec.job_id),
+            output_prefix=prefix,
+            cancel_key=cancel_key(rec.job_id),
+            deadline=time.time() + self.args.job_timeout_s,
+            attempt=run.attempts,
+        )
+        share = MODEL_PROGRESS_SHARE if self.args.fanout else 1.0
+        final: dict | None = None
+        gen = self.handles[model].options(stream=True).run.remote(req.to_dict())
+        try:
+            async with asyncio.timeout(self.args.job_timeout_s + DC.CANCEL_GRACE_S):
+                async for ev in gen:
+                    if ev.get("type") == "progress":
+                        run.stage = ev["stage"]
+                        run.progress = round(max(run.progress, 100.0 * share * ev["fraction"]), 2)
+                        rec.refresh_summary()
+                        await self.book.save(rec, force=False)
+                    else:
+                        final = ev
+        except TimeoutError:
+            gen.cancel()
+            final = {
+                "type": "error",
+                "error": {"code": E.JOB_TIMEOUT, "message": "the model did not stop at its deadline"},
+            }
+        except Exception as e:  # replica died, deployment gone ...
+            log.warning("model call failed: %s", e, extra={"model": model})
+            final = {
+                "type": "error",
+                "error": {"code": "MODEL_FAILED", "message": f"the model replica failed: {type(e).__name__}"},
+            }
+
+        if final is None:
+            final = {"type": "error", "error": {"code": "MODEL_FAILED", "message": "the model returned no result"}}
+        if final["type"] == "error":
+            err = final["error"]
+            run.status = "canceled" if err["code"] == E.CANCELED else "failed"
+            run.error = ErrorInfo(code=err["code"], message=err.get("message", ""), details=err.get("details") or {})
+        else:
+            result = final["result"]
+            run.files = list(final["files"])
+            run.timings_s = {
+                k: float(v) for k, v in (result.get("timings_s") or {}).items() if isinstance(v, (int, float))
+            }
+            run.warnings += list(result.get("warnings") or [])
+            if "quality" in result:
+                run.quality = result["quality"]
+            run.progress = max(run.progress, 100.0 * share)
+            if self.args.fanout and not rec.cancel_requested:
+                await self._fanout(rec, model, result)
+            elif rec.cancel_requested:
+                run.status = "canceled"
+            if run.status == "running":
+                run.status = "succeeded"
+                run.progress = 100.0
+        run.finished_at = time.time()
+        run.stage = "done"
+        if self.metrics is not None:
+            self.metrics.job_finished(model, run.status, run.finished_at - run.started_at, run.timings_s)
+        log.info(
+            "model run ended",
+            extra={
+                "model": model,
+                "status": run.status,
+                "code": run.error.code if run.error else None,
+                "elapsed_s": round(run.finished_at - run.started_at, 3),
+            },
+        )
+        rec.refresh_summary()
+        if rec.terminal:
+            await self._finish(rec)
+        else:
+            await self.book.save(rec)
+
+    async def _fanout(self, rec: JobRecord, model: str, result: dict) -> None:
+        run = rec.runs[model]
+        run.stage = "evaluate"
+        await self.book.save(rec, force=False)
+        t0 = time.perf_counter()
+        fo = await run_fanout(
+            job_id=rec.job_id,
+            store=self.store,
+            input_key=input_key(rec.job_id),
+            prefix=artifacts_prefix(rec.job_id, model),
+            preset=rec.preset,
+            result=result,
+            max_retries=self.args.fanout_max_retries,
+            num_cpus=self.args.fanout_num_cpus,
+            n_previews=self.args.preview_views,
+        )
+        run.timings_s["evaluate_and_previews"] = round(time.perf_counter() - t0, 3)
+        run.files = sorted(set(run.files) | set(fo.files))
+        run.warnings += fo.warnings
+        run.quality = fo.quality
+        if fo.error is not None:
+            run.status = "failed"
+            run.error = ErrorInfo(**fo.error)
+
+    # ------------------------------------------------------------ terminal states
+
+    async def _finish(self, rec: JobRecord) -> None:
+        rec.expires_at = rec.expires_at or time.time() + self.args.artifact_ttl_s
+        await self.book.save(rec)
+        await asyncio.to_thread(self.store.delete, cancel_key(rec.job_id))
+        job_logger(rec.job_id).info(
+            "job ended", extra={"status": rec.status, "code": rec.error.code if rec.error else None}
+        )
+        if rec.webhook is not None and not rec.webhook.delivered:
+            self._spawn(self._deliver_webhook(rec))
+
+    async def _deliver_webhook(self, rec: JobRecord) -> None:
+        wh = rec.webhook
+        body = {
+            "job_id": rec.job_id,
+            "status": rec.status,
+            "error": rec.error.model_dump() if rec.error else None,
+            "models": {m: {"status": r.status, "quality": r.quality} for m, r in rec.runs.items()},
+            "links": {"self": f"/jobs/{rec.job_id}", "download": f"/jobs/{rec.job_id}/download"},
+        }
+        delay = self.args.webhook_backoff_s
+        async with httpx.AsyncClient(timeout=DC.WEBHOOK_TIMEOUT_S) as client:
+            while wh.attempts < self.args.webhook_attempts and not wh.delivered:
+                wh.attempts += 1
+                try:
+                    r = await client.post(wh.url, json=body, headers={"x-recon3d-event": "job." + rec.status})
+                    if r.status_code < 300:
+                        wh.delivered = True
+                        wh.last_error = None
+                        break
+                    wh.last_error = f"HTTP {r.status_code}"
+                except httpx.HTTPError as e:
+                    wh.last_error = f"{type(e).__name__}: {e}"
+                await asyncio.sleep(delay)
+                delay *= 2
+        job_logger(rec.job_id).info("webhook", extra={"status": "delivered" if wh.delivered else "undelivered"})
+        if rec.job_id in self.book.jobs:
+            await self.book.save(rec)
+
+    async def sweep_once(self) -> int:
+        """Delete artifacts (and the upload) of jobs past ``expires_at``; returns how many jobs expired."""
+        now = time.time()
+        n = 0
+        for rec in list(self.book.jobs.values()):
+            if rec.terminal and not rec.expired and rec.expires_at is not None and rec.expires_at <= now:
+                await asyncio.to_thread(self.store.delete_prefix, job_key(rec.job_id, "models"))
+                await asyncio.to_thread(self.store.delete_prefix, job_key(rec.job_id, "input"))
+                rec.expired = True
+                await self.book.save(rec)
+                job_logger(rec.job_id).info("artifacts expired")
+                n += 1
+        return n
+
+    async def _sweeper(self) -> None:
+        while True:
+            try:
+                await self.sweep_once()
+            except Exception:
+                logger.exception("sweep failed")
+            await asyncio.sleep(self.args.sweep_interval_s)
