@@ -60,7 +60,12 @@ def gt_geometry(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return v, f
 
 
-def sneaker_inputs():
+def sneaker_inputs(cache: Path | None = None):
+    """Prepared frames and fused geometry of the seed example (pickled to ``cache`` to iterate on baking alone)."""
+    import pickle
+
+    if cache is not None and cache.is_file():
+        return pickle.loads(cache.read_bytes())
     from pipeline.bundle import load_bundle as load
     from pipeline.fusion import reconstruct_geometry
     from pipeline.prepare import prepare_frames
@@ -68,7 +73,10 @@ def sneaker_inputs():
     cfg = PRESETS["balanced"]
     frames = prepare_frames(load(DATA / "seed-example" / "input"), cfg)
     v, f, _ = reconstruct_geometry(frames, cfg)
-    return frames, np.asarray(v, np.float32), np.asarray(f, np.int32)
+    out = (frames, np.asarray(v, np.float32), np.asarray(f, np.int32))
+    if cache is not None:
+        cache.write_bytes(pickle.dumps(out))
+    return out
 
 
 def side_by_side(mesh, frames: PosedFrames, out: Path, name: str) -> None:
@@ -76,7 +84,9 @@ def side_by_side(mesh, frames: PosedFrames, out: Path, name: str) -> None:
     rows = []
     for view in frames.views:
         d = render_view_for_metrics(mesh, view, r)
-        diff = np.clip(np.abs(d["pred_rgb"].astype(np.int16) - d["ref_rgb"].astype(np.int16)) * 4, 0, 255).astype(np.uint8)
+        diff = np.clip(np.abs(d["pred_rgb"].astype(np.int16) - d["ref_rgb"].astype(np.int16)) * 4, 0, 255).astype(
+            np.uint8
+        )
         rows.append(np.concatenate([d["ref_rgb"], d["pred_rgb"], diff], axis=1))
         Image.fromarray(rows[-1]).save(out / f"{name}_{view.name}.png")
     Image.fromarray(mesh.texture).save(out / f"{name}_texture.png")
@@ -88,6 +98,7 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/bench_texture")
     ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--angle-power", type=float, default=None)
+    ap.add_argument("--cache", default="", help="pickle the sneaker's frames and geometry here (and reuse them)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,7 +109,7 @@ def main() -> None:
     print(f"{'object':10s} {'faces':>7s} {'atlas_s':>8s} {'bake_s':>7s} {'psnr':>6s} {'ssim':>6s}  per-view psnr")
     for name in args.objects:
         if name == "sneaker":
-            frames, v, f = sneaker_inputs()
+            frames, v, f = sneaker_inputs(Path(args.cache) if args.cache else None)
         else:
             frames = frames_from_bundle(DATA / "objects" / name)
             v, f = gt_geometry(DATA / "objects" / name / "gt" / "mesh.glb")

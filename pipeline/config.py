@@ -113,6 +113,38 @@ class TextureConfig:
 
 
 @dataclass(frozen=True)
+class PhotoRefineConfig:
+    """Photo-consistency refinement of the fused surface before texturing (:mod:`pipeline.photo_refine`)."""
+
+    enabled: bool = True
+    """Run the stage; off, the fused surface goes to texturing unchanged."""
+    pass_image_sizes: tuple[int, ...] = (256, 512, 1024)
+    """One pass per entry, coarse to fine: the photos' size (longest side, pixels) for that pass,
+    capped at the working resolution."""
+    search_steps: int = 6
+    """Offsets tried per pass along each normal: ``k * step`` for ``k`` in ``[-search_steps, search_steps]``."""
+    step_px: float = 1.0
+    """Offset step, pixels of the pass's images at the object's distance."""
+    blur_px: float = 1.0
+    """Gaussian blur sigma applied to the pass's images, pixels (widens the basin of attraction)."""
+    angle_power: float = 1.0
+    """A view's colour weight for a vertex is cos(normal, view ray) ** angle_power."""
+    smoothness: float = 4.0
+    """Weight of the graph-Laplacian term of the offset solve; the offset field varies over about
+    sqrt(smoothness) mesh edges (larger: smoother)."""
+    anchor: float = 0.05
+    """Pull of every offset towards 0, relative to a typical vertex's photo confidence (vertices with
+    no data stay where they are)."""
+    silhouette_weight: float = 2.0
+    """Confidence of the mask-edge target of a silhouette-generating vertex, per view, relative to a
+    typical photo confidence."""
+    move_prior: float = 0.1
+    """Relative cost added at the largest offset (quadratic in the offset): ties go to small moves."""
+    max_offset_px: float = 24.0
+    """Largest total move of a vertex, pixels at the working resolution and the object's distance."""
+
+
+@dataclass(frozen=True)
 class RefineConfig:
     """Differentiable-rendering refinement of a textured mesh (the ``nvdiffrec`` model, :mod:`pipeline.refine`)."""
 
@@ -120,15 +152,15 @@ class RefineConfig:
     """Largest number of optimisation steps."""
     resolution: int = 512
     """Render size, pixels along the longest image side (capped at the views' working resolution)."""
-    lr_vertices: float = 1e-3
+    lr_vertices: float = 3e-4
     """Adam step for vertex offsets, as a fraction of the start mesh's bounding-box diagonal."""
-    lr_texture: float = 1e-2
+    lr_texture: float = 3e-3
     """Adam step for kd texels, colour units in [0, 1]."""
     laplacian_weight: float = 20.0
     """Weight of the uniform-Laplacian term relative to the start mesh (keeps the surface smooth)."""
     mask_weight: float = 1.0
     """Weight of the silhouette term."""
-    depth_weight: float = 1.0
+    depth_weight: float = 10.0
     """Weight of the depth term (smooth L1 of z-depth over the bounding-box diagonal)."""
     time_budget_s: float = 600.0
     """Wall-clock limit of the optimisation loop, seconds; the loop stops (without error) when reached."""
@@ -158,6 +190,8 @@ class ReconstructConfig:
     camera: CameraConfig = field(default_factory=CameraConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     texture: TextureConfig = field(default_factory=TextureConfig)
+    photo_refine: PhotoRefineConfig = field(default_factory=PhotoRefineConfig)
+    """Photo-consistency refinement of the fused surface (between geometry and texture)."""
     max_working_resolution: int = 1024
     """Images are processed at most at this size (longest side, pixels); textures sample the full-resolution photos."""
 

@@ -45,8 +45,8 @@ DiffBackend = Literal["auto", "embree", "nvdiffrast"]
 
 #: Contour samples per pixel of silhouette-edge length (CPU backend).
 CONTOUR_SAMPLES_PER_PX = 1.0
-#: Contour samples are kept within this many pixels of the rendered mask's boundary.
-CONTOUR_BAND_PX = 2
+#: A contour sample is kept when the rendered mask is empty this far outside it and covered this far inside, pixels.
+CONTOUR_PROBE_PX = 1.0
 #: Screen-space triangle area (pixels squared) below which a pixel's barycentrics are not trusted.
 MIN_SCREEN_AREA_PX2 = 1e-10
 #: Scale of the pseudo-Huber penalty on contour distances, pixels.
@@ -106,7 +106,8 @@ def sample_texture_torch(texture: torch.Tensor, uv: torch.Tensor) -> torch.Tenso
     Parameters
     ----------
     texture : (T, S, C) float, row 0 at the top
-    uv : (N, 2) float, v = 0 at the bottom row; clamped to the border texels
+    uv : (N, 2) float, v = 0 at the bottom row; coordinates outside [0, 1] wrap (glTF's
+        default repeat, as the numpy sampler does), and the border texels clamp inside
 
     Returns
     -------
@@ -114,10 +115,17 @@ def sample_texture_torch(texture: torch.Tensor, uv: torch.Tensor) -> torch.Tenso
     """
     # align_corners=False puts -1 / +1 on the outer texel edges, so texel centres sit at
     # (k + 0.5) / size as in the numpy sampler; y = +1 is the last (bottom) row, where v = 0.
+    uv = wrap_outside_unit(uv)
     grid = torch.stack([uv[:, 0] * 2.0 - 1.0, 1.0 - uv[:, 1] * 2.0], dim=-1)
     img = texture.permute(2, 0, 1)[None]
     out = F.grid_sample(img, grid[None, None], mode="bilinear", padding_mode="border", align_corners=False)
     return out[0, :, 0, :].T
+
+
+def wrap_outside_unit(uv: torch.Tensor) -> torch.Tensor:
+    """Texture coordinates outside [0, 1] wrapped into it (repeat); those inside are unchanged."""
+    outside = (uv < 0.0) | (uv > 1.0)
+    return torch.where(outside, uv - torch.floor(uv.detach()), uv)
 
 
 def signed_distance_px(mask: np.ndarray) -> np.ndarray:
@@ -174,11 +182,13 @@ class CpuDiffRenderer:
     uvs : (V, 2) float, texture coordinates, v = 0 at the bottom row
     cameras : C cameras of one size (W, H)
     device : torch device of the outputs (CPU in practice)
+    weld : (V,) int or None, the id of each vertex's position (UV-seam copies share one, see
+        :func:`weld_vertices`); vertices with one id must always be given the same position
     """
 
     name = "embree"
 
-    def __init__(self, faces: np.ndarray, uvs: np.ndarray, cameras: list[Camera], *, device="cpu"):
+    def __init__(self, faces: np.ndarray, uvs: np.ndarray, cameras: list[Camera], *, device="cpu", weld=None):
         _check_cameras(cameras)
         self.cameras = list(cameras)
         self.device = torch.device(device)
@@ -186,7 +196,14 @@ class CpuDiffRenderer:
         self.faces = torch.as_tensor(self.faces_np, device=self.device)
         self.uvs = torch.as_tensor(np.asarray(uvs, dtype=np.float64), device=self.device)
         self.width, self.height = cameras[0].width, cameras[0].height
-        self._edges, self._edge_faces = _edge_adjacency(self.faces_np)
+        # Outline edges are found on the welded surface: UV seams split vertices, and a split
+        # edge would otherwise look like an open boundary.
+        n_v = int(self.faces_np.max()) + 1 if len(self.faces_np) else 0
+        weld = np.arange(n_v) if weld is None else np.asarray(weld, dtype=np.int64)
+        self._faces_welded = weld[self.faces_np]
+        self._representative = np.zeros(int(weld.max()) + 1 if len(weld) else 0, np.int64)
+        self._representative[weld] = np.arange(len(weld))
+        self._edges, self._edge_faces = _edge_adjacency(self._faces_welded)
         self._vis: dict | None = None
 
     def update_visibility(self, vertices) -> None:
@@ -215,35 +232,46 @@ class CpuDiffRenderer:
 
     def _contour_samples(self, v: np.ndarray, masks: np.ndarray):
         """Silhouette-edge samples on the rendered outline: (edge end a, end b, t, length px, view), each (M,)."""
-        faces, edges, ef = self.faces_np, self._edges, self._edge_faces
-        tri = v[faces]
+        faces, edges, ef, rep = self._faces_welded, self._edges, self._edge_faces, self._representative
+        tri = v[self.faces_np]
         fn = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
         centroid = tri.mean(axis=1)
         out = [[], [], [], [], []]
         for i, cam in enumerate(self.cameras):
             facing = ((cam.center[None] - centroid) * fn).sum(-1) > 0
             f0 = facing[ef[:, 0]]
-            f1 = np.where(ef[:, 1] >= 0, facing[ef[:, 1].clip(0)], ~f0)  # open boundary edges count when seen
+            # An open boundary edge counts as an outline piece when its one face is seen from the front.
+            f1 = np.where(ef[:, 1] >= 0, facing[ef[:, 1].clip(0)], False)
             sil = np.flatnonzero(f0 != f1)
             if len(sil) == 0:
                 continue
-            a, b = edges[sil, 0], edges[sil, 1]
             pc = v @ cam.world_to_cam[:3, :3].T + cam.world_to_cam[:3, 3]
             z = np.maximum(pc[:, 2], 1e-9)
             xy = np.stack([cam.K[0, 0] * pc[:, 0] / z + cam.K[0, 1] * pc[:, 1] / z + cam.K[0, 2], cam.K[1, 1] * pc[:, 1] / z + cam.K[1, 2]], -1)
+            a, b = edges[sil, 0], edges[sil, 1]
+            # The front-facing face of each edge, and its vertex off the edge: the outline's inside.
+            front = np.where(f0[sil], ef[sil, 0], ef[sil, 1])
+            # Welded ids -> one of their (coincident) vertices.
+            a, b, c = rep[a], rep[b], rep[faces[front].sum(axis=1) - a - b]
             seg = np.linalg.norm(xy[b] - xy[a], axis=1)
+            # Edges behind the camera, non-finite or longer than the image cannot be outline pieces.
+            usable = (pc[a, 2] > 0) & (pc[b, 2] > 0) & (pc[c, 2] > 0) & np.isfinite(seg) & (seg <= self.width + self.height)
+            a, b, c, seg = a[usable], b[usable], c[usable], seg[usable]
+            if len(a) == 0:
+                continue
             n = np.maximum(np.ceil(seg * CONTOUR_SAMPLES_PER_PX), 1).astype(np.int64)
-            e = np.repeat(np.arange(len(sil)), n)
+            e = np.repeat(np.arange(len(a)), n)
             k = np.arange(len(e)) - np.repeat(np.cumsum(n) - n, n)
             t = (k + 0.5) / n[e]
             p = xy[a[e]] * (1 - t)[:, None] + xy[b[e]] * t[:, None]
-            band = ndimage.binary_dilation(masks[i], iterations=CONTOUR_BAND_PX) & ~ndimage.binary_erosion(
-                masks[i], iterations=CONTOUR_BAND_PX, border_value=0
-            )
-            col, row = np.floor(p[:, 0]).astype(np.int64), np.floor(p[:, 1]).astype(np.int64)
-            inside = (col >= 0) & (col < self.width) & (row >= 0) & (row < self.height)
-            keep = np.zeros(len(p), bool)
-            keep[inside] = band[row[inside], col[inside]]
+            # Screen normal of each edge, pointing away from its front face.
+            d = xy[b] - xy[a]
+            nrm = np.stack([-d[:, 1], d[:, 0]], -1) / np.maximum(seg, 1e-12)[:, None]
+            flip = ((xy[c] - xy[a]) * nrm).sum(-1) > 0
+            nrm[flip] *= -1
+            # Keep samples with background just outside and coverage just inside: pieces of the
+            # rendered outline, not contours hidden behind (or in front of) other surface.
+            keep = ~_mask_at(masks[i], p + CONTOUR_PROBE_PX * nrm[e]) & _mask_at(masks[i], p - CONTOUR_PROBE_PX * nrm[e])
             e, t = e[keep], t[keep]
             for lst, val in zip(out, (a[e], b[e], t, (seg / n)[e], np.full(len(e), i, np.int64)), strict=True):
                 lst.append(val)
@@ -361,7 +389,7 @@ class CudaDiffRenderer:
         rast, _ = dr.rasterize(self._glctx, clip, self.faces, resolution=[H, W])
         hit = rast[..., 3:4] > 0
         uv, _ = dr.interpolate(self.uvs, rast, self.faces)
-        uv = uv.contiguous()
+        uv = wrap_outside_unit(uv).contiguous()
         col = sum(
             dr.texture(t.to(torch.float32)[None].contiguous(), uv, filter_mode="linear", boundary_mode="clamp")
             for t in _layers(texture)
@@ -382,18 +410,36 @@ class CudaDiffRenderer:
 
 
 def make_diff_renderer(
-    faces: np.ndarray, uvs: np.ndarray, cameras: list[Camera], *, backend: DiffBackend = "auto", device=None
+    faces: np.ndarray, uvs: np.ndarray, cameras: list[Camera], *, backend: DiffBackend = "auto", device=None, weld=None
 ):
     """A differentiable renderer for one mesh topology and a fixed camera batch.
 
     ``auto`` picks nvdiffrast when CUDA is usable, else embree. ``device`` defaults to
-    ``cuda`` for nvdiffrast and ``cpu`` for embree.
+    ``cuda`` for nvdiffrast and ``cpu`` for embree. ``weld`` (CPU only) is described in
+    :class:`CpuDiffRenderer`; nvdiffrast's antialias finds silhouettes by position itself.
     """
     if backend == "nvdiffrast" or (backend == "auto" and cuda_available()):
         return CudaDiffRenderer(faces, uvs, cameras, device=device or "cuda")
     if backend not in ("auto", "embree"):
         raise ValueError(f"unknown differentiable render backend {backend!r}; use auto, embree or nvdiffrast")
-    return CpuDiffRenderer(faces, uvs, cameras, device=device or "cpu")
+    return CpuDiffRenderer(faces, uvs, cameras, device=device or "cpu", weld=weld)
+
+
+def weld_vertices(vertices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Merge vertices at identical positions (the copies a UV atlas makes along its seams).
+
+    Parameters
+    ----------
+    vertices : (V, 3) float
+
+    Returns
+    -------
+    weld : (V,) int64, the welded id of each vertex
+    positions : (U, 3) float64, one position per welded id
+    """
+    v = np.asarray(vertices, dtype=np.float64)
+    positions, weld = np.unique(v, axis=0, return_inverse=True)
+    return weld.reshape(-1).astype(np.int64), positions
 
 
 def _check_cameras(cameras: list[Camera]) -> None:
@@ -425,6 +471,16 @@ def _edge_adjacency(faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     two = counts >= 2
     ef[two, 1] = fid[first[two] + 1]
     return edges, ef
+
+
+def _mask_at(mask: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """(N,) bool: ``mask`` (H, W) at the pixels containing points (N, 2); False outside the image."""
+    H, W = mask.shape
+    col, row = np.floor(p[:, 0]), np.floor(p[:, 1])
+    inside = (col >= 0) & (col < W) & (row >= 0) & (row < H)
+    out = np.zeros(len(p), bool)
+    out[inside] = mask[row[inside].astype(np.int64), col[inside].astype(np.int64)]
+    return out
 
 
 def _layers(texture) -> list[torch.Tensor]:

@@ -13,17 +13,13 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-import trimesh
-
-from .bundle import FrameSet, load_bundle
-from .camera import RIG_FOV_X_DEG, default_rig
-from .config import DEFAULT_DEPTH_ENCODING, PRESETS, ReconstructConfig, get_preset
-from .depth import decode_depth
-from .errors import InvalidInputError
-from .frames import PosedFrames, PosedView
+from .bundle import load_bundle
+from .config import PRESETS, ReconstructConfig, get_preset
+from .export import load_mesh
+from .frames import PosedFrames
 from .mesh import TexturedMesh
 from .metrics import evaluate_views, geometry_metrics
+from .prepare import prepare_frames
 from .quality import QualityReport, QualityThresholds, build_quality_report
 
 #: Model name recorded for meshes that did not come with a result.json.
@@ -34,104 +30,30 @@ EXTERNAL_MODEL = "external"
 
 
 def load_mesh_file(path: str | Path) -> TexturedMesh:
-    """Read an OBJ / GLB / PLY ... into a :class:`TexturedMesh`, keeping UVs and the base-colour texture.
+    """Read an OBJ / GLB into a :class:`TexturedMesh` (:func:`pipeline.export.load_mesh`)."""
+    return load_mesh(path)
 
-    Uses :func:`pipeline.export.load_mesh` when that module provides it.
+
+def load_frames(bundle_path: str | Path, cfg: ReconstructConfig, *, resolved: list[dict] | None = None) -> PosedFrames:
+    """Read a bundle and resolve cameras and depth exactly as reconstruction does.
+
+    ``resolved`` (``result.json["cameras"]`` of the run that made the mesh) reuses that
+    run's cameras and depth encodings instead of estimating them again.
     """
-    try:
-        from .export import load_mesh
-    except ImportError:
-        load_mesh = None
-    if load_mesh is not None:
-        return load_mesh(path)
-    return _load_mesh_trimesh(path)
-
-
-def _load_mesh_trimesh(path: str | Path) -> TexturedMesh:
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidInputError(f"no mesh file at {path}", code="MESH_NOT_FOUND", details={"path": str(path)})
-    try:
-        # process=False keeps UV-seam vertices apart so texture coordinates stay per vertex.
-        m = trimesh.load(path, force="mesh", process=False)
-    except Exception as e:  # trimesh raises many types for unreadable files
-        raise InvalidInputError(
-            f"cannot read mesh {path.name}: {e}", code="INVALID_MESH", details={"path": str(path)}
-        ) from None
-    if not isinstance(m, trimesh.Trimesh) or len(m.faces) == 0:
-        raise InvalidInputError(f"{path.name} holds no triangles", code="INVALID_MESH", details={"path": str(path)})
-    uvs = texture = colors = None
-    vis = m.visual
-    if isinstance(vis, trimesh.visual.TextureVisuals):
-        mat = vis.material
-        image = getattr(mat, "baseColorTexture", None) or getattr(mat, "image", None)
-        if vis.uv is not None and image is not None:
-            uvs = np.asarray(vis.uv, dtype=np.float32)
-            texture = np.asarray(image.convert("RGB"))
-        else:
-            rgba = getattr(mat, "baseColorFactor", None)
-            if rgba is None and hasattr(mat, "main_color"):
-                rgba = mat.main_color
-            if rgba is not None:
-                colors = np.tile(np.asarray(rgba, dtype=np.uint8)[:3], (len(m.vertices), 1))
-    elif isinstance(vis, trimesh.visual.ColorVisuals) and vis.kind == "vertex":
-        colors = np.asarray(vis.vertex_colors, dtype=np.uint8)[:, :3]
-    return TexturedMesh(
-        vertices=np.asarray(m.vertices, dtype=np.float32),
-        faces=np.asarray(m.faces, dtype=np.int32),
-        uvs=uvs,
-        texture=texture,
-        vertex_colors=colors,
-    )
-
-
-def load_frames(bundle_path: str | Path, cfg: ReconstructConfig) -> PosedFrames:
-    """Read a bundle and resolve cameras and depth, as reconstruction does (:func:`pipeline.prepare.prepare_frames`)."""
-    fs = load_bundle(bundle_path)
-    try:
-        from .prepare import prepare_frames
-    except ImportError:
-        prepare_frames = None
-    if prepare_frames is not None:
-        return prepare_frames(fs, cfg)
-    return _frames_from_frameset(fs)
-
-
-def _frames_from_frameset(fs: FrameSet) -> PosedFrames:
-    """Fallback preparation: given (or default-rig) cameras, stated (or default) depth encoding, depth-resolution masks."""
-    warnings = list(fs.warnings)
-    rig = None
-    if not fs.cameras_given:
-        w, h = fs.views[0].size
-        rig = default_rig(w, h, fov_x_deg=RIG_FOV_X_DEG)
-        warnings.append(f"no transforms.json: assumed the default rig at {RIG_FOV_X_DEG:g} degrees")
-    enc = fs.depth_encoding or DEFAULT_DEPTH_ENCODING
-    views = []
-    for v in fs.views:
-        cam = v.camera if fs.cameras_given else rig[v.name]
-        if v.depth_raw is not None:
-            depth, mask = decode_depth(v.depth_raw, enc)
-        else:
-            depth = np.zeros(v.rgb.shape[:2], np.float32)
-            mask = v.alpha if v.alpha is not None else np.zeros(v.rgb.shape[:2], bool)
-        dcam = cam.scaled(depth.shape[1], depth.shape[0])
-        views.append(PosedView(name=v.name, rgb=v.rgb, camera=cam, depth=depth, mask=mask, depth_camera=dcam))
-    return PosedFrames(
-        views=views,
-        camera_estimate={"source": "transforms.json" if fs.cameras_given else "default_rig"},
-        depth_encoding=enc.to_dict(),
-        warnings=warnings,
-    )
+    return prepare_frames(load_bundle(bundle_path), cfg, resolved=resolved)
 
 
 def _result_info(mesh_path: Path) -> dict:
-    """model / preset from a result.json next to the mesh, when there is one."""
+    """model, preset and resolved cameras from a result.json next to the mesh, when there is one."""
     p = mesh_path.parent / "result.json"
     try:
         d = json.loads(p.read_text())
     except (OSError, ValueError):
         return {}
-    return {k: d[k] for k in ("model", "preset") if isinstance(d.get(k), str)}
+    info = {k: d[k] for k in ("model", "preset") if isinstance(d.get(k), str)}
+    if isinstance(d.get("cameras"), list):
+        info["cameras"] = d["cameras"]
+    return info
 
 
 # ---------------------------------------------------------------- evaluation
@@ -155,7 +77,8 @@ def evaluate_mesh_file(
     timings: dict[str, float] = {}
     t = time.perf_counter()
     mesh = load_mesh_file(mesh_path)
-    frames = load_frames(bundle_path, cfg)
+    info = _result_info(Path(mesh_path))
+    frames = load_frames(bundle_path, cfg, resolved=info.get("cameras"))
     timings["load"] = round(time.perf_counter() - t, 3)
 
     t = time.perf_counter()
@@ -169,7 +92,6 @@ def evaluate_mesh_file(
         geometry = geometry_metrics(mesh.vertices, mesh.faces, gt.vertices, gt.faces)
         timings["geometry"] = round(time.perf_counter() - t, 3)
 
-    info = _result_info(Path(mesh_path))
     report = build_quality_report(
         per_view,
         mesh=mesh,

@@ -32,7 +32,9 @@ OBJ_DIGITS = 7
 def _check_mesh(mesh: TexturedMesh) -> None:
     v, f = np.asarray(mesh.vertices), np.asarray(mesh.faces)
     if v.ndim != 2 or v.shape[1] != 3 or f.ndim != 2 or f.shape[1] != 3:
-        raise InvalidInputError(f"expected (V, 3) vertices and (F, 3) faces, got {v.shape} and {f.shape}", code="INVALID_MESH")
+        raise InvalidInputError(
+            f"expected (V, 3) vertices and (F, 3) faces, got {v.shape} and {f.shape}", code="INVALID_MESH"
+        )
     if len(f) and (f.min() < 0 or f.max() >= len(v)):
         raise InvalidInputError("face indices are out of range of the vertices", code="INVALID_MESH")
     if mesh.uvs is not None and np.asarray(mesh.uvs).shape != (len(v), 2):
@@ -186,7 +188,9 @@ def load_mesh(path: str | Path) -> TexturedMesh:
     try:
         m = trimesh.load(path, force="mesh", process=False, maintain_order=True)
     except Exception as e:  # trimesh raises many exception types for unreadable files
-        raise InvalidInputError(f"cannot read mesh {path.name}: {e}", code="INVALID_MESH", details={"path": str(path)}) from None
+        raise InvalidInputError(
+            f"cannot read mesh {path.name}: {e}", code="INVALID_MESH", details={"path": str(path)}
+        ) from None
     if not isinstance(m, trimesh.Trimesh) or len(m.faces) == 0:
         raise InvalidInputError(f"{path.name} holds no triangles", code="INVALID_MESH", details={"path": str(path)})
     uvs = texture = colors = None
@@ -199,6 +203,12 @@ def load_mesh(path: str | Path) -> TexturedMesh:
         if vis.uv is not None and len(vis.uv) == len(m.vertices) and image is not None:
             uvs = np.asarray(vis.uv, dtype=np.float32)
             texture = np.asarray(image.convert("RGB"), dtype=np.uint8)
+        else:  # an untextured material: its constant colour on every vertex
+            rgba = getattr(mat, "baseColorFactor", None)
+            if rgba is None:
+                rgba = getattr(mat, "main_color", None)
+            if rgba is not None:
+                colors = np.tile(np.asarray(rgba, dtype=np.uint8)[:3], (len(m.vertices), 1))
     elif isinstance(vis, trimesh.visual.ColorVisuals) and vis.kind == "vertex":
         colors = np.asarray(vis.vertex_colors, dtype=np.uint8)[:, :3]
     return TexturedMesh(

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .camera import Camera
+from .config import DepthEncoding
 
 
 @dataclass
@@ -21,6 +22,7 @@ class PosedView:
     depth : (h, w) float32, z-depth in scene units, 0 where invalid (working resolution)
     mask : (h, w) bool, foreground (working resolution)
     depth_camera : Camera, ``camera`` scaled to (w, h)
+    depth_encoding : DepthEncoding or None, how ``depth`` was decoded (None: no depth)
     """
 
     name: str
@@ -29,6 +31,7 @@ class PosedView:
     depth: np.ndarray
     mask: np.ndarray
     depth_camera: Camera
+    depth_encoding: DepthEncoding | None = None
 
 
 @dataclass
@@ -47,3 +50,17 @@ class PosedFrames:
     @property
     def depth_cameras(self) -> list[Camera]:
         return [v.depth_camera for v in self.views]
+
+    def resolved_views(self) -> list[dict]:
+        """Per view, the camera (at photo resolution) and depth encoding actually used.
+
+        JSON-serialisable; ``prepare_frames(..., resolved=...)`` accepts it back, so later
+        stages (metrics, previews, other processes) rebuild these frames without re-estimating.
+        """
+        return [
+            {
+                **v.camera.to_dict(),
+                "depth_encoding": v.depth_encoding.to_dict() if v.depth_encoding is not None else None,
+            }
+            for v in self.views
+        ]

@@ -15,7 +15,7 @@ from PIL import Image
 from scipy import ndimage
 
 from .bundle import FrameSet
-from .camera import RIG_FOV_X_DEG, default_rig
+from .camera import RIG_FOV_X_DEG, Camera, default_rig
 from .config import DepthEncoding, ReconstructConfig
 from .depth import decode_depth
 from .depth_calibration import estimate_depth_encodings
@@ -90,13 +90,21 @@ def build_masks(
     return masks, raws
 
 
-def prepare_frames(fs: FrameSet, cfg: ReconstructConfig, *, progress=None, should_cancel=None) -> PosedFrames:
+def prepare_frames(
+    fs: FrameSet, cfg: ReconstructConfig, *, progress=None, should_cancel=None, resolved: list[dict] | None = None
+) -> PosedFrames:
     """Resolve cameras and depth, build masks.
 
     Cameras come from transforms.json when the bundle has one, else the default six-view rig
     refined by silhouette carving (``cfg.camera``). The depth encoding is the bundle's, else
     fitted against the silhouette hull. Depth and masks are at ``cfg.max_working_resolution``;
     rgb stays at full resolution.
+
+    ``resolved`` (from :meth:`PosedFrames.resolved_views`, e.g. ``result.json["cameras"]``)
+    gives the cameras and encodings of an earlier run: nothing is estimated again.
+
+    Depth values at the encoding's ``max_value`` are clipped (the surface is at or beyond
+    ``far``): such pixels stay foreground but carry no depth.
 
     Returns
     -------
@@ -122,7 +130,10 @@ def prepare_frames(fs: FrameSet, cfg: ReconstructConfig, *, progress=None, shoul
 
     # ---- cameras
     names = fs.names
-    if fs.cameras_given:
+    if resolved is not None:
+        cameras, res_encodings = _cameras_from_resolved(fs, resolved)
+        camera_report = {"method": "resolved", "source": "an earlier run"}
+    elif fs.cameras_given:
         cameras = [v.camera for v in fs.views]
         camera_report = {"method": "given", "source": "transforms.json"}
     elif cfg.camera.estimate_rig:
@@ -148,7 +159,10 @@ def prepare_frames(fs: FrameSet, cfg: ReconstructConfig, *, progress=None, shoul
     # ---- depth encoding
     t1 = time.perf_counter()
     have_depth = [r is not None for r in raws]
-    if fs.depth_encoding is not None:
+    if resolved is not None:
+        encodings = res_encodings
+        depth_report = {"method": "resolved", "source": "an earlier run"}
+    elif fs.depth_encoding is not None:
         encodings = [fs.depth_encoding] * len(raws)
         depth_report = {"method": "given", "source": "transforms.json", **fs.depth_encoding.to_dict()}
     elif cfg.camera.estimate_depth_encoding and all(have_depth):
@@ -171,11 +185,35 @@ def prepare_frames(fs: FrameSet, cfg: ReconstructConfig, *, progress=None, shoul
 
     views = []
     for v, cam, dcam, m, raw, enc in zip(fs.views, cameras, depth_cameras, masks, raws, encodings, strict=True):
-        if raw is not None:
+        if raw is not None and enc is not None:
             z, valid = decode_depth(raw, enc)
-            z[~(valid & m)] = 0.0
+            z[~(valid & m) | (raw >= enc.max_value)] = 0.0
         else:
-            z = np.zeros(m.shape, np.float32)
-        views.append(PosedView(name=v.name, rgb=v.rgb, camera=cam, depth=z, mask=m, depth_camera=dcam))
+            z, enc = np.zeros(m.shape, np.float32), None
+        views.append(
+            PosedView(name=v.name, rgb=v.rgb, camera=cam, depth=z, mask=m, depth_camera=dcam, depth_encoding=enc)
+        )
     report(1.0)
     return PosedFrames(views=views, camera_estimate=camera_report, depth_encoding=depth_report, warnings=warnings)
+
+
+def _cameras_from_resolved(fs: FrameSet, resolved: list[dict]) -> tuple[list[Camera], list[DepthEncoding | None]]:
+    """Cameras and encodings of an earlier run (:meth:`PosedFrames.resolved_views`), matched by view name."""
+    by_name = {r.get("name"): r for r in resolved}
+    cameras, encodings = [], []
+    for v in fs.views:
+        r = by_name.get(v.name)
+        if r is None:
+            raise InvalidInputError(f"no resolved camera for view {v.name!r}", details={"view": v.name})
+        W, H = v.size
+        cam = Camera(
+            K=np.asarray(r["K"], dtype=np.float64),
+            cam_to_world=np.asarray(r["cam_to_world_opencv"], dtype=np.float64),
+            width=int(r["width"]),
+            height=int(r["height"]),
+            name=v.name,
+        )
+        cameras.append(cam.scaled(W, H) if (cam.width, cam.height) != (W, H) else cam)
+        enc = r.get("depth_encoding")
+        encodings.append(DepthEncoding(**enc) if enc else None)
+    return cameras, encodings

@@ -146,6 +146,7 @@ def reconstruct_bundle(
         "device": cfg.device,
         "views": [v.name for v in frames.views],
         "camera_estimate": frames.camera_estimate,
+        "cameras": frames.resolved_views(),
         "depth_encoding": frames.depth_encoding,
         "geometry": geometry_report,
         "mesh": {"vertices": int(len(mesh.vertices)), "faces": int(len(mesh.faces)), "texture_size": int(mesh.texture.shape[0]) if mesh.texture is not None else 0},

@@ -33,7 +33,7 @@ from PIL import Image
 
 from .camera import Camera
 from .config import RefineConfig
-from .diffrender import make_diff_renderer, signed_distance_px, silhouette_loss
+from .diffrender import make_diff_renderer, signed_distance_px, silhouette_loss, weld_vertices
 from .errors import CanceledError, ConvergenceError, InvalidInputError, ModelOOMError
 from .frames import PosedFrames
 from .mesh import TexturedMesh
@@ -48,7 +48,7 @@ DIVERGENCE_RATIO = 1.5
 #: Smooth-L1 transition of the depth term, as a fraction of the bounding-box diagonal (about 8-bit depth steps).
 DEPTH_HUBER_FRACTION = 0.005
 #: Render sizes below this (longest side, pixels) are not worth a retry after running out of memory.
-MIN_RETRY_RESOLUTION = 64
+MIN_RETRY_RESOLUTION = 32
 #: Coarsest texture-correction level, texels along its longest side.
 TEXTURE_COARSEST_PX = 32
 #: Loss-curve entries kept in a ConvergenceError's details.
@@ -305,12 +305,15 @@ def refine_mesh(
 def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oom_retry: bool):
     t0 = time.perf_counter()
     cams, tgt = build_targets(frames, cfg.resolution, dev)
+    # Geometry lives on the welded surface (UV-seam copies share one position), so seams never open.
+    weld_np, welded = weld_vertices(mesh.vertices)
     renderer = make_diff_renderer(
-        mesh.faces, mesh.uvs, cams, backend="nvdiffrast" if dev.type == "cuda" else "embree", device=dev
+        mesh.faces, mesh.uvs, cams, backend="nvdiffrast" if dev.type == "cuda" else "embree", device=dev, weld=weld_np
     )
-    v0 = torch.as_tensor(np.asarray(mesh.vertices, dtype=np.float32), device=dev)
+    weld = torch.as_tensor(weld_np, device=dev)
+    v0 = torch.as_tensor(welded.astype(np.float32), device=dev)
     scale = float(torch.linalg.norm(v0.max(0).values - v0.min(0).values).clamp(min=1e-9))
-    L = uniform_laplacian(mesh.faces, len(v0), dev)
+    L = uniform_laplacian(weld_np[np.asarray(mesh.faces, dtype=np.int64)], len(v0), dev)
     offset_param = torch.zeros_like(v0, requires_grad=True)
     tex_base = torch.as_tensor(np.asarray(mesh.texture, dtype=np.float32) / 255.0, device=dev)
     tex_levels = texture_pyramid_params(tex_base.shape, cfg.resolution, dev)
@@ -333,7 +336,8 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
         if time.perf_counter() - t0 > cfg.time_budget_s:
             stop_reason = "time_budget"
             break
-        vertices = v0 + diffuse(L, offset_param, cfg.smoothing_steps)
+        positions = v0 + diffuse(L, offset_param, cfg.smoothing_steps)
+        vertices = positions[weld]
         if it % max(cfg.visibility_interval, 1) == 0:
             renderer.update_visibility(vertices.detach())
             vis_updates += 1
@@ -350,7 +354,7 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
         both = depth_valid & out.mask
         dz = torch.where(both, (out.depth - tgt["depth"]) / scale, torch.zeros_like(out.depth))
         depth = F.smooth_l1_loss(dz, torch.zeros_like(dz), beta=DEPTH_HUBER_FRACTION, reduction="sum") / n_obj
-        lap = ((torch.sparse.mm(L, vertices) - lap0) / scale).pow(2).sum(-1).mean() * len(v0) / n_obj
+        lap = ((torch.sparse.mm(L, positions) - lap0) / scale).pow(2).sum(-1).mean() * len(v0) / n_obj
         loss = photo + cfg.mask_weight * sil + cfg.depth_weight * depth + cfg.laplacian_weight * lap
 
         value = float(loss.detach())
@@ -385,7 +389,7 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
         it = cfg.iterations
 
     with torch.no_grad():
-        v_out = (v0 + diffuse(L, offset_param, cfg.smoothing_steps)).cpu().numpy().astype(np.float32)
+        v_out = (v0 + diffuse(L, offset_param, cfg.smoothing_steps))[weld].cpu().numpy().astype(np.float32)
         tex_out = (compose_texture(tex_base, tex_levels) * 255.0 + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
     if not np.isfinite(v_out).all():
         raise ConvergenceError("refined vertices are not finite; keep the fusion result", details={"reason": "nan"})

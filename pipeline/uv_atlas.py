@@ -82,8 +82,15 @@ def build_uv_atlas(
 
     with tempfile.TemporaryDirectory(prefix="recon3d-xatlas-") as tmp:
         in_path, out_path = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
-        np.savez(in_path, vertices=v, faces=f, part_sizes=np.array([len(p) for p in parts], np.int64),
-                 face_order=np.concatenate(parts), resolution=np.int64(resolution), padding=np.int64(padding))
+        np.savez(
+            in_path,
+            vertices=v,
+            faces=f,
+            part_sizes=np.array([len(p) for p in parts], np.int64),
+            face_order=np.concatenate(parts),
+            resolution=np.int64(resolution),
+            padding=np.int64(padding),
+        )
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(_REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         try:
@@ -101,14 +108,26 @@ def build_uv_atlas(
             ) from None
         if proc.returncode != 0:
             rc = proc.returncode
-            how = f"was killed by signal {signal.Signals(-rc).name}" if rc < 0 and -rc in _signal_numbers() else f"exited with status {rc}"
+            how = (
+                f"was killed by signal {signal.Signals(-rc).name}"
+                if rc < 0 and -rc in _signal_numbers()
+                else f"exited with status {rc}"
+            )
             raise UVAtlasError(
                 f"the xatlas process {how} on a mesh of {len(f)} faces",
-                details={"faces": int(len(f)), "returncode": int(rc), "stderr": proc.stderr.decode(errors="replace")[-2000:]},
+                details={
+                    "faces": int(len(f)),
+                    "returncode": int(rc),
+                    "stderr": proc.stderr.decode(errors="replace")[-2000:],
+                },
             )
         try:
             with np.load(out_path) as d:
-                vmap, new_faces, uvs = d["vmap"].astype(np.int64), d["faces"].astype(np.int32), d["uvs"].astype(np.float32)
+                vmap, new_faces, uvs = (
+                    d["vmap"].astype(np.int64),
+                    d["faces"].astype(np.int32),
+                    d["uvs"].astype(np.float32),
+                )
         except (OSError, KeyError, ValueError) as e:
             raise UVAtlasError(f"the xatlas process wrote no readable result: {e}") from None
     if new_faces.shape != f.shape or len(vmap) != len(uvs) or (len(vmap) and (vmap.min() < 0 or vmap.max() >= len(v))):

@@ -54,13 +54,13 @@ def load_mesh_task(store: Store, prefix: str):
 
 
 @ray.remote(num_returns=2)
-def prepare_frames_task(store: Store, input_key: str, preset: str):
-    """(PosedFrames, view names) of the job's upload, resolved as the model saw them."""
+def prepare_frames_task(store: Store, input_key: str, preset: str, resolved: list[dict] | None):
+    """(PosedFrames, view names) of the job's upload, with the cameras and depth encodings the model resolved."""
     from pipeline.bundle import load_bundle
     from pipeline.config import get_preset
     from pipeline.prepare import prepare_frames
 
-    frames = prepare_frames(load_bundle(store.get(input_key)), get_preset(preset, device="cpu"))
+    frames = prepare_frames(load_bundle(store.get(input_key)), get_preset(preset, device="cpu"), resolved=resolved)
     return frames, [v.name for v in frames.views]
 
 
@@ -158,7 +158,7 @@ async def run_fanout(
     try:
         mesh = load_mesh_task.options(name=f"{job_id}:load_mesh", **opts).remote(store, prefix)
         frames, names_ref = prepare_frames_task.options(name=f"{job_id}:prepare_frames", **opts).remote(
-            store, input_key, preset
+            store, input_key, preset, result.get("cameras")
         )
         names: list[str] = await names_ref
     except Exception as e:

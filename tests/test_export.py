@@ -54,7 +54,9 @@ def test_files_load_in_trimesh(tmp_path, textured_mesh, name):
     assert len(m.faces) == len(textured_mesh.faces)
     assert isinstance(m.visual, trimesh.visual.TextureVisuals)
     # Same place in the world (default processing may merge vertices, never move them).
-    np.testing.assert_allclose(m.bounds, np.stack([textured_mesh.vertices.min(0), textured_mesh.vertices.max(0)]), atol=1e-5)
+    np.testing.assert_allclose(
+        m.bounds, np.stack([textured_mesh.vertices.min(0), textured_mesh.vertices.max(0)]), atol=1e-5
+    )
 
 
 def test_obj_indices_are_valid(tmp_path, textured_mesh):

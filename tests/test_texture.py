@@ -52,7 +52,7 @@ def synthetic_frames(
 
 def background_like(texture: np.ndarray) -> np.ndarray:
     """(T, T) bool: texels within BLEED_DISTANCE of the GREEN background."""
-    return (np.abs(texture.astype(np.int16) - np.array(GREEN, np.int16)).max(-1) < BLEED_DISTANCE)
+    return np.abs(texture.astype(np.int16) - np.array(GREEN, np.int16)).max(-1) < BLEED_DISTANCE
 
 
 def with_zoomed_cameras(frames: PosedFrames, zoom: float) -> PosedFrames:
@@ -62,7 +62,9 @@ def with_zoomed_cameras(frames: PosedFrames, zoom: float) -> PosedFrames:
         K = view.camera.K.copy()
         K[:2, :2] *= zoom
         cam = replace(view.camera, K=K)
-        views.append(replace(view, camera=cam, depth_camera=cam.scaled(view.depth_camera.width, view.depth_camera.height)))
+        views.append(
+            replace(view, camera=cam, depth_camera=cam.scaled(view.depth_camera.width, view.depth_camera.height))
+        )
     return PosedFrames(views=views)
 
 
@@ -92,7 +94,8 @@ def test_uv_atlas_maps_every_face_into_the_unit_square():
     # Charts do not overlap: rasterised texels match the summed UV area (within edge effects).
     raster = rasterize_uv(torch.as_tensor(uv), torch.as_tensor(f, dtype=torch.int64), 512)
     t = uv[f] * 512
-    area = 0.5 * np.abs(np.cross(t[:, 1] - t[:, 0], t[:, 2] - t[:, 0])).sum()
+    e1, e2 = t[:, 1] - t[:, 0], t[:, 2] - t[:, 0]
+    area = 0.5 * np.abs(e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]).sum()
     assert abs(int(raster.covered.sum()) - area) < 0.05 * area
 
 

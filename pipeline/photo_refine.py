@@ -1,0 +1,548 @@
+"""Photo-consistency surface refinement: move vertices along their normals until the views agree.
+
+The fused surface (8-bit banded depth, the visual hull in concave areas) can sit a few
+pixels off the true one. Texture baked from view A through such a surface lands in the
+wrong place when seen from view B. This stage moves every vertex along its normal to
+the offset where the views that see it show the same colour, keeps the silhouette
+generators on the mask edges, and smooths the offset field over the mesh:
+
+1. per pass, the photos are area-resampled to that pass's image size and blurred a
+   little (a wider basin of attraction on coarse passes, detail on fine ones);
+2. each vertex tries offsets ``k * step`` along its normal, ``k`` in ``[-K, K]``, with
+   ``step`` about one pixel of that pass; each candidate is projected into every view
+   that sees the vertex (ray-cast visibility of the current mesh) and scored by the
+   weighted cross-view colour variance (weights: cos(normal, view ray) and a fade at
+   the mask edges); candidates outside any view's mask (outside the visual hull) are
+   rejected;
+3. vertices on a view's silhouette rim (grazing normal, near the mask edge) get a
+   second target: the offset that puts them on the mask edge;
+4. the per-vertex targets and their confidences (how distinct the colour minimum is)
+   are combined by a screened-Poisson solve on the mesh graph,
+   ``(C + alpha I + lambda L) x = C d``, so the offset field is smooth, vertices with no
+   texture follow their neighbours, and vertices without any data stay;
+5. offsets are clamped per pass and in total; 2 to 4 passes coarse to fine.
+
+Everything per vertex is vectorised in torch on one device; visibility uses the
+project's rasterizers (embree rays on the CPU, a depth test against nvdiffrast renders
+on CUDA); the sparse solve runs in scipy.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy import ndimage
+
+from .camera import Camera
+from .config import PhotoRefineConfig
+from .frames import PosedFrames
+from .mesh import TexturedMesh
+from .render import Backend, make_rasterizer
+
+#: A view counts for a vertex's colour term only when cos(normal, ray to camera) exceeds this.
+MIN_VIEW_COS = 0.1
+#: A vertex is a silhouette generator of a view when |cos(normal, ray)| is below this ...
+RIM_MAX_COS = 0.3
+#: ... and it projects within this many pixels (of the pass) of the view's mask edge.
+RIM_BAND_PX = 2.5
+#: Visibility rays start this many pass pixels off the surface along the normal (no self-hits).
+RAY_OFFSET_PX = 0.75
+#: Candidates whose projection lies more than this many pixels outside any mask leave the visual hull.
+HULL_TOLERANCE_PX = 0.5
+#: Colour weights fade in over this many pixels inside the mask edge (edge pixels mix with background).
+EDGE_FADE_PX = 3.0
+#: Relative cost improvement below which a vertex's colour minimum carries no confidence.
+MIN_CONTRAST = 0.05
+#: Confidences are divided by this quantile of the positive ones (scale-free weights).
+CONFIDENCE_QUANTILE = 0.75
+#: Colour confidences are capped at this many times the normalising quantile (one sharp vertex cannot pin the field).
+MAX_CONFIDENCE = 4.0
+
+ProgressFn = Callable[[str, float], None]
+
+
+@dataclass
+class _PassViews:
+    """The views resampled for one pass, stacked on one device.
+
+    Attributes
+    ----------
+    images : (N, 3, h, w) float32 in [0, 1], blurred
+    sdf : (N, h, w) float32, signed distance to the mask edge in pixels (negative inside)
+    cameras : list of N Camera at (w, h)
+    K : (N, 3, 3) float32; world_to_cam : (N, 4, 4) float32; centers : (N, 3) float32
+    """
+
+    images: torch.Tensor
+    sdf: torch.Tensor
+    cameras: list[Camera]
+    K: torch.Tensor
+    world_to_cam: torch.Tensor
+    centers: torch.Tensor
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.cameras[0].width, self.cameras[0].height
+
+
+def mask_sdf_px(mask: np.ndarray) -> np.ndarray:
+    """(h, w) float32 signed distance to the edge of an (h, w) bool mask, pixels, negative inside.
+
+    The edge sits half a pixel outside the last mask pixel's centre (as in :mod:`pipeline.fusion`).
+    """
+    m = np.pad(np.asarray(mask, bool), 1)
+    out = ndimage.distance_transform_edt(~m) - 0.5
+    inside = 0.5 - ndimage.distance_transform_edt(m)
+    return np.where(m, inside, out)[1:-1, 1:-1].astype(np.float32)
+
+
+def _resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 -> (h, w, 3) uint8 by area averaging."""
+    if (rgb.shape[1], rgb.shape[0]) == size:
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))
+
+
+def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if (mask.shape[1], mask.shape[0]) == size:
+        return np.asarray(mask, bool)
+    im = Image.fromarray(np.asarray(mask, np.uint8) * 255).resize(size, Image.Resampling.BILINEAR)
+    return np.asarray(im) >= 128
+
+
+def _gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (N, C, h, w) images (reflect padding)."""
+    if sigma <= 0:
+        return images
+    r = max(1, int(math.ceil(3.0 * sigma)))
+    x = torch.arange(-r, r + 1, dtype=images.dtype, device=images.device)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    k = k / k.sum()
+    C = images.shape[1]
+    out = F.pad(images, (r, r, 0, 0), mode="reflect")
+    out = F.conv2d(out, k.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
+    out = F.pad(out, (0, 0, r, r), mode="reflect")
+    return F.conv2d(out, k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
+
+
+def prepare_pass_views(frames: PosedFrames, size: int, blur_px: float, device: torch.device) -> _PassViews:
+    """Resample the photos and masks of ``frames`` to ``size`` pixels on the longest side (never above the working size).
+
+    Returns a :class:`_PassViews` whose cameras are the views' ``depth_camera`` scaled to that size.
+    """
+    cams, imgs, sdfs = [], [], []
+    for v in frames.views:
+        dc = v.depth_camera
+        s = min(1.0, size / max(dc.width, dc.height))
+        wh = (max(8, round(dc.width * s)), max(8, round(dc.height * s)))
+        cams.append(dc.scaled(*wh))
+        imgs.append(_resize_rgb(v.rgb, wh))
+        sdfs.append(mask_sdf_px(_resize_mask(v.mask, wh)))
+    if len({(c.width, c.height) for c in cams}) != 1:
+        raise ValueError("photo refinement needs views of one image size")
+    images = torch.as_tensor(np.stack(imgs), device=device).permute(0, 3, 1, 2).float() / 255.0
+    return _PassViews(
+        images=_gaussian_blur(images, blur_px),
+        sdf=torch.as_tensor(np.stack(sdfs), device=device),
+        cameras=cams,
+        K=torch.as_tensor(np.stack([c.K for c in cams]), dtype=torch.float32, device=device),
+        world_to_cam=torch.as_tensor(np.stack([c.world_to_cam for c in cams]), dtype=torch.float32, device=device),
+        centers=torch.as_tensor(np.stack([c.center for c in cams]), dtype=torch.float32, device=device),
+    )
+
+
+def _project(pv: _PassViews, n: int, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, 3) world points -> pixel coordinates (P, 2) and z (P,) in pass view ``n``."""
+    R, t = pv.world_to_cam[n, :3, :3], pv.world_to_cam[n, :3, 3]
+    pc = points @ R.T + t
+    z = pc[:, 2]
+    zs = z.clamp(min=1e-6)
+    K = pv.K[n]
+    u = (K[0, 0] * pc[:, 0] + K[0, 1] * pc[:, 1]) / zs + K[0, 2]
+    v = K[1, 1] * pc[:, 1] / zs + K[1, 2]
+    return torch.stack([u, v], dim=-1), z
+
+
+def _sample(img: torch.Tensor, uv: torch.Tensor, w: int, h: int, padding: str = "border") -> torch.Tensor:
+    """Bilinear samples of (C, h, w) at (P, 2) pixel coordinates (centres at +0.5) -> (P, C)."""
+    g = torch.stack([uv[:, 0] * (2.0 / w) - 1.0, uv[:, 1] * (2.0 / h) - 1.0], dim=-1)
+    out = F.grid_sample(img[None], g[None, None], mode="bilinear", padding_mode=padding, align_corners=False)
+    return out[0, :, 0].T
+
+
+def vertex_normals_torch(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """(V, 3) area-weighted unit vertex normals of (V, 3) vertices and (F, 3) int64 faces."""
+    tri = vertices[faces]
+    fn = torch.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=-1)
+    vn = torch.zeros_like(vertices)
+    for k in range(3):
+        vn.index_add_(0, faces[:, k], fn)
+    return F.normalize(vn, dim=-1, eps=1e-12)
+
+
+def vertex_visibility(
+    vertices: np.ndarray,
+    faces: np.ndarray,
+    normals: np.ndarray,
+    cameras: list[Camera],
+    offset: float,
+    *,
+    backend: Backend = "auto",
+) -> np.ndarray:
+    """Which vertices each camera sees, ignoring the facing test (the caller weighs by the normal).
+
+    Parameters
+    ----------
+    vertices : (V, 3) float, world; faces : (F, 3) int; normals : (V, 3) float unit
+    cameras : N cameras
+    offset : rays start this far off the surface along the normal, scene units
+
+    Returns
+    -------
+    (N, V) bool: nothing of the mesh lies between the (offset) vertex and the camera centre
+    """
+    rast = make_rasterizer(vertices, faces, backend=backend)
+    start = np.asarray(vertices, np.float64) + offset * np.asarray(normals, np.float64)
+    out = np.zeros((len(cameras), len(vertices)), bool)
+    for n, cam in enumerate(cameras):
+        to_cam = cam.center - start
+        dist = np.linalg.norm(to_cam, axis=1)
+        if hasattr(rast, "cast"):
+            tri, _, t = rast.cast(start, to_cam / np.maximum(dist, 1e-12)[:, None])
+            out[n] = (tri < 0) | (t >= dist)
+        else:  # CUDA: depth test against a render (vertices are on the surface, so allow the offset)
+            r = rast.rasterize(cam)
+            from .camera import project_points
+
+            uv, z = project_points(cam.K, cam.world_to_cam, start)
+            col = np.clip(uv[:, 0].astype(int), 0, cam.width - 1)
+            row = np.clip(uv[:, 1].astype(int), 0, cam.height - 1)
+            d = r.depth[row, col]
+            out[n] = (d <= 0) | (z <= d + 2.0 * offset)
+    return out
+
+
+def laplacian(faces: np.ndarray, n_vertices: int) -> sp.csr_matrix:
+    """(V, V) uniform graph Laplacian ``D - A`` of the mesh's edges (each edge once)."""
+    e = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]).astype(np.int64)
+    e = np.concatenate([e, e[:, ::-1]])
+    A = sp.coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(n_vertices, n_vertices)).tocsr()
+    A.data[:] = 1.0
+    return (sp.diags(np.asarray(A.sum(axis=1)).ravel()) - A).tocsr()
+
+
+def solve_offsets(
+    target: np.ndarray, confidence: np.ndarray, lap: sp.csr_matrix, smoothness: float, anchor: float
+) -> np.ndarray:
+    """Smooth offset field: argmin_x  sum c_i (x_i - d_i)^2 + anchor |x|^2 + smoothness x^T L x.
+
+    Parameters
+    ----------
+    target : (V,) float, per-vertex target offsets d
+    confidence : (V,) float >= 0, c
+    lap : (V, V) graph Laplacian
+    smoothness, anchor : float > 0
+
+    Returns
+    -------
+    (V,) float64 offsets
+    """
+    c = np.asarray(confidence, np.float64)
+    A = (sp.diags(c + anchor) + smoothness * lap).tocsc()
+    return spla.spsolve(A, c * np.asarray(target, np.float64))
+
+
+def _photo_cost(
+    pv: _PassViews,
+    cand: torch.Tensor,
+    weights: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weighted cross-view colour variance of candidate positions.
+
+    Parameters
+    ----------
+    cand : (V, S, 3) candidate positions, world
+    weights : (N, V) per-view weights of each vertex (0: the view does not count)
+
+    Returns
+    -------
+    cost : (V, S) float32 variance (sum over RGB), inf where fewer than two views count
+    inside_hull : (V, S) bool, the candidate projects inside (or within tolerance of) every view's mask
+    n_views : (V,) int, views with a positive weight
+    """
+    V, S, _ = cand.shape
+    w_img, h_img = pv.size
+    pts = cand.reshape(-1, 3)
+    s1 = torch.zeros((V * S, 3), device=pts.device)
+    s2 = torch.zeros(V * S, device=pts.device)
+    ws = torch.zeros(V * S, device=pts.device)
+    hull = torch.ones(V * S, dtype=torch.bool, device=pts.device)
+    for n in range(len(pv.cameras)):
+        uv, z = _project(pv, n, pts)
+        in_img = (uv[:, 0] >= 0) & (uv[:, 0] <= w_img) & (uv[:, 1] >= 0) & (uv[:, 1] <= h_img) & (z > 0)
+        sd = _sample(pv.sdf[n][None], uv, w_img, h_img)[:, 0]
+        hull &= ~in_img | (sd <= HULL_TOLERANCE_PX)
+        w = weights[n][:, None].expand(V, S).reshape(-1) * in_img
+        if not bool((w > 0).any()):
+            continue
+        col = _sample(pv.images[n], uv, w_img, h_img)
+        s1 += w[:, None] * col
+        s2 += w * col.square().sum(-1)
+        ws += w
+    mean_sq = (s1 / ws.clamp(min=1e-12)[:, None]).square().sum(-1)
+    var = (s2 / ws.clamp(min=1e-12) - mean_sq).clamp(min=0.0)
+    n_views = (weights > 0).sum(0)
+    var = torch.where((n_views >= 2)[:, None].expand(V, S).reshape(-1), var, torch.full_like(var, float("inf")))
+    return var.view(V, S), hull.view(V, S), n_views
+
+
+def _rim_targets(
+    pv: _PassViews, pos: torch.Tensor, nrm: torch.Tensor, visible: torch.Tensor, step: float, steps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Offsets that put silhouette-generating vertices on the mask edges.
+
+    For each view where a vertex is a rim vertex (grazing normal, near the mask edge,
+    visible), the mask's signed distance is sampled along the normal; the target is the
+    zero crossing closest to the vertex (linear between candidates).
+
+    Returns
+    -------
+    target : (V,) float32 offset, scene units (0 where no rim)
+    count : (V,) float32, number of views in which the vertex is a rim vertex
+    """
+    V = len(pos)
+    w_img, h_img = pv.size
+    ks = torch.arange(-steps, steps + 1, device=pos.device, dtype=torch.float32)
+    offs = ks * step
+    cand = pos[:, None, :] + offs[None, :, None] * nrm[:, None, :]
+    tsum = torch.zeros(V, device=pos.device)
+    count = torch.zeros(V, device=pos.device)
+    for n in range(len(pv.cameras)):
+        uv0, z0 = _project(pv, n, pos)
+        ray = pv.centers[n] - pos
+        cos = (nrm * ray).sum(-1) * ray.square().sum(-1).rsqrt()
+        sd0 = _sample(pv.sdf[n][None], uv0, w_img, h_img)[:, 0]
+        rim = visible[n] & (cos.abs() < RIM_MAX_COS) & (sd0.abs() < RIM_BAND_PX) & (z0 > 0)
+        idx = torch.nonzero(rim).squeeze(1)
+        if len(idx) == 0:
+            continue
+        uv, _ = _project(pv, n, cand[idx].reshape(-1, 3))
+        sd = _sample(pv.sdf[n][None], uv, w_img, h_img)[:, 0].view(len(idx), -1)  # (R, S)
+        # Zero crossings between consecutive candidates; pick the one nearest offset 0.
+        a, b = sd[:, :-1], sd[:, 1:]
+        cross = (a * b <= 0) & (a != b)
+        frac = a / (a - b).where(a != b, torch.ones_like(a))
+        zero = offs[:-1] + frac.clamp(0, 1) * step
+        dist = torch.where(cross, zero.abs(), torch.full_like(zero, float("inf")))
+        best = dist.argmin(1)
+        ok = torch.isfinite(dist.gather(1, best[:, None])[:, 0])
+        t = zero.gather(1, best[:, None])[:, 0]
+        tsum.index_add_(0, idx[ok], t[ok])
+        count.index_add_(0, idx[ok], torch.ones_like(t[ok]))
+    return tsum / count.clamp(min=1.0), count
+
+
+def _edge_fade(pv: _PassViews, n: int, uv: torch.Tensor) -> torch.Tensor:
+    """(P,) weight in [0, 1]: 0 outside the mask, ramping to 1 over EDGE_FADE_PX inside it."""
+    w_img, h_img = pv.size
+    sd = _sample(pv.sdf[n][None], uv, w_img, h_img)[:, 0]
+    return (-sd / EDGE_FADE_PX).clamp(0.0, 1.0)
+
+
+def refine_pass(
+    vertices: torch.Tensor,
+    faces: torch.Tensor,
+    pv: _PassViews,
+    lap: sp.csr_matrix,
+    cfg: PhotoRefineConfig,
+    *,
+    backend: Backend = "auto",
+) -> tuple[torch.Tensor, dict]:
+    """One coarse-to-fine pass at the resolution of ``pv``.
+
+    Parameters
+    ----------
+    vertices : (V, 3) float32 world; faces : (F, 3) int64
+    pv : the views resampled for this pass; lap : (V, V) graph Laplacian of ``faces``
+
+    Returns
+    -------
+    offsets : (V,) float32 signed moves along the vertex normals, scene units
+    report : dict of pass statistics
+    """
+    device = vertices.device
+    nrm = vertex_normals_torch(vertices, faces)
+    center = vertices.mean(0)
+    # One pixel of this pass at the object's distance, scene units (median over the views).
+    dist = (pv.centers - center).norm(dim=-1)
+    px = float((dist / pv.K[:, 0, 0]).median())
+    step = cfg.step_px * px
+    K = cfg.search_steps
+
+    vis = torch.as_tensor(
+        vertex_visibility(
+            vertices.cpu().numpy(), faces.cpu().numpy(), nrm.cpu().numpy(), pv.cameras, RAY_OFFSET_PX * px, backend=backend
+        ),
+        device=device,
+    )
+    weights = torch.zeros(vis.shape, device=device)
+    for n in range(len(pv.cameras)):
+        ray = pv.centers[n] - vertices
+        cos = (nrm * ray).sum(-1) * ray.square().sum(-1).rsqrt()
+        uv, _ = _project(pv, n, vertices)
+        weights[n] = vis[n] * (cos > MIN_VIEW_COS) * cos.clamp(min=0).pow(cfg.angle_power) * _edge_fade(pv, n, uv)
+
+    ks = torch.arange(-K, K + 1, device=device, dtype=torch.float32)
+    offs = ks * step
+    cand = vertices[:, None, :] + offs[None, :, None] * nrm[:, None, :]
+    cost, hull, n_views = _photo_cost(pv, cand, weights)
+    # Outside the visual hull is never photo-consistent.
+    cost = torch.where(hull, cost, torch.full_like(cost, float("inf")))
+    # A gentle prior towards small moves breaks ties on flat cost curves.
+    cost_p = cost * (1.0 + cfg.move_prior * (ks / K).square())[None, :]
+    best = cost_p.argmin(1)
+    c_best = cost.gather(1, best[:, None])[:, 0]
+    finite = torch.isfinite(c_best)
+    # Sub-step minimum from the parabola through the best candidate and its neighbours.
+    lo = cost.gather(1, (best - 1).clamp(0, 2 * K)[:, None])[:, 0]
+    hi = cost.gather(1, (best + 1).clamp(0, 2 * K)[:, None])[:, 0]
+    interior = (best > 0) & (best < 2 * K) & torch.isfinite(lo) & torch.isfinite(hi)
+    curv = lo + hi - 2.0 * c_best
+    frac = torch.where(interior & (curv > 0), 0.5 * (lo - hi) / curv.clamp(min=1e-12), torch.zeros_like(curv))
+    target = (offs[best] + frac.clamp(-0.5, 0.5) * step).where(finite, torch.zeros_like(c_best))
+    # Confidence: how much lower the minimum is than the typical candidate (relative, so contrast-free).
+    finite_c = torch.where(torch.isfinite(cost), cost, torch.nan)
+    typical = torch.nanmean(finite_c, dim=1)
+    contrast = ((typical - c_best) / typical.clamp(min=1e-8)).nan_to_num(0.0)
+    conf = torch.where(finite & (contrast > MIN_CONTRAST), (typical - c_best).clamp(min=0), torch.zeros_like(c_best))
+    pos_conf = conf[conf > 0]
+    if len(pos_conf):
+        conf = (conf / torch.quantile(pos_conf, CONFIDENCE_QUANTILE).clamp(min=1e-12)).clamp(max=MAX_CONFIDENCE)
+
+    # Silhouette generators: a stronger target, the mask edge.
+    rim_t, rim_n = _rim_targets(pv, vertices, nrm, vis, step, K)
+    rim_c = cfg.silhouette_weight * rim_n
+    tot_c = conf + rim_c
+    tgt = torch.where(tot_c > 0, (conf * target + rim_c * rim_t) / tot_c.clamp(min=1e-12), torch.zeros_like(target))
+
+    x = solve_offsets(tgt.cpu().numpy(), tot_c.cpu().numpy(), lap, cfg.smoothness, cfg.anchor)
+    x = torch.as_tensor(x, dtype=torch.float32, device=device).clamp(-K * step, K * step)
+    report = {
+        "pixel_size": round(px, 6),
+        "step": round(step, 6),
+        "vertices_with_photo_data": int((conf > 0).sum()),
+        "vertices_on_rims": int((rim_n > 0).sum()),
+        "vertices_seen_twice": int((n_views >= 2).sum()),
+        "mean_abs_offset_px": round(float(x.abs().mean()) / px, 3),
+        "max_abs_offset_px": round(float(x.abs().max()) / px, 3),
+    }
+    return x * 1.0, report
+
+
+def photo_consistency(
+    vertices: np.ndarray, faces: np.ndarray, frames: PosedFrames, *, size: int = 512, blur_px: float = 1.0, angle_power: float = 1.0
+) -> float:
+    """Mean weighted cross-view colour variance at the vertices (lower is more consistent; a diagnostic and test metric).
+
+    Parameters
+    ----------
+    vertices : (V, 3) float world; faces : (F, 3) int
+    size : image size (longest side) the photos are resampled to; blur_px : blur sigma, pixels
+
+    Returns
+    -------
+    float, the mean over vertices seen by at least two views of the summed RGB variance (colours in [0, 1])
+    """
+    device = torch.device("cpu")
+    pv = prepare_pass_views(frames, size, blur_px, device)
+    v = torch.as_tensor(np.asarray(vertices, np.float32), device=device)
+    f = torch.as_tensor(np.asarray(faces, np.int64), device=device)
+    nrm = vertex_normals_torch(v, f)
+    dist = (pv.centers - v.mean(0)).norm(dim=-1)
+    px = float((dist / pv.K[:, 0, 0]).median())
+    vis = torch.as_tensor(vertex_visibility(v.numpy(), f.numpy(), nrm.numpy(), pv.cameras, RAY_OFFSET_PX * px))
+    weights = torch.zeros(vis.shape)
+    for n in range(len(pv.cameras)):
+        ray = pv.centers[n] - v
+        cos = (nrm * ray).sum(-1) * ray.square().sum(-1).rsqrt()
+        uv, _ = _project(pv, n, v)
+        weights[n] = vis[n] * (cos > MIN_VIEW_COS) * cos.clamp(min=0).pow(angle_power) * _edge_fade(pv, n, uv)
+    cost, _, _ = _photo_cost(pv, v[:, None, :], weights)
+    c = cost[:, 0]
+    c = c[torch.isfinite(c)]
+    return float(c.mean()) if len(c) else float("nan")
+
+
+def refine_surface(
+    vertices: np.ndarray,
+    faces: np.ndarray,
+    frames: PosedFrames,
+    cfg: PhotoRefineConfig,
+    *,
+    device: str | torch.device = "cpu",
+    backend: Backend = "auto",
+    progress: ProgressFn | None = None,
+) -> tuple[np.ndarray, dict]:
+    """Move vertices along their normals to make the views photo-consistent (see the module docstring).
+
+    Parameters
+    ----------
+    vertices : (V, 3) float, world (the cameras' frame)
+    faces : (F, 3) int, counter-clockwise seen from outside (kept as is)
+    frames : PosedFrames; full-resolution ``rgb``, working-resolution ``mask`` and ``depth_camera``
+    cfg : PhotoRefineConfig
+
+    Returns
+    -------
+    vertices : (V, 3) float32, refined, same order as the input
+    report : JSON-serialisable dict: per-pass statistics, total offset, timings
+    """
+    t0 = time.perf_counter()
+    v_in = np.asarray(vertices, np.float32)
+    f_in = np.asarray(faces, np.int64)
+    report: dict = {"enabled": bool(cfg.enabled), "passes": []}
+    if not cfg.enabled or len(f_in) == 0 or len(frames.views) < 2:
+        report["seconds"] = round(time.perf_counter() - t0, 3)
+        return v_in.copy(), report
+    device = torch.device(device)
+    v = torch.as_tensor(v_in, device=device)
+    f = torch.as_tensor(f_in, device=device)
+    lap = laplacian(f_in, len(v_in))
+    work = max(max(vw.depth_camera.width, vw.depth_camera.height) for vw in frames.views)
+    total = torch.zeros(len(v), device=device)
+    limit = None
+    n_pass = len(cfg.pass_image_sizes)
+    for i, size in enumerate(cfg.pass_image_sizes):
+        if progress is not None:
+            progress("photo_refine", i / n_pass)
+        pv = prepare_pass_views(frames, min(size, work), cfg.blur_px, device)
+        x, rep = refine_pass(v, f, pv, lap, cfg, backend=backend)
+        if limit is None:
+            limit = cfg.max_offset_px * rep["pixel_size"] * max(pv.size) / work
+        nrm = vertex_normals_torch(v, f)
+        new_total = (total + x).clamp(-limit, limit)
+        v = v + (new_total - total)[:, None] * nrm
+        total = new_total
+        rep["image_size"] = list(pv.size)
+        report["passes"].append(rep)
+    if progress is not None:
+        progress("photo_refine", 1.0)
+    report["mean_abs_offset"] = round(float(total.abs().mean()), 6)
+    report["max_abs_offset"] = round(float(total.abs().max()), 6)
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    return v.cpu().numpy().astype(np.float32), report
+
+
+def refine_mesh(mesh: TexturedMesh, frames: PosedFrames, cfg: PhotoRefineConfig, **kw) -> tuple[TexturedMesh, dict]:
+    """:func:`refine_surface` on a :class:`TexturedMesh` (its texture, if any, is kept as is)."""
+    v, report = refine_surface(mesh.vertices, mesh.faces, frames, cfg, **kw)
+    return TexturedMesh(v, mesh.faces, mesh.uvs, mesh.texture, mesh.vertex_colors), report

@@ -1,0 +1,188 @@
+"""Refinement by differentiable rendering on a tiny synthetic scene (CPU backend)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import ndimage
+
+import pipeline.refine as refine_mod
+from pipeline.camera import default_rig
+from pipeline.config import REFINE_PRESETS, RefineConfig
+from pipeline.errors import CanceledError, ConvergenceError, InvalidInputError, ModelOOMError
+from pipeline.frames import PosedFrames, PosedView
+from pipeline.mesh import TexturedMesh
+from pipeline.metrics import evaluate_views
+from pipeline.refine import check_loss_health, has_converged, refine_mesh, write_loss_plot
+from pipeline.render import make_rasterizer
+from pipeline.shading import shade_rgb
+from pipeline.synthetic import checker_texture, make_shape
+
+WORK = 64  # working (depth) resolution of the synthetic views, pixels
+
+TINY = RefineConfig(
+    iterations=40,
+    resolution=WORK,
+    time_budget_s=120.0,
+    convergence_tol=-1.0,  # never stop early: the test wants the full curve
+    convergence_window=10,
+    visibility_interval=4,
+)
+
+
+def _textured_sphere() -> TexturedMesh:
+    m = make_shape("sphere")
+    v = m.vertices.astype(np.float64)
+    d = v / np.linalg.norm(v, axis=1, keepdims=True)
+    uvs = 0.5 + 0.45 * d[:, :2]  # planar: front and back share the pattern
+    return TexturedMesh(m.vertices, m.faces, uvs.astype(np.float32), checker_texture(64, tiles=4))
+
+
+def _frames(gt: TexturedMesh) -> PosedFrames:
+    cams = default_rig(2 * WORK, 2 * WORK)
+    r = make_rasterizer(gt.vertices, gt.faces, backend="embree")
+    views = []
+    for name, cam in cams.items():
+        dcam = cam.scaled(WORK, WORK)
+        d = r.rasterize(dcam)
+        views.append(
+            PosedView(name=name, rgb=shade_rgb(gt, r.rasterize(cam)), camera=cam, depth=d.depth, mask=d.mask, depth_camera=dcam)
+        )
+    return PosedFrames(views=views)
+
+
+def _degraded(gt: TexturedMesh) -> TexturedMesh:
+    tex = ndimage.gaussian_filter(gt.texture.astype(np.float32), sigma=(3, 3, 0)) * 0.85 + 20
+    return replace(gt, vertices=(gt.vertices * 1.06).astype(np.float32), texture=np.clip(tex, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def scene():
+    gt = _textured_sphere()
+    return gt, _frames(gt), _degraded(gt)
+
+
+def _masked_psnr(mesh, frames) -> float:
+    return float(np.mean([v["psnr"] for v in evaluate_views(mesh, frames, backend="embree")]))
+
+
+def test_refinement_reduces_loss_and_raises_psnr(scene):
+    gt, frames, start = scene
+    stages = []
+    out, rep = refine_mesh(start, frames, TINY, device="cpu", progress=lambda s, f: stages.append((s, f)))
+    curve = rep["loss_curve"]
+    assert rep["iterations"] == len(curve) == TINY.iterations and rep["stop_reason"] == "iterations"
+    assert np.mean(curve[-5:]) < 0.6 * np.mean(curve[:5])
+    assert set(rep["terms"]) == {"photometric", "mask", "depth", "laplacian"}
+    assert rep["backend"] == "embree" and rep["device"] == "cpu"
+    # Same topology, UVs and frame; the sphere shrank back towards its true size.
+    np.testing.assert_array_equal(out.faces, start.faces)
+    np.testing.assert_array_equal(out.uvs, start.uvs)
+    assert out.texture.dtype == np.uint8 and out.texture.shape == start.texture.shape
+    r_true, r_start, r_out = (np.linalg.norm(m.vertices, axis=1).mean() for m in (gt, start, out))
+    assert abs(r_out - r_true) < 0.5 * abs(r_start - r_true)
+    assert _masked_psnr(out, frames) > _masked_psnr(start, frames) + 2.0
+    fr = [f for _, f in stages]
+    assert stages[0][0] == "refine" and fr == sorted(fr) and fr[-1] == 1.0
+    assert json.loads(json.dumps(rep)) == rep  # the report is plain JSON
+
+
+def test_convergence_stops_early(scene):
+    _, frames, start = scene
+    cfg = replace(TINY, iterations=200, convergence_tol=0.05, convergence_window=5)
+    _, rep = refine_mesh(start, frames, cfg, device="cpu")
+    assert rep["stop_reason"] == "converged" and rep["iterations"] < 200
+
+
+def test_time_budget_stops_the_loop(scene):
+    _, frames, start = scene
+    _, rep = refine_mesh(start, frames, replace(TINY, time_budget_s=0.0), device="cpu")
+    assert rep["stop_reason"] == "time_budget" and rep["iterations"] == 0
+
+
+def test_exploding_steps_raise_convergence_error(scene):
+    _, frames, start = scene
+    cfg = replace(TINY, lr_vertices=0.5, lr_texture=0.0, smoothing_steps=0, iterations=60)
+    with pytest.raises(ConvergenceError) as ei:
+        refine_mesh(start, frames, cfg, device="cpu")
+    e = ei.value
+    assert e.code == "MODEL_CONVERGENCE_FAILED" and e.details["reason"] in ("nan", "diverged")
+    assert e.details["loss_tail"] and json.dumps(e.details)
+    assert pickle.loads(pickle.dumps(e)).details == e.details
+
+
+def test_nan_raises_convergence_error(scene):
+    _, frames, start = scene
+    v = start.vertices.copy()
+    v[0] = np.nan
+    with pytest.raises(ConvergenceError) as ei:
+        refine_mesh(replace(start, vertices=v), frames, replace(TINY, iterations=5), device="cpu")
+    assert ei.value.details["reason"] == "nan" and ei.value.details["iteration"] == 0
+
+
+def test_loss_health_and_convergence_rules():
+    assert check_loss_health([1.0, 0.9, float("nan")], 2) == "nan"
+    assert check_loss_health([1.0, 0.9, float("inf")], 2) == "nan"
+    assert check_loss_health([1.0, 1.0, 2.0, 2.0], 2) == "diverged"
+    assert check_loss_health([1.0, 0.9, 0.8, 0.7], 2) is None
+    assert has_converged([1.0, 1.0, 0.9999, 0.9999], 2, 1e-3)
+    assert not has_converged([1.0, 1.0, 0.5, 0.5], 2, 1e-3)
+    assert not has_converged([1.0], 2, 1e-3)
+
+
+def test_cancel_raises(scene):
+    _, frames, start = scene
+    with pytest.raises(CanceledError):
+        refine_mesh(start, frames, TINY, device="cpu", should_cancel=lambda: True)
+
+
+def test_untextured_mesh_is_rejected(scene):
+    _, frames, start = scene
+    with pytest.raises(InvalidInputError):
+        refine_mesh(replace(start, texture=None), frames, TINY, device="cpu")
+
+
+def test_out_of_memory_retries_once_at_half_resolution(scene, monkeypatch):
+    _, frames, start = scene
+    real = refine_mod._refine
+    seen = []
+
+    def oom_at_full(mesh, frames_, cfg, dev, progress, should_cancel, *, oom_retry):
+        seen.append(cfg.resolution)
+        if cfg.resolution == TINY.resolution:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(mesh, frames_, replace(cfg, iterations=2), dev, progress, should_cancel, oom_retry=oom_retry)
+
+    monkeypatch.setattr(refine_mod, "_refine", oom_at_full)
+    _, rep = refine_mesh(start, frames, TINY, device="cpu")
+    assert seen == [WORK, WORK // 2] and rep["oom_retry"] and rep["resolution"] == WORK // 2
+
+    def always_oom(*a, **k):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(refine_mod, "_refine", always_oom)
+    with pytest.raises(ModelOOMError) as ei:
+        refine_mesh(start, frames, replace(TINY, resolution=256), device="cpu")
+    assert ei.value.code == "MODEL_OOM" and ei.value.details["retry_resolution"] == 128
+
+
+def test_loss_plot_writes_png(tmp_path):
+    rep = {"loss_curve": [1.0, 0.5, 0.3, 0.25], "terms": {"photometric": [0.5, 0.3, 0.2, 0.2]}, "backend": "embree"}
+    write_loss_plot(rep, tmp_path / "loss.png")
+    refine_mod._write_loss_plot_pil(rep["loss_curve"], tmp_path / "loss_pil.png")
+    for name in ("loss.png", "loss_pil.png"):
+        img = Image.open(tmp_path / name)
+        assert img.size[0] >= 300 and np.asarray(img.convert("L")).min() < 128  # something was drawn
+
+
+def test_presets_are_ordered():
+    f, b, q = (REFINE_PRESETS[k] for k in ("fast", "balanced", "quality"))
+    assert f.iterations < b.iterations < q.iterations
+    assert f.resolution < b.resolution < q.resolution
+    assert f.time_budget_s <= 180.0
