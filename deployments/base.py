@@ -41,6 +41,8 @@ logger = logging.getLogger("recon3d.model")
 
 DEFAULT_RUNNER = "pipeline.reconstruct:reconstruct_bundle"
 JOB_TIMEOUT_CODE = "JOB_TIMEOUT"
+#: Error code of a run whose attempt was superseded (its job was retried elsewhere): it publishes nothing.
+STALE_ATTEMPT_CODE = "STALE_ATTEMPT"
 
 Runner = Callable[..., dict]
 
@@ -58,6 +60,8 @@ class ModelRequest:
     deadline: float
     """Unix time after which the run stops with JOB_TIMEOUT."""
     attempt: int = 1
+    attempt_key: str | None = None
+    """Store key holding the number of the attempt that owns ``output_prefix`` (fences a replaced attempt)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -144,21 +148,28 @@ class ModelServer:
         """Serve options owned by the model: resources, concurrency, shutdown, autoscaling."""
         m = cfg.model
         a = m.autoscaling
+        actor_options: dict[str, Any] = {"num_gpus": cfg.num_gpus, "num_cpus": m.num_cpus}
+        if m.resources:
+            actor_options["resources"] = dict(m.resources)
+        initial = a.initial_replicas if a.initial_replicas is not None else a.min_replicas
+        autoscaling = {
+            "min_replicas": a.min_replicas,
+            "initial_replicas": initial,
+            "max_replicas": a.max_replicas,
+            "target_ongoing_requests": a.target_ongoing_requests,
+            "upscale_delay_s": a.upscale_delay_s,
+            "downscale_delay_s": a.downscale_delay_s,
+        }
+        if a.downscale_to_zero_delay_s is not None:
+            autoscaling["downscale_to_zero_delay_s"] = a.downscale_to_zero_delay_s
         return {
             "name": f"{cls.model_name}-model",
-            "ray_actor_options": {"num_gpus": cfg.num_gpus, "num_cpus": m.num_cpus},
+            "ray_actor_options": actor_options,
             "max_ongoing_requests": m.max_ongoing_requests,
             "graceful_shutdown_timeout_s": m.graceful_shutdown_timeout_s,
             "health_check_period_s": DC.MODEL_HEALTH_CHECK_PERIOD_S,
             "health_check_timeout_s": DC.MODEL_HEALTH_CHECK_TIMEOUT_S,
-            "autoscaling_config": {
-                "min_replicas": a.min_replicas,
-                "initial_replicas": max(a.min_replicas, 1),
-                "max_replicas": a.max_replicas,
-                "target_ongoing_requests": a.target_ongoing_requests,
-                "upscale_delay_s": a.upscale_delay_s,
-                "downscale_delay_s": a.downscale_delay_s,
-            },
+            "autoscaling_config": autoscaling,
         }
 
     # ------------------------------------------------------------ handle methods
@@ -177,6 +188,8 @@ class ModelServer:
 
         work = asyncio.ensure_future(asyncio.to_thread(self._run_sync, req, progress, cancel))
         try:
+            # First event at once: the caller learns a replica took the job (it may have waited for a scale-up).
+            yield {"type": "progress", "stage": "started", "fraction": 0.0}
             while True:
                 getter = asyncio.ensure_future(events.get())
                 done, _ = await asyncio.wait({work, getter}, return_when=asyncio.FIRST_COMPLETED)
@@ -231,7 +244,16 @@ class ModelServer:
                 raise CanceledError("the job was canceled")
             result_path = out / "result.json"
             result = json.loads(result_path.read_text()) if result_path.is_file() else _json_safe(result or {})
-            # Replace whatever an interrupted earlier attempt left behind.
+            if not self._owns_output(req):
+                return {
+                    "type": "error",
+                    "error": {
+                        "code": STALE_ATTEMPT_CODE,
+                        "message": f"attempt {req.attempt} was superseded by a retry; its output is discarded",
+                        "details": {"attempt": req.attempt},
+                    },
+                }
+            # Replace whatever an interrupted earlier attempt left behind (same keys: a retry is idempotent).
             self.store.delete_prefix(req.output_prefix)
             files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
             for rel in files:
@@ -257,6 +279,17 @@ class ModelServer:
             return {"type": "error", "error": {"code": code, "message": f"{type(e).__name__}: {e}", "details": {}}}
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
+
+    def _owns_output(self, req: ModelRequest) -> bool:
+        """Whether this attempt may publish to ``output_prefix`` (the scheduler records the current one)."""
+        if req.attempt_key is None:
+            return True
+        try:
+            return int(self.store.get(req.attempt_key)) == req.attempt
+        except KeyError:
+            return True
+        except ValueError:
+            return True
 
     def _info_sync(self) -> dict:
         out: dict[str, Any] = {

@@ -32,3 +32,13 @@ CANCEL_GRACE_S = 60.0
 SSE_KEEPALIVE_S = 15.0
 #: Seconds one webhook delivery may take.
 WEBHOOK_TIMEOUT_S = 10.0
+#: Seconds a draining ingress (redeploy, serve.delete) waits for in-flight runs before re-queueing them.
+DRAIN_TIMEOUT_S = 30.0
+#: Seconds the ingress's shutdown may take beyond the drain (saving records, canceling streams).
+DRAIN_MARGIN_S = 15.0
+#: Seconds between reads of the model deployments' replica counts (queue wait estimates, /health).
+REPLICA_POLL_INTERVAL_S = 5.0
+#: Recent run durations per model in the moving average behind estimated_wait_s.
+WAIT_ESTIMATE_WINDOW = 20
+#: Seconds before a job lost with its replica is dispatched again (the router drops the dead replica meanwhile).
+REPLICA_LOST_RETRY_DELAY_S = 1.0

@@ -185,6 +185,25 @@ def _stack_torch(u, v):
     return torch.stack([u, v], dim=-1)
 
 
+def rays_through(cam: Camera, uv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """World rays through continuous pixel coordinates.
+
+    Parameters
+    ----------
+    uv : (N, 2) float, pixel coordinates (pixel centres at +0.5)
+
+    Returns
+    -------
+    origins : (N, 3) float64, all equal to the camera centre
+    directions : (N, 3) float64, unit length
+    """
+    uv = np.asarray(uv, dtype=np.float64)
+    pix = np.concatenate([uv, np.ones((len(uv), 1))], axis=1)
+    d = pix @ np.linalg.inv(cam.K).T @ cam.cam_to_world[:3, :3].T
+    d /= np.linalg.norm(d, axis=-1, keepdims=True)
+    return np.broadcast_to(cam.center, d.shape).copy(), d
+
+
 def pixel_rays(cam: Camera, *, stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """World rays through pixel centres.
 
@@ -197,13 +216,7 @@ def pixel_rays(cam: Camera, *, stride: int = 1) -> tuple[np.ndarray, np.ndarray]
     j = np.arange(0, cam.width, stride) + 0.5
     i = np.arange(0, cam.height, stride) + 0.5
     jj, ii = np.meshgrid(j, i)
-    Kinv = np.linalg.inv(cam.K)
-    pix = np.stack([jj.ravel(), ii.ravel(), np.ones(jj.size)], axis=-1)
-    d_cam = pix @ Kinv.T
-    d = d_cam @ cam.cam_to_world[:3, :3].T
-    d /= np.linalg.norm(d, axis=-1, keepdims=True)
-    o = np.broadcast_to(cam.center, d.shape).copy()
-    return o, d
+    return rays_through(cam, np.stack([jj.ravel(), ii.ravel()], axis=-1))
 
 
 def ray_z_scale(cam: Camera, *, stride: int = 1) -> np.ndarray:

@@ -28,7 +28,7 @@ from skimage.metrics import structural_similarity
 from .frames import PosedFrames, PosedView
 from .mesh import TexturedMesh
 from .render import Backend, make_rasterizer
-from .shading import shade_rgb
+from .shading import shade_rgb_antialiased
 
 #: PSNR reported when the two images are identical (MSE == 0), dB.
 PSNR_MAX_DB = 100.0
@@ -179,13 +179,8 @@ def render_view_for_metrics(
     (w, h)), ``ref_mask`` (h, w) bool, ``ref_depth`` (h, w) float32 (0 where invalid or saturated).
     """
     cam = view.depth_camera
-    w, h, s = cam.width, cam.height, max(int(supersample), 1)
-    centre = rasterizer.rasterize(cam)
-    if s == 1:
-        rgb = shade_rgb(mesh, centre)
-    else:
-        fine = shade_rgb(mesh, rasterizer.rasterize(cam.scaled(w * s, h * s))).astype(np.float32)
-        rgb = np.clip(fine.reshape(h, s, w, s, 3).mean(axis=(1, 3)) + 0.5, 0, 255).astype(np.uint8)
+    w, h = cam.width, cam.height
+    rgb, centre = shade_rgb_antialiased(mesh, rasterizer, cam, samples=supersample)
     ref_depth = np.asarray(view.depth, dtype=np.float32)
     if depth_far is not None:
         ref_depth = np.where(ref_depth >= depth_far * (1.0 - DEPTH_SATURATION_RTOL), 0.0, ref_depth).astype(np.float32)

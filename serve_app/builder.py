@@ -4,6 +4,10 @@
 GPU count against the cluster (keeps ``num_gpus`` when the cluster has GPUs, falls back
 to CPU with a logged warning when it has none), binds one deployment per model, and
 binds the ingress on top.
+
+On a cluster of more than one node it refuses a local-directory store unless the
+directory is declared shared (``store.shared: true``): job records, uploads and
+artifacts must be readable from every node (S3, or a filesystem all nodes mount).
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ from collections.abc import Callable
 from ray import serve
 from ray.serve import Application
 
+from deployments import constants as DC
 from deployments.base import ModelDeploymentConfig, ModelServer
 from deployments.fusion import FusionServer, build_fusion_deployment
 
-from .config import AppArgs, ModelConfig
+from .config import AppArgs, ModelConfig, StoreConfig
 from .ingress import Ingress
 
 logger = logging.getLogger("recon3d.serve")
@@ -45,9 +50,52 @@ def cluster_gpus() -> float:
         return 0.0
 
 
+def alive_nodes() -> int:
+    """Alive nodes of the Ray cluster this process is connected to (1 before Ray is up)."""
+    import ray
+
+    if not ray.is_initialized():
+        return 1
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+class LocalStoreOnClusterError(ValueError):
+    """A local-directory store on a multi-node cluster: other nodes would not see its files."""
+
+
+def check_store_for_cluster(store: StoreConfig, nodes: int) -> None:
+    """Refuse a node-local store when the app spans more than one node.
+
+    Model replicas, fan-out tasks and a restarted ingress may each land on another node;
+    they all read and write the same keys, so the store must be reachable from every node.
+    """
+    if store.kind == "local" and not store.shared and nodes > 1:
+        raise LocalStoreOnClusterError(
+            f"store.kind 'local' ({store.path}) is a directory on one node, but the Ray cluster has {nodes} "
+            "alive nodes: model replicas, fan-out tasks and the ingress would each see a different disk. "
+            "Use an object store (store: {kind: s3, bucket: ..., endpoint_url: ...}) or, when every node "
+            "mounts that path from one shared filesystem (NFS, EFS ...), declare it with store.shared: true."
+        )
+
+
 def resolve_num_gpus(m: ModelConfig, server_cls: type[ModelServer], available: float) -> float:
-    """GPUs per replica: the configured value (default 1 for GPU models), or 0 when the cluster has none."""
-    wanted = m.num_gpus if m.num_gpus is not None else (1.0 if server_cls.uses_gpu else 0.0)
+    """GPUs per replica.
+
+    An explicit ``num_gpus`` is kept even when no GPU node is up yet (an autoscaled GPU
+    group may start at zero nodes; the replica waits for one). ``None`` means 1 for GPU
+    models when the cluster has GPUs now, else 0 (CPU fallback, logged).
+    """
+    if m.num_gpus is not None:
+        if m.num_gpus > 0 and available < m.num_gpus:
+            logger.warning(
+                "model %r asks for %g GPU(s) per replica and the cluster has %g now: "
+                "its replicas wait for the autoscaler to add a GPU node",
+                m.name,
+                m.num_gpus,
+                available,
+            )
+        return m.num_gpus
+    wanted = 1.0 if server_cls.uses_gpu else 0.0
     if wanted > 0 and available < wanted:
         logger.warning(
             "model %r asks for %g GPU(s) per replica but the cluster has %g: falling back to CPU",
@@ -68,11 +116,16 @@ def build_ingress_deployment(
 ) -> Application:
     """Bind the ingress (ONE replica: it owns the job scheduler) over the bound model deployments."""
     cls = deployment_cls or Ingress
+    actor_options: dict = {"num_cpus": args.ingress_num_cpus}
+    if args.ingress_resources:
+        actor_options["resources"] = dict(args.ingress_resources)
     options = {
         "name": "ingress",
         "num_replicas": 1,
-        "ray_actor_options": {"num_cpus": args.ingress_num_cpus},
+        "ray_actor_options": actor_options,
         "max_ongoing_requests": INGRESS_MAX_ONGOING_REQUESTS,
+        # The old replica drains its in-flight runs (or re-queues them) before it goes.
+        "graceful_shutdown_timeout_s": args.drain_timeout_s + DC.DRAIN_MARGIN_S,
         **(override_serve_options or {}),
     }
     logger.info("ingress deployment options: %s", options)
@@ -82,6 +135,7 @@ def build_ingress_deployment(
 def build_app(args: dict) -> Application:
     """Validate ``args`` (see :class:`AppArgs`) and bind the whole application."""
     a = AppArgs.model_validate(args or {})
+    check_store_for_cluster(a.store, alive_nodes())
     available = cluster_gpus()
     model_apps: dict[str, Application] = {}
     for m in a.models:

@@ -28,6 +28,11 @@ class StoreConfig(BaseModel):
     endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, moto ...); None = AWS.")
     region: str | None = Field(None, description="S3 region name.")
     create_bucket: bool = Field(False, description="Create the bucket at start-up when it does not exist.")
+    shared: bool = Field(
+        False,
+        description="kind=local only: the directory is a filesystem every Ray node mounts at the same path "
+        "(NFS, EFS, ...). Without it the builder refuses a local store on a cluster of more than one node.",
+    )
 
     @model_validator(mode="after")
     def _bucket_for_s3(self) -> StoreConfig:
@@ -41,11 +46,17 @@ class AutoscalingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    min_replicas: int = Field(1, ge=0, description="Replicas kept warm.")
+    min_replicas: int = Field(1, ge=0, description="Replicas kept warm; 0 lets an idle GPU model scale to zero.")
+    initial_replicas: int | None = Field(
+        None, ge=0, description="Replicas at deploy time; None = min_replicas (at least 1 when min_replicas > 0)."
+    )
     max_replicas: int = Field(1, ge=1, description="Upper bound; one GPU each for GPU models.")
     target_ongoing_requests: float = Field(1.0, gt=0, description="Jobs per replica the autoscaler aims for.")
     upscale_delay_s: float = Field(10.0, ge=0, description="Seconds of sustained load before adding a replica.")
     downscale_delay_s: float = Field(300.0, ge=0, description="Seconds of low load before removing a replica.")
+    downscale_to_zero_delay_s: float | None = Field(
+        None, ge=0, description="Seconds idle before the last replica goes (min_replicas 0); None = downscale_delay_s."
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingConfig:
@@ -64,6 +75,10 @@ class ModelConfig(BaseModel):
         None, ge=0, description="GPUs per replica; None = 1 when the cluster has GPUs, else 0 (CPU fallback, logged)."
     )
     num_cpus: float = Field(1.0, gt=0, description="CPUs per replica.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per replica (placement on labelled nodes, e.g. {'fake_gpu': 1} in tests).",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device passed to the pipeline.")
     max_ongoing_requests: int = Field(DC.MODEL_MAX_ONGOING_REQUESTS, ge=1, description="Jobs one replica runs at once.")
     graceful_shutdown_timeout_s: float = Field(
@@ -72,14 +87,23 @@ class ModelConfig(BaseModel):
         description="Seconds a draining replica may finish its job (>= the longest stage).",
     )
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Replica autoscaling.")
-    max_concurrent_jobs: int = Field(
-        1, ge=1, description="Jobs the scheduler dispatches to this model at once (usually max_replicas)."
+    max_concurrent_jobs: int | None = Field(
+        None,
+        ge=1,
+        description="Jobs the scheduler hands to this model's Serve handle at once; None = max_replicas x "
+        "max_ongoing_requests, so jobs waiting for a replica are visible to Serve's autoscaler.",
     )
     runner: str | None = Field(
         None,
         description="Import path 'module:function' of a callable with reconstruct_bundle's signature "
         "(tests and custom engines); None = pipeline.reconstruct:reconstruct_bundle.",
     )
+
+    def dispatch_slots(self) -> int:
+        """Jobs in flight at the model's handle at once (running on a replica or queued for one)."""
+        if self.max_concurrent_jobs is not None:
+            return self.max_concurrent_jobs
+        return self.autoscaling.max_replicas * self.max_ongoing_requests
 
     @field_validator("name")
     @classmethod
@@ -119,6 +143,14 @@ class AppArgs(BaseModel):
         True, description="Decode the images at submit time (load_bundle) so bad input fails with 422 before queueing."
     )
     ingress_num_cpus: float = Field(0.5, ge=0, description="CPUs reserved by the ingress replica.")
+    ingress_resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources of the ingress replica (pin it to a node group)."
+    )
+    drain_timeout_s: float = Field(
+        DC.DRAIN_TIMEOUT_S,
+        ge=0,
+        description="On redeploy/delete, seconds the old ingress waits for in-flight runs before re-queueing them.",
+    )
 
     @field_validator("store", mode="before")
     @classmethod

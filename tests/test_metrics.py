@@ -109,8 +109,9 @@ def test_evaluate_views_of_the_true_mesh_are_near_perfect():
     per_view = evaluate_views(mesh, _posed_frames(mesh), backend="embree")
     assert [v["name"] for v in per_view] == ["front", "back", "left", "right", "top", "bottom"]
     for v in per_view:
-        # Supersampled re-render vs an area-shrunk photo of the same scene: equal up to rounding.
-        assert v["psnr"] > 45.0 and v["ssim"] > 0.995
+        # Anti-aliased re-render vs an area-shrunk photo of the same scene: equal up to rounding and
+        # the centre-sample approximation of smooth interiors (shading.shade_rgb_antialiased).
+        assert v["psnr"] > 40.0 and v["ssim"] > 0.995
         assert v["silhouette_iou"] == 1.0
         assert v["depth_mae"] < 0.01
         assert (v["width"], v["height"]) == (64, 64)

@@ -186,3 +186,23 @@ def test_presets_are_ordered():
     assert f.iterations < b.iterations < q.iterations
     assert f.resolution < b.resolution < q.resolution
     assert f.time_budget_s <= 180.0
+
+
+def test_uv_seam_copies_move_together(scene):
+    _, frames, start = scene
+    # Split every vertex of the upper half's faces into a copy, as a UV atlas does along its seams.
+    f = start.faces.copy()
+    upper = start.vertices[f].mean(axis=1)[:, 1] > 0
+    copies = np.unique(f[upper])
+    remap = np.arange(len(start.vertices))
+    remap[copies] = len(start.vertices) + np.arange(len(copies))
+    f[upper] = remap[f[upper]]
+    split = replace(
+        start,
+        vertices=np.concatenate([start.vertices, start.vertices[copies]]),
+        faces=f.astype(np.int32),
+        uvs=np.concatenate([start.uvs, start.uvs[copies]]),
+    )
+    out, _ = refine_mesh(split, frames, replace(TINY, iterations=10), device="cpu")
+    np.testing.assert_array_equal(out.vertices[copies], out.vertices[len(start.vertices) :])
+    assert np.abs(out.vertices - split.vertices).max() > 0  # it did move
