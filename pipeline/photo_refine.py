@@ -60,8 +60,10 @@ RAY_OFFSET_PX = 0.75
 HULL_TOLERANCE_PX = 0.5
 #: Colour weights fade in over this many pixels inside the mask edge (edge pixels mix with background).
 EDGE_FADE_PX = 3.0
-#: Relative cost improvement below which a vertex's colour minimum carries no confidence.
-MIN_CONTRAST = 0.05
+#: A colour minimum counts when the cost rises on both sides, this many steps away ...
+BASIN_STEPS = 2
+#: ... by more than this (summed RGB variance, colours in [0, 1]; about 2.5 % rms per channel).
+MIN_RISE = 0.002
 #: Confidences are divided by this quantile of the positive ones (scale-free weights).
 CONFIDENCE_QUANTILE = 0.75
 #: Colour confidences are capped at this many times the normalising quantile (one sharp vertex cannot pin the field).
@@ -419,11 +421,14 @@ def refine_pass(
     curv = lo + hi - 2.0 * c_best
     frac = torch.where(interior & (curv > 0), 0.5 * (lo - hi) / curv.clamp(min=1e-12), torch.zeros_like(curv))
     target = (offs[best] + frac.clamp(-0.5, 0.5) * step).where(finite, torch.zeros_like(c_best))
-    # Confidence: how much lower the minimum is than the typical candidate (relative, so contrast-free).
-    finite_c = torch.where(torch.isfinite(cost), cost, torch.nan)
-    typical = torch.nanmean(finite_c, dim=1)
-    contrast = ((typical - c_best) / typical.clamp(min=1e-8)).nan_to_num(0.0)
-    conf = torch.where(finite & (contrast > MIN_CONTRAST), (typical - c_best).clamp(min=0), torch.zeros_like(c_best))
+    # Confidence: the cost must rise on both sides of the minimum (a real basin, not a slope
+    # running into the search range's end, which flat colour next to a silhouette produces).
+    lo2 = cost.gather(1, (best - BASIN_STEPS).clamp(0, 2 * K)[:, None])[:, 0]
+    hi2 = cost.gather(1, (best + BASIN_STEPS).clamp(0, 2 * K)[:, None])[:, 0]
+    inside_range = (best >= BASIN_STEPS) & (best <= 2 * K - BASIN_STEPS)
+    rise = (torch.minimum(lo2, hi2) - c_best).nan_to_num(0.0, posinf=0.0)
+    ok = finite & inside_range & (rise > MIN_RISE)
+    conf = torch.where(ok, rise, torch.zeros_like(rise))
     pos_conf = conf[conf > 0]
     if len(pos_conf):
         conf = (conf / torch.quantile(pos_conf, CONFIDENCE_QUANTILE).clamp(min=1e-12)).clamp(max=MAX_CONFIDENCE)
