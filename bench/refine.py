@@ -68,7 +68,10 @@ def degrade(gt: TexturedMesh, *, seed: int = 0) -> TexturedMesh:
 
 def score(mesh: TexturedMesh, frames, gt: TexturedMesh | None) -> dict:
     per_view = evaluate_views(mesh, frames, backend="embree")
-    out = {"psnr": float(np.mean([v["psnr"] for v in per_view])), "iou": float(np.mean([v["silhouette_iou"] for v in per_view]))}
+    out = {
+        "psnr": float(np.mean([v["psnr"] for v in per_view])),
+        "iou": float(np.mean([v["silhouette_iou"] for v in per_view])),
+    }
     if gt is not None:
         g = geometry_metrics(mesh.vertices, mesh.faces, gt.vertices, gt.faces, n_samples=50_000)
         out.update(f_score=g["f_score"], chamfer=g["chamfer_l1"])
@@ -111,7 +114,9 @@ def main(argv=None) -> int:
         write_loss_plot(report, run_dir / "loss.png")
         (run_dir / "report.json").write_text(json.dumps({"before": before, "after": after, "report": report}, indent=1))
         rows.append((name, start, before, after, report, wall))
-        print(f"{name}: done in {wall:.1f}s ({report['stop_reason']}, {report['iterations']} it) -> {run_dir}", flush=True)
+        print(
+            f"{name}: done in {wall:.1f}s ({report['stop_reason']}, {report['iterations']} it) -> {run_dir}", flush=True
+        )
 
     hdr = f"{'object':10s} {'V':>6s} {'tex':>5s} {'PSNR0':>6s} {'PSNR1':>6s} {'dPSNR':>6s} {'IoU0':>6s} {'IoU1':>6s} {'F0':>6s} {'F1':>6s} {'it':>4s} {'stop':>11s} {'time_s':>7s} backend"
     print(f"\nstart={args.start} preset={args.preset} threads={args.threads}")

@@ -33,6 +33,8 @@ from typing import Any
 
 from pipeline.errors import CanceledError, ModelOOMError, ReconError
 from serve_app.config import ModelConfig, StoreConfig
+from serve_app.experiments.overrides import runner_config_kwargs
+from serve_app.experiments.resources import PeakMemory
 from serve_app.store import Store, make_store
 
 from . import constants as DC
@@ -62,6 +64,8 @@ class ModelRequest:
     attempt: int = 1
     attempt_key: str | None = None
     """Store key holding the number of the attempt that owns ``output_prefix`` (fences a replaced attempt)."""
+    overrides: dict | None = None
+    """Config parameters over the preset, dotted keys (serve_app.experiments.overrides)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -229,6 +233,8 @@ class ModelServer:
         try:
             src = self.store.get(req.input_key)
             out = work_dir / "out"
+            extra = runner_config_kwargs(req.preset, self.device, req.overrides)
+            mem = PeakMemory(self.device).start()
             result = self.runner(
                 src,
                 out,
@@ -239,11 +245,16 @@ class ModelServer:
                 should_cancel=cancel,
                 evaluate=False,
                 previews=False,
+                **extra,
             )
+            resources = mem.stop()
             if cancel():  # the last checkpoint may have passed; don't publish a canceled job's files
                 raise CanceledError("the job was canceled")
             result_path = out / "result.json"
             result = json.loads(result_path.read_text()) if result_path.is_file() else _json_safe(result or {})
+            result["resources"] = resources  # peak memory of this run (experiments database)
+            result_path.parent.mkdir(parents=True, exist_ok=True)
+            result_path.write_text(json.dumps(result, indent=2))
             if not self._owns_output(req):
                 return {
                     "type": "error",
@@ -308,3 +319,14 @@ class ModelServer:
         except Exception as e:  # torch missing or broken driver: report, don't fail /health
             out["gpu_error"] = str(e)
         return out
+
+
+def bind_model_deployment(
+    cls: type[ModelServer], cfg: ModelDeploymentConfig, override_serve_options: dict | None = None
+) -> Any:
+    """``serve.deployment(cls)`` with ``cls.get_deployment_options(cfg)`` merged with the overrides, bound to ``cfg``."""
+    from ray import serve
+
+    options = {**cls.get_deployment_options(cfg), **(override_serve_options or {})}
+    logger.info("%s deployment options: %s", cls.model_name, options)
+    return serve.deployment(cls).options(**options).bind(cfg)

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import logging
-
-from ray import serve
 from ray.serve import Application
 
-from .base import ModelDeploymentConfig, ModelServer
-
-logger = logging.getLogger("recon3d.model")
+from .base import ModelDeploymentConfig, ModelServer, bind_model_deployment
 
 
 class FusionServer(ModelServer):
@@ -26,7 +21,4 @@ def build_fusion_deployment(
     deployment_cls: type[ModelServer] | None = None,
 ) -> Application:
     """Bind the fusion deployment: options from ``get_deployment_options(cfg)``, then the overrides."""
-    cls = deployment_cls or FusionServer
-    options = {**cls.get_deployment_options(cfg), **(override_serve_options or {})}
-    logger.info("fusion deployment options: %s", options)
-    return serve.deployment(cls).options(**options).bind(cfg)
+    return bind_model_deployment(deployment_cls or FusionServer, cfg, override_serve_options)

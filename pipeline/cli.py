@@ -3,6 +3,7 @@
     recon3d reconstruct BUNDLE --out DIR [--model fusion] [--preset fast|balanced|quality] [--device auto|cpu|cuda]
     recon3d evaluate MESH --bundle BUNDLE [--gt GT_MESH] [--out quality.json]
     recon3d submit BUNDLE [--model ...] [--wait --out DIR] [--url URL]
+    recon3d experiment SPEC.yaml [--bundle B] [--wait] | show ID [--csv] | compare ID ID ...
 
 Exit codes: 0 success, 2 invalid input (the error code is printed), 1 any other
 failure, 130 canceled.
@@ -91,12 +92,26 @@ def _run_submit(args) -> int:
     return submit_main(args.argv)
 
 
+def _add_experiment(sub) -> None:
+    p = sub.add_parser("experiment", help="submit a parameter sweep to a service, or show / compare results")
+    p.add_argument("argv", nargs=argparse.REMAINDER, help="see `recon3d experiment -h`")
+    p.set_defaults(func=_run_experiment)
+
+
+def _run_experiment(args) -> int:
+    # Like submit: the HTTP client lives with the service and needs only httpx.
+    from serve_app.client import experiment_main
+
+    return experiment_main(args.argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recon3d", description="Multi-view images to a textured 3D mesh.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_reconstruct(sub)
     _add_evaluate(sub)
     _add_submit(sub)
+    _add_experiment(sub)
     return parser
 
 
@@ -104,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["submit"]:  # pass everything through, including -h
         return _run_submit(argparse.Namespace(argv=argv[1:]))
+    if argv[:1] == ["experiment"]:
+        return _run_experiment(argparse.Namespace(argv=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -127,6 +127,11 @@ class PhotoRefineConfig:
     """Offset step, pixels of the pass's images at the object's distance."""
     blur_px: float = 1.0
     """Gaussian blur sigma applied to the pass's images, pixels (widens the basin of attraction)."""
+    patch_radius: int = 0
+    """Colour patches of (2r+1)^2 samples in the tangent plane, compared by normalised cross-correlation;
+    0 compares single blurred colours by their variance."""
+    patch_spacing_px: float = 1.5
+    """Distance between patch samples, pixels of the pass's images at the object's distance."""
     angle_power: float = 1.0
     """A view's colour weight for a vertex is cos(normal, view ray) ** angle_power."""
     smoothness: float = 4.0
@@ -135,6 +140,8 @@ class PhotoRefineConfig:
     anchor: float = 0.05
     """Pull of every offset towards 0, relative to a typical vertex's photo confidence (vertices with
     no data stay where they are)."""
+    photo_weight: float = 1.0
+    """Weight of the colour targets (0: only the silhouette constraint moves vertices)."""
     silhouette_weight: float = 2.0
     """Confidence of the mask-edge target of a silhouette-generating vertex, per view, relative to a
     typical photo confidence."""
@@ -142,6 +149,33 @@ class PhotoRefineConfig:
     """Relative cost added at the largest offset (quadratic in the offset): ties go to small moves."""
     max_offset_px: float = 24.0
     """Largest total move of a vertex, pixels at the working resolution and the object's distance."""
+
+
+@dataclass(frozen=True)
+class CameraRefineConfig:
+    """Per-view rigid refinement of ESTIMATED cameras against the fused surface (:mod:`pipeline.camera_refine`).
+
+    Given cameras (transforms.json) are never changed.
+    """
+
+    enabled: bool = True
+    """Run the stage for bundles whose cameras were estimated."""
+    level_image_sizes: tuple[int, ...] = (256, 512)
+    """Coarse-to-fine levels: the photos' size (longest side, pixels), capped at the working resolution."""
+    iterations: int = 60
+    """Adam steps per level."""
+    learning_rate: float = 0.3
+    """Adam step, in pixels of the level's images (rotations: pixels at the object's distance)."""
+    blur_px: float = 1.5
+    """Gaussian blur sigma of the level's images, pixels."""
+    angle_power: float = 1.0
+    """A view's colour weight for a vertex is cos(normal, view ray) ** angle_power."""
+    silhouette_weight: float = 1.0
+    """Weight of the silhouette term (mean squared shortfall of the bilinear mask value below 0.5 at the vertices)."""
+    prior_weight: float = 1e-5
+    """Weight of the squared corrections (level pixels) that keeps them small."""
+    refuse: bool = True
+    """Fuse the depth maps again with the refined cameras (else only texturing uses them)."""
 
 
 @dataclass(frozen=True)
@@ -175,9 +209,11 @@ class RefineConfig:
 
 
 REFINE_PRESETS: dict[str, RefineConfig] = {
-    "fast": RefineConfig(iterations=150, resolution=256, time_budget_s=150.0, convergence_window=15),
-    "balanced": RefineConfig(iterations=400, resolution=512, time_budget_s=600.0),
-    "quality": RefineConfig(iterations=1000, resolution=1024, time_budget_s=1800.0, convergence_window=40),
+    # Render at the preset's working resolution: the masked PSNR is measured there, and
+    # silhouettes fitted at half of it stay a pixel off.
+    "fast": RefineConfig(iterations=100, resolution=512, time_budget_s=150.0, convergence_window=15),
+    "balanced": RefineConfig(iterations=300, resolution=1024, time_budget_s=600.0),
+    "quality": RefineConfig(iterations=600, resolution=2048, time_budget_s=1800.0, convergence_window=40),
 }
 
 
@@ -190,8 +226,12 @@ class ReconstructConfig:
     camera: CameraConfig = field(default_factory=CameraConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     texture: TextureConfig = field(default_factory=TextureConfig)
+    camera_refine: CameraRefineConfig = field(default_factory=CameraRefineConfig)
+    """Per-view refinement of estimated cameras (after a first fusion; then the geometry is fused again)."""
     photo_refine: PhotoRefineConfig = field(default_factory=PhotoRefineConfig)
     """Photo-consistency refinement of the fused surface (between geometry and texture)."""
+    refine: RefineConfig = field(default_factory=lambda: REFINE_PRESETS["balanced"])
+    """Differentiable-rendering refinement (the ``nvdiffrec`` model only)."""
     max_working_resolution: int = 1024
     """Images are processed at most at this size (longest side, pixels); textures sample the full-resolution photos."""
 
@@ -204,6 +244,7 @@ PRESETS: dict[str, ReconstructConfig] = {
         preset="fast",
         fusion=FusionConfig(resolution=128, target_faces=15_000, smooth_iterations=2),
         texture=TextureConfig(size=1024),
+        refine=REFINE_PRESETS["fast"],
         max_working_resolution=512,
     ),
     "balanced": ReconstructConfig(preset="balanced"),
@@ -211,6 +252,7 @@ PRESETS: dict[str, ReconstructConfig] = {
         preset="quality",
         fusion=FusionConfig(resolution=256, target_faces=100_000, smooth_iterations=2),
         texture=TextureConfig(size=4096),
+        refine=REFINE_PRESETS["quality"],
         max_working_resolution=2048,
     ),
 }

@@ -24,6 +24,11 @@ We chose this over blurring the coverage because a blur only has gradients withi
 its radius and smears the colour term, while the distance lookup pulls an edge
 that is several pixels off straight to the target outline.
 
+UV atlases split vertices along their seams. Callers that move vertices must move the
+copies together (``pipeline.refine`` optimises welded positions, see :func:`weld_vertices`),
+and the CPU renderer finds outline edges on the welded surface so a seam never reads as
+an open boundary.
+
 Conventions (docs/conventions.md): cameras in OpenCV axes, pixel centres at +0.5,
 image row 0 at the top, UV v = 0 at the texture's bottom row, texture row 0 at the top.
 """
@@ -148,7 +153,9 @@ def sample_images(images: torch.Tensor, view: torch.Tensor, xy: torch.Tensor) ->
     y = (xy[:, 1].clamp(0.5, H - 0.5) + view.to(xy.dtype) * H) / (C * H) * 2.0 - 1.0
     x = xy[:, 0] / W * 2.0 - 1.0
     grid = torch.stack([x, y], dim=-1)[None, None]
-    out = F.grid_sample(images.reshape(1, 1, C * H, W), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = F.grid_sample(
+        images.reshape(1, 1, C * H, W), grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
     return out[0, 0, 0]
 
 
@@ -247,7 +254,13 @@ class CpuDiffRenderer:
                 continue
             pc = v @ cam.world_to_cam[:3, :3].T + cam.world_to_cam[:3, 3]
             z = np.maximum(pc[:, 2], 1e-9)
-            xy = np.stack([cam.K[0, 0] * pc[:, 0] / z + cam.K[0, 1] * pc[:, 1] / z + cam.K[0, 2], cam.K[1, 1] * pc[:, 1] / z + cam.K[1, 2]], -1)
+            xy = np.stack(
+                [
+                    cam.K[0, 0] * pc[:, 0] / z + cam.K[0, 1] * pc[:, 1] / z + cam.K[0, 2],
+                    cam.K[1, 1] * pc[:, 1] / z + cam.K[1, 2],
+                ],
+                -1,
+            )
             a, b = edges[sil, 0], edges[sil, 1]
             # The front-facing face of each edge, and its vertex off the edge: the outline's inside.
             front = np.where(f0[sil], ef[sil, 0], ef[sil, 1])
@@ -255,7 +268,9 @@ class CpuDiffRenderer:
             a, b, c = rep[a], rep[b], rep[faces[front].sum(axis=1) - a - b]
             seg = np.linalg.norm(xy[b] - xy[a], axis=1)
             # Edges behind the camera, non-finite or longer than the image cannot be outline pieces.
-            usable = (pc[a, 2] > 0) & (pc[b, 2] > 0) & (pc[c, 2] > 0) & np.isfinite(seg) & (seg <= self.width + self.height)
+            usable = (
+                (pc[a, 2] > 0) & (pc[b, 2] > 0) & (pc[c, 2] > 0) & np.isfinite(seg) & (seg <= self.width + self.height)
+            )
             a, b, c, seg = a[usable], b[usable], c[usable], seg[usable]
             if len(a) == 0:
                 continue
@@ -271,7 +286,9 @@ class CpuDiffRenderer:
             nrm[flip] *= -1
             # Keep samples with background just outside and coverage just inside: pieces of the
             # rendered outline, not contours hidden behind (or in front of) other surface.
-            keep = ~_mask_at(masks[i], p + CONTOUR_PROBE_PX * nrm[e]) & _mask_at(masks[i], p - CONTOUR_PROBE_PX * nrm[e])
+            keep = ~_mask_at(masks[i], p + CONTOUR_PROBE_PX * nrm[e]) & _mask_at(
+                masks[i], p - CONTOUR_PROBE_PX * nrm[e]
+            )
             e, t = e[keep], t[keep]
             for lst, val in zip(out, (a[e], b[e], t, (seg / n)[e], np.full(len(e), i, np.int64)), strict=True):
                 lst.append(val)
@@ -388,7 +405,7 @@ class CudaDiffRenderer:
         z = torch.stack(zs)[..., None].contiguous()  # (C, V, 1)
         rast, _ = dr.rasterize(self._glctx, clip, self.faces, resolution=[H, W])
         hit = rast[..., 3:4] > 0
-        uv, _ = dr.interpolate(self.uvs, rast, self.faces)
+        uv, _ = dr.interpolate(self.uvs[None], rast, self.faces)
         uv = wrap_outside_unit(uv).contiguous()
         col = sum(
             dr.texture(t.to(torch.float32)[None].contiguous(), uv, filter_mode="linear", boundary_mode="clamp")

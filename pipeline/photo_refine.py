@@ -12,10 +12,12 @@ generators on the mask edges, and smooths the offset field over the mesh:
    ``step`` about one pixel of that pass; each candidate is projected into every view
    that sees the vertex (ray-cast visibility of the current mesh) and scored by the
    weighted cross-view colour variance (weights: cos(normal, view ray) and a fade at
-   the mask edges); candidates outside any view's mask (outside the visual hull) are
-   rejected;
-3. vertices on a view's silhouette rim (grazing normal, near the mask edge) get a
-   second target: the offset that puts them on the mask edge;
+   the mask edges), or optionally by a patch 1 - NCC; candidates outside any view's
+   mask (outside the visual hull) are rejected; a minimum counts only when the cost
+   rises on both sides of it;
+3. vertices that project outside some view's mask get a second, strong target: the
+   nearest offset that brings them back inside every mask (silhouettes no wider than
+   the masks);
 4. the per-vertex targets and their confidences (how distinct the colour minimum is)
    are combined by a screened-Poisson solve on the mesh graph,
    ``(C + alpha I + lambda L) x = C d``, so the offset field is smooth, vertices with no
@@ -50,16 +52,16 @@ from .render import Backend, make_rasterizer
 
 #: A view counts for a vertex's colour term only when cos(normal, ray to camera) exceeds this.
 MIN_VIEW_COS = 0.1
-#: A vertex is a silhouette generator of a view when |cos(normal, ray)| is below this ...
-RIM_MAX_COS = 0.3
-#: ... and it projects within this many pixels (of the pass) of the view's mask edge.
-RIM_BAND_PX = 2.5
+#: Hull targets: an outward crossing costs this many extra steps (inwards wins ties).
+HULL_OUTWARD_PENALTY = 1.0
 #: Visibility rays start this many pass pixels off the surface along the normal (no self-hits).
 RAY_OFFSET_PX = 0.75
-#: Candidates whose projection lies more than this many pixels outside any mask leave the visual hull.
-HULL_TOLERANCE_PX = 0.5
+#: A candidate leaves the visual hull where some view's bilinear mask value is below 0.5 - this.
+HULL_TOLERANCE = 0.0
 #: Colour weights fade in over this many pixels inside the mask edge (edge pixels mix with background).
 EDGE_FADE_PX = 3.0
+#: Patch costs: colour noise level (rms per channel, colours in [0, 1]) below which a patch counts as flat.
+PATCH_NOISE = 0.02
 #: A colour minimum counts when the cost rises on both sides, this many steps away ...
 BASIN_STEPS = 2
 #: ... by more than this (summed RGB variance, colours in [0, 1]; about 2.5 % rms per channel).
@@ -80,12 +82,14 @@ class _PassViews:
     ----------
     images : (N, 3, h, w) float32 in [0, 1], blurred
     sdf : (N, h, w) float32, signed distance to the mask edge in pixels (negative inside)
+    masks : (N, h, w) float32 in {0, 1}; bilinear samples cross 0.5 on the mask edge (sub-pixel)
     cameras : list of N Camera at (w, h)
     K : (N, 3, 3) float32; world_to_cam : (N, 4, 4) float32; centers : (N, 3) float32
     """
 
     images: torch.Tensor
     sdf: torch.Tensor
+    masks: torch.Tensor
     cameras: list[Camera]
     K: torch.Tensor
     world_to_cam: torch.Tensor
@@ -141,20 +145,23 @@ def prepare_pass_views(frames: PosedFrames, size: int, blur_px: float, device: t
 
     Returns a :class:`_PassViews` whose cameras are the views' ``depth_camera`` scaled to that size.
     """
-    cams, imgs, sdfs = [], [], []
+    cams, imgs, sdfs, masks = [], [], [], []
     for v in frames.views:
         dc = v.depth_camera
         s = min(1.0, size / max(dc.width, dc.height))
         wh = (max(8, round(dc.width * s)), max(8, round(dc.height * s)))
         cams.append(dc.scaled(*wh))
         imgs.append(_resize_rgb(v.rgb, wh))
-        sdfs.append(mask_sdf_px(_resize_mask(v.mask, wh)))
+        m = _resize_mask(v.mask, wh)
+        masks.append(m)
+        sdfs.append(mask_sdf_px(m))
     if len({(c.width, c.height) for c in cams}) != 1:
         raise ValueError("photo refinement needs views of one image size")
     images = torch.as_tensor(np.stack(imgs), device=device).permute(0, 3, 1, 2).float() / 255.0
     return _PassViews(
         images=_gaussian_blur(images, blur_px),
         sdf=torch.as_tensor(np.stack(sdfs), device=device),
+        masks=torch.as_tensor(np.stack(masks), dtype=torch.float32, device=device),
         cameras=cams,
         K=torch.as_tensor(np.stack([c.K for c in cams]), dtype=torch.float32, device=device),
         world_to_cam=torch.as_tensor(np.stack([c.world_to_cam for c in cams]), dtype=torch.float32, device=device),
@@ -263,40 +270,69 @@ def solve_offsets(
     return spla.spsolve(A, c * np.asarray(target, np.float64))
 
 
+def _tangent_patch(nrm: torch.Tensor, radius: int, spacing: float) -> torch.Tensor:
+    """(V, Q, 3) offsets of a (2r+1)^2 grid in each vertex's tangent plane, ``spacing`` apart (scene units)."""
+    ex = torch.tensor([1.0, 0.0, 0.0], dtype=nrm.dtype, device=nrm.device)
+    ey = torch.tensor([0.0, 1.0, 0.0], dtype=nrm.dtype, device=nrm.device)
+    a = torch.where(nrm[:, :1].abs() < 0.9, ex, ey)
+    t1 = F.normalize(torch.cross(nrm, a.expand_as(nrm), dim=-1), dim=-1)
+    t2 = torch.cross(nrm, t1, dim=-1)
+    g = torch.arange(-radius, radius + 1, dtype=nrm.dtype, device=nrm.device) * spacing
+    gi, gj = torch.meshgrid(g, g, indexing="ij")
+    return gi.reshape(1, -1, 1) * t1[:, None, :] + gj.reshape(1, -1, 1) * t2[:, None, :]
+
+
 def _photo_cost(
     pv: _PassViews,
     cand: torch.Tensor,
     weights: torch.Tensor,
+    patch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Weighted cross-view colour variance of candidate positions.
+    """Weighted cross-view disagreement of candidate positions.
+
+    Without ``patch``: the variance of the views' (blurred) colours. With ``patch``: each
+    view's colour patch around the candidate is made zero-mean and scaled to unit norm
+    (softened by :data:`PATCH_NOISE`, so flat patches shrink to nothing instead of
+    amplifying noise), and the cost is the variance of these normalised patches, i.e.
+    a weighted 1 - NCC that is blind to exposure and shading differences between views.
 
     Parameters
     ----------
     cand : (V, S, 3) candidate positions, world
     weights : (N, V) per-view weights of each vertex (0: the view does not count)
+    patch : (V, Q, 3) tangent-plane offsets of the patch samples, or None for single samples
 
     Returns
     -------
-    cost : (V, S) float32 variance (sum over RGB), inf where fewer than two views count
+    cost : (V, S) float32, inf where fewer than two views count
     inside_hull : (V, S) bool, the candidate projects inside (or within tolerance of) every view's mask
     n_views : (V,) int, views with a positive weight
     """
     V, S, _ = cand.shape
     w_img, h_img = pv.size
+    Q = 1 if patch is None else patch.shape[1]
     pts = cand.reshape(-1, 3)
-    s1 = torch.zeros((V * S, 3), device=pts.device)
+    samples = pts if patch is None else (cand[:, :, None, :] + patch[:, None, :, :]).reshape(-1, 3)
+    D = 3 * Q
+    s1 = torch.zeros((V * S, D), device=pts.device)
     s2 = torch.zeros(V * S, device=pts.device)
     ws = torch.zeros(V * S, device=pts.device)
     hull = torch.ones(V * S, dtype=torch.bool, device=pts.device)
     for n in range(len(pv.cameras)):
         uv, z = _project(pv, n, pts)
         in_img = (uv[:, 0] >= 0) & (uv[:, 0] <= w_img) & (uv[:, 1] >= 0) & (uv[:, 1] <= h_img) & (z > 0)
-        sd = _sample(pv.sdf[n][None], uv, w_img, h_img)[:, 0]
-        hull &= ~in_img | (sd <= HULL_TOLERANCE_PX)
+        hull &= ~in_img | (_outside_mask(pv, n, uv) <= HULL_TOLERANCE)
         w = weights[n][:, None].expand(V, S).reshape(-1) * in_img
         if not bool((w > 0).any()):
             continue
-        col = _sample(pv.images[n], uv, w_img, h_img)
+        if patch is None:
+            col = _sample(pv.images[n], uv, w_img, h_img)
+        else:
+            suv, _ = _project(pv, n, samples)
+            col = _sample(pv.images[n], suv, w_img, h_img).view(V * S, Q, 3)
+            col = col - col.mean(1, keepdim=True)
+            norm = (col.square().sum((1, 2)) / Q + PATCH_NOISE**2).sqrt()
+            col = (col / norm[:, None, None]).reshape(V * S, D) / math.sqrt(Q)
         s1 += w[:, None] * col
         s2 += w * col.square().sum(-1)
         ws += w
@@ -307,50 +343,62 @@ def _photo_cost(
     return var.view(V, S), hull.view(V, S), n_views
 
 
-def _rim_targets(
-    pv: _PassViews, pos: torch.Tensor, nrm: torch.Tensor, visible: torch.Tensor, step: float, steps: int
+def hull_targets(
+    pv: _PassViews, pos: torch.Tensor, nrm: torch.Tensor, step: float, steps: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Offsets that put silhouette-generating vertices on the mask edges.
+    """Offsets that bring vertices outside the visual hull back onto it.
 
-    For each view where a vertex is a rim vertex (grazing normal, near the mask edge,
-    visible), the mask's signed distance is sampled along the normal; the target is the
-    zero crossing closest to the vertex (linear between candidates).
+    A vertex that projects outside some view's mask (the bilinear mask below 0.5)
+    makes that view's rendered silhouette too wide. Its target is the offset
+    along the normal nearest to 0 (inwards first) at which it projects inside every mask,
+    linear between candidates.
+
+    Parameters
+    ----------
+    pos, nrm : (V, 3) vertices and unit normals, world; step : scene units; steps : K
 
     Returns
     -------
-    target : (V,) float32 offset, scene units (0 where no rim)
-    count : (V,) float32, number of views in which the vertex is a rim vertex
+    target : (V,) float32 offset, scene units (0 where inside the hull)
+    outside : (V,) bool, vertices outside the hull that have a target
     """
-    V = len(pos)
     w_img, h_img = pv.size
     ks = torch.arange(-steps, steps + 1, device=pos.device, dtype=torch.float32)
     offs = ks * step
-    cand = pos[:, None, :] + offs[None, :, None] * nrm[:, None, :]
-    tsum = torch.zeros(V, device=pos.device)
-    count = torch.zeros(V, device=pos.device)
+    cand = (pos[:, None, :] + offs[None, :, None] * nrm[:, None, :]).reshape(-1, 3)
+    worst = torch.full((len(cand),), -float("inf"), device=pos.device)
     for n in range(len(pv.cameras)):
-        uv0, z0 = _project(pv, n, pos)
-        ray = pv.centers[n] - pos
-        cos = (nrm * ray).sum(-1) * ray.square().sum(-1).rsqrt()
-        sd0 = _sample(pv.sdf[n][None], uv0, w_img, h_img)[:, 0]
-        rim = visible[n] & (cos.abs() < RIM_MAX_COS) & (sd0.abs() < RIM_BAND_PX) & (z0 > 0)
-        idx = torch.nonzero(rim).squeeze(1)
-        if len(idx) == 0:
-            continue
-        uv, _ = _project(pv, n, cand[idx].reshape(-1, 3))
-        sd = _sample(pv.sdf[n][None], uv, w_img, h_img)[:, 0].view(len(idx), -1)  # (R, S)
-        # Zero crossings between consecutive candidates; pick the one nearest offset 0.
-        a, b = sd[:, :-1], sd[:, 1:]
-        cross = (a * b <= 0) & (a != b)
-        frac = a / (a - b).where(a != b, torch.ones_like(a))
-        zero = offs[:-1] + frac.clamp(0, 1) * step
-        dist = torch.where(cross, zero.abs(), torch.full_like(zero, float("inf")))
-        best = dist.argmin(1)
-        ok = torch.isfinite(dist.gather(1, best[:, None])[:, 0])
-        t = zero.gather(1, best[:, None])[:, 0]
-        tsum.index_add_(0, idx[ok], t[ok])
-        count.index_add_(0, idx[ok], torch.ones_like(t[ok]))
-    return tsum / count.clamp(min=1.0), count
+        uv, z = _project(pv, n, cand)
+        in_img = (uv[:, 0] >= 0) & (uv[:, 0] <= w_img) & (uv[:, 1] >= 0) & (uv[:, 1] <= h_img) & (z > 0)
+        out = _outside_mask(pv, n, uv)
+        worst = torch.maximum(worst, torch.where(in_img, out, torch.full_like(out, -float("inf"))))
+    # (V, S): how far outside the most violated mask, in [-0.5, 0.5]; > 0 is outside.
+    worst = worst.view(len(pos), -1) - HULL_TOLERANCE
+    outside0 = worst[:, steps] > 0
+    a, b = worst[:, :-1], worst[:, 1:]
+    # Crossings into the hull between consecutive candidates.
+    cross = (a > 0) != (b > 0)
+    frac = (a / (a - b).where(a != b, torch.ones_like(a))).clamp(0, 1)
+    zero = offs[:-1] + frac * step
+    dist = torch.where(
+        cross, zero.abs() + (zero > 0) * HULL_OUTWARD_PENALTY * step, torch.full_like(zero, float("inf"))
+    )
+    best = dist.argmin(1)
+    found = torch.isfinite(dist.gather(1, best[:, None])[:, 0])
+    outside = outside0 & found
+    target = torch.where(outside, zero.gather(1, best[:, None])[:, 0], torch.zeros(len(pos), device=pos.device))
+    return target, outside
+
+
+def _outside_mask(pv: _PassViews, n: int, uv: torch.Tensor) -> torch.Tensor:
+    """(P,) float in [-0.5, 0.5]: 0.5 minus the bilinear mask value; positive outside the mask edge.
+
+    The bilinear mask crosses 0.5 half-way between an inside and an outside pixel centre,
+    a sub-pixel edge estimate without the outward bias that pixel-centre distance
+    transforms have on slanted edges.
+    """
+    w_img, h_img = pv.size
+    return 0.5 - _sample(pv.masks[n][None], uv, w_img, h_img, padding="zeros")[:, 0]
 
 
 def _edge_fade(pv: _PassViews, n: int, uv: torch.Tensor) -> torch.Tensor:
@@ -392,7 +440,12 @@ def refine_pass(
 
     vis = torch.as_tensor(
         vertex_visibility(
-            vertices.cpu().numpy(), faces.cpu().numpy(), nrm.cpu().numpy(), pv.cameras, RAY_OFFSET_PX * px, backend=backend
+            vertices.cpu().numpy(),
+            faces.cpu().numpy(),
+            nrm.cpu().numpy(),
+            pv.cameras,
+            RAY_OFFSET_PX * px,
+            backend=backend,
         ),
         device=device,
     )
@@ -406,7 +459,8 @@ def refine_pass(
     ks = torch.arange(-K, K + 1, device=device, dtype=torch.float32)
     offs = ks * step
     cand = vertices[:, None, :] + offs[None, :, None] * nrm[:, None, :]
-    cost, hull, n_views = _photo_cost(pv, cand, weights)
+    patch = _tangent_patch(nrm, cfg.patch_radius, cfg.patch_spacing_px * px) if cfg.patch_radius > 0 else None
+    cost, hull, n_views = _photo_cost(pv, cand, weights, patch)
     # Outside the visual hull is never photo-consistent.
     cost = torch.where(hull, cost, torch.full_like(cost, float("inf")))
     # A gentle prior towards small moves breaks ties on flat cost curves.
@@ -432,12 +486,13 @@ def refine_pass(
     pos_conf = conf[conf > 0]
     if len(pos_conf):
         conf = (conf / torch.quantile(pos_conf, CONFIDENCE_QUANTILE).clamp(min=1e-12)).clamp(max=MAX_CONFIDENCE)
+    conf = cfg.photo_weight * conf
 
-    # Silhouette generators: a stronger target, the mask edge.
-    rim_t, rim_n = _rim_targets(pv, vertices, nrm, vis, step, K)
-    rim_c = cfg.silhouette_weight * rim_n
-    tot_c = conf + rim_c
-    tgt = torch.where(tot_c > 0, (conf * target + rim_c * rim_t) / tot_c.clamp(min=1e-12), torch.zeros_like(target))
+    # Vertices outside the visual hull: a strong target back onto it (silhouettes as wide as the masks).
+    hull_t, outside = hull_targets(pv, vertices, nrm, step, K)
+    hull_c = cfg.silhouette_weight * outside.float()
+    tot_c = conf + hull_c
+    tgt = torch.where(tot_c > 0, (conf * target + hull_c * hull_t) / tot_c.clamp(min=1e-12), torch.zeros_like(target))
 
     x = solve_offsets(tgt.cpu().numpy(), tot_c.cpu().numpy(), lap, cfg.smoothness, cfg.anchor)
     x = torch.as_tensor(x, dtype=torch.float32, device=device).clamp(-K * step, K * step)
@@ -445,16 +500,22 @@ def refine_pass(
         "pixel_size": round(px, 6),
         "step": round(step, 6),
         "vertices_with_photo_data": int((conf > 0).sum()),
-        "vertices_on_rims": int((rim_n > 0).sum()),
+        "vertices_outside_hull": int(outside.sum()),
         "vertices_seen_twice": int((n_views >= 2).sum()),
         "mean_abs_offset_px": round(float(x.abs().mean()) / px, 3),
         "max_abs_offset_px": round(float(x.abs().max()) / px, 3),
     }
-    return x * 1.0, report
+    return x, report
 
 
 def photo_consistency(
-    vertices: np.ndarray, faces: np.ndarray, frames: PosedFrames, *, size: int = 512, blur_px: float = 1.0, angle_power: float = 1.0
+    vertices: np.ndarray,
+    faces: np.ndarray,
+    frames: PosedFrames,
+    *,
+    size: int = 512,
+    blur_px: float = 1.0,
+    angle_power: float = 1.0,
 ) -> float:
     """Mean weighted cross-view colour variance at the vertices (lower is more consistent; a diagnostic and test metric).
 

@@ -1,7 +1,10 @@
 """The reconstruction pipeline: named stages from an input bundle to exported files.
 
-    read_bundle -> prepare_frames -> reconstruct_geometry -> bake_texture -> export
-                -> [evaluate -> quality.json] [previews]
+    read_bundle -> prepare_frames -> reconstruct_geometry -> [refine_cameras -> reconstruct_geometry]
+                -> photo_refine -> bake_texture -> export -> [evaluate -> quality.json] [previews]
+
+``refine_cameras`` (estimated cameras only) and ``photo_refine`` run when their configs
+enable them (:class:`~pipeline.config.CameraRefineConfig`, :class:`~pipeline.config.PhotoRefineConfig`).
 
 Each model is a sequence of stages; :data:`MODELS` names them. Progress is reported
 as (stage, overall fraction) through a callback, and cancellation is polled between
@@ -19,7 +22,7 @@ from pathlib import Path
 from . import __version__
 from .bundle import BundleLimits, load_bundle
 from .config import ReconstructConfig, get_preset
-from .errors import CanceledError, InvalidInputError
+from .errors import CanceledError, ConvergenceError, InvalidInputError
 
 ProgressFn = Callable[[str, float], None]
 CancelFn = Callable[[], bool]
@@ -29,14 +32,18 @@ _STAGE_WEIGHTS: dict[str, float] = {
     "read_bundle": 0.05,
     "prepare_frames": 0.15,
     "reconstruct_geometry": 0.30,
+    "refine_cameras": 0.10,
+    "refuse_geometry": 0.15,
+    "photo_refine": 0.15,
     "bake_texture": 0.25,
+    "refine": 1.50,
     "export": 0.05,
     "evaluate": 0.10,
     "previews": 0.10,
 }
 
-#: Models served and run by the CLI. ``nvdiffrec`` joins once its refinement stage exists.
-MODELS: tuple[str, ...] = ("fusion",)
+#: Models served and run by the CLI: each is the fusion stages, plus refinement for ``nvdiffrec``.
+MODELS: tuple[str, ...] = ("fusion", "nvdiffrec")
 
 OUTPUT_FILES = ("mesh.obj", "material.mtl", "texture_kd.png", "mesh.glb", "result.json")
 
@@ -105,7 +112,10 @@ def reconstruct_bundle(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    stages = ["read_bundle", "prepare_frames", "reconstruct_geometry", "bake_texture", "export"]
+    refine_cams = cfg.camera_refine.enabled and len(cfg.camera_refine.level_image_sizes) > 0
+    stages = ["read_bundle", "prepare_frames", "reconstruct_geometry"]
+    stages += ["refine_cameras", "refuse_geometry"] * refine_cams + ["photo_refine"] * cfg.photo_refine.enabled
+    stages += ["bake_texture"] + ["refine"] * (model == "nvdiffrec") + ["export"]
     stages += ["evaluate"] * evaluate + ["previews"] * previews
     prog = _Progress(stages, progress, should_cancel)
     timings: dict[str, float] = {}
@@ -120,9 +130,12 @@ def reconstruct_bundle(
         report(name, 1.0)
         return value
 
+    from .camera_refine import refine_cameras
     from .export import export_mesh
     from .fusion import reconstruct_geometry
+    from .photo_refine import refine_surface
     from .prepare import prepare_frames
+    from .rig import torch_device
     from .texture import bake_texture
 
     t_start = time.perf_counter()
@@ -136,7 +149,53 @@ def reconstruct_bundle(
         progress=prog.stage("reconstruct_geometry"),
         should_cancel=should_cancel,
     )
+    camera_report = None
+    if refine_cams:
+        frames, camera_report = run("refine_cameras", refine_cameras, vertices, faces, frames, cfg.camera_refine)
+        if camera_report.get("applied") and cfg.camera_refine.refuse:
+            vertices, faces, geometry_report = run(
+                "refuse_geometry",
+                reconstruct_geometry,
+                frames,
+                cfg,
+                progress=prog.stage("refuse_geometry"),
+                should_cancel=should_cancel,
+            )
+    photo_report = None
+    if cfg.photo_refine.enabled:
+        vertices, photo_report = run(
+            "photo_refine",
+            refine_surface,
+            vertices,
+            faces,
+            frames,
+            cfg.photo_refine,
+            device=torch_device(cfg.device),
+            progress=prog.stage("photo_refine"),
+        )
     mesh = run("bake_texture", bake_texture, vertices, faces, frames, cfg.texture, progress=prog.stage("bake_texture"))
+    refine_report = None
+    warnings: list[str] = []
+    if model == "nvdiffrec":
+        from .refine import refine_mesh, write_loss_plot
+
+        try:
+            mesh, refine_report = run(
+                "refine",
+                refine_mesh,
+                mesh,
+                frames,
+                cfg.refine,
+                device=cfg.device,
+                progress=prog.stage("refine"),
+                should_cancel=should_cancel,
+            )
+        except ConvergenceError as e:
+            # The fusion mesh stays the output; the failure is reported, not fatal.
+            refine_report = {"error": e.to_dict(), "fallback": "fusion"}
+            warnings.append(f"{e.code}: refinement did not converge ({e.details.get('reason')}); the fusion result is returned")
+        if refine_report.get("loss_curve"):
+            write_loss_plot(refine_report, out / "loss.png")
     files = run("export", export_mesh, mesh, out)
 
     result = {
@@ -149,12 +208,18 @@ def reconstruct_bundle(
         "cameras": frames.resolved_views(),
         "depth_encoding": frames.depth_encoding,
         "geometry": geometry_report,
+        "camera_refinement": camera_report,
+        "photo_refinement": photo_report,
         "mesh": {"vertices": int(len(mesh.vertices)), "faces": int(len(mesh.faces)), "texture_size": int(mesh.texture.shape[0]) if mesh.texture is not None else 0},
-        "warnings": list(fs.warnings) + list(frames.warnings),
+        "warnings": list(fs.warnings) + list(frames.warnings) + warnings,
         "timings_s": timings,
         "config": cfg.to_dict(),
         "files": sorted(Path(p).name for p in files.values()),
     }
+    if refine_report is not None:
+        result["refine"] = refine_report
+        if (out / "loss.png").exists():
+            result["files"].append("loss.png")
 
     if evaluate:
         from .metrics import evaluate_views

@@ -124,7 +124,9 @@ def uniform_laplacian(faces: np.ndarray, n_vertices: int, device) -> torch.Tenso
     rows = np.concatenate([i, diag])
     cols = np.concatenate([j, diag])
     vals = np.concatenate([w, (deg > 0).astype(np.float64)])
-    L = torch.sparse_coo_tensor(np.stack([rows, cols]), vals.astype(np.float32), (n_vertices, n_vertices), check_invariants=False)
+    L = torch.sparse_coo_tensor(
+        np.stack([rows, cols]), vals.astype(np.float32), (n_vertices, n_vertices), check_invariants=False
+    )
     return L.coalesce().to(device)
 
 
@@ -329,7 +331,6 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
     stop_reason = "iterations"
     vis_updates = 0
     silhouette_iou: list[float] = []
-    it = 0
     for it in range(cfg.iterations):
         if should_cancel is not None and should_cancel():
             raise CanceledError("the job was canceled during refinement", details={"iteration": it})
@@ -338,11 +339,12 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
             break
         positions = v0 + diffuse(L, offset_param, cfg.smoothing_steps)
         vertices = positions[weld]
-        if it % max(cfg.visibility_interval, 1) == 0:
+        refresh = it % max(cfg.visibility_interval, 1) == 0
+        if refresh:
             renderer.update_visibility(vertices.detach())
             vis_updates += 1
         out = renderer.render(vertices, [tex_base, *tex_levels])
-        if it % max(cfg.visibility_interval, 1) == 0:
+        if refresh:  # silhouette agreement, for the report
             with torch.no_grad():
                 inter = (out.mask & tgt["mask"]).sum((1, 2)).float()
                 uni = (out.mask | tgt["mask"]).sum((1, 2)).float().clamp(min=1)
@@ -354,7 +356,7 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
         both = depth_valid & out.mask
         dz = torch.where(both, (out.depth - tgt["depth"]) / scale, torch.zeros_like(out.depth))
         depth = F.smooth_l1_loss(dz, torch.zeros_like(dz), beta=DEPTH_HUBER_FRACTION, reduction="sum") / n_obj
-        lap = ((torch.sparse.mm(L, positions) - lap0) / scale).pow(2).sum(-1).mean() * len(v0) / n_obj
+        lap = ((torch.sparse.mm(L, positions) - lap0) / scale).pow(2).sum() / n_obj
         loss = photo + cfg.mask_weight * sil + cfg.depth_weight * depth + cfg.laplacian_weight * lap
 
         value = float(loss.detach())
@@ -383,10 +385,7 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
             progress(STAGE, (it + 1) / cfg.iterations)
         if has_converged(history, cfg.convergence_window, cfg.convergence_tol):
             stop_reason = "converged"
-            it += 1
             break
-    else:
-        it = cfg.iterations
 
     with torch.no_grad():
         v_out = (v0 + diffuse(L, offset_param, cfg.smoothing_steps))[weld].cpu().numpy().astype(np.float32)
@@ -414,7 +413,9 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
         "visibility_updates": vis_updates,
         "silhouette_iou": silhouette_iou,
         "oom_retry": oom_retry,
-        "vertex_offset_max": float(np.abs(v_out - np.asarray(mesh.vertices, dtype=np.float32)).max()) if len(v_out) else 0.0,
+        "vertex_offset_max": float(np.abs(v_out - np.asarray(mesh.vertices, dtype=np.float32)).max())
+        if len(v_out)
+        else 0.0,
     }
     return refined, report
 
@@ -451,7 +452,9 @@ def write_loss_plot(report: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
-def _write_loss_plot_pil(curve: list[float], path: Path, *, size: tuple[int, int] = (600, 400), margin: int = 30) -> None:
+def _write_loss_plot_pil(
+    curve: list[float], path: Path, *, size: tuple[int, int] = (600, 400), margin: int = 30
+) -> None:
     """A plain line plot of ``curve`` (log scale) on white."""
     from PIL import ImageDraw
 
@@ -464,7 +467,10 @@ def _write_loss_plot_pil(curve: list[float], path: Path, *, size: tuple[int, int
         lo, hi = math.log10(min(pos)), math.log10(max(pos))
         span = max(hi - lo, 1e-9)
         pts = [
-            (margin + i / (len(pos) - 1) * (W - 2 * margin), H - margin - (math.log10(v) - lo) / span * (H - 2 * margin))
+            (
+                margin + i / (len(pos) - 1) * (W - 2 * margin),
+                H - margin - (math.log10(v) - lo) / span * (H - 2 * margin),
+            )
             for i, v in enumerate(pos)
         ]
         draw.line(pts, fill=(0, 0, 0), width=2)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .camera import RIG_DISTANCE, RIG_LAYOUT, Camera, default_rig
+from .camera import RIG_DISTANCE, RIG_FOV_X_DEG, RIG_LAYOUT, Camera, default_rig
 
 #: Silhouette images used by the rig search are resampled to this size (longest side, pixels).
 SEARCH_IMAGE_SIZE = 96
@@ -37,6 +37,9 @@ FOV_COARSE_STEP_DEG = 5.0
 FOV_FINE_STEP_DEG = 1.25
 #: A layout variant must beat the default by this much mean IoU to be chosen (guards against noise).
 LAYOUT_MARGIN = 0.005
+#: Fields of view scoring within this mean IoU of the best are indistinguishable by silhouettes
+#: (convex, boxy objects carve alike at any FOV); among them the one nearest the nominal rig wins.
+FOV_PRIOR_MARGIN = 0.005
 
 
 def torch_device(device: str = "auto") -> torch.device:
@@ -482,6 +485,8 @@ def estimate_rig(
                 if abs(offset) > 1e-3:
                     at(best + offset)
             best = max(tried, key=tried.get)
+        close = [f for f, v in tried.items() if v >= tried[best] - FOV_PRIOR_MARGIN]
+        best = min(close, key=lambda f: (abs(f - RIG_FOV_X_DEG), -tried[f]))
         return best, tried[best], tried
 
     fov, best_score, fov_scores = search_fov(variants["default"])

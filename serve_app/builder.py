@@ -21,6 +21,7 @@ from ray.serve import Application
 from deployments import constants as DC
 from deployments.base import ModelDeploymentConfig, ModelServer
 from deployments.fusion import FusionServer, build_fusion_deployment
+from deployments.nvdiffrec import NvdiffrecServer, build_nvdiffrec_deployment
 
 from .config import AppArgs, ModelConfig, StoreConfig
 from .ingress import Ingress
@@ -30,6 +31,7 @@ logger = logging.getLogger("recon3d.serve")
 #: Model name -> (server class, deployment builder). Models in KNOWN_MODELS but not here are not servable yet.
 MODEL_BUILDERS: dict[str, tuple[type[ModelServer], Callable[..., Application]]] = {
     "fusion": (FusionServer, build_fusion_deployment),
+    "nvdiffrec": (NvdiffrecServer, build_nvdiffrec_deployment),
 }
 
 #: Concurrent requests one ingress replica accepts (SSE streams hold one each).

@@ -154,6 +154,92 @@ class Recon3DClient:
             body = {"confirm": True, "token": e.details.get("confirm_token")}
             return _raise_for(self.http.post(f"/jobs/{job_id}/cancel", json=body)).json()
 
+    # ------------------------------------------------------------ experiments and batches
+
+    def submit_experiment(self, spec: str | Path | dict, *, bundle: str | Path | bytes | None = None) -> dict:
+        """POST /experiments: ``spec`` is a dict, YAML/JSON text, or a path to a .yaml/.json file;
+        ``bundle`` (folder, ZIP path or bytes) replaces the spec's server-side datasets."""
+        if isinstance(spec, dict):
+            text = json.dumps(spec)
+        elif isinstance(spec, Path) or (isinstance(spec, str) and "\n" not in spec and Path(spec).is_file()):
+            text = Path(spec).read_text()
+        else:
+            text = spec
+        if bundle is None:
+            r = self.http.post("/experiments", content=text.encode(), headers={"content-type": "application/yaml"})
+        else:
+            data = _bundle_bytes(bundle)
+            r = self.http.post(
+                "/experiments", data={"spec": text}, files={"bundle": ("bundle.zip", data, "application/zip")}
+            )
+        return _raise_for(r).json()
+
+    def get_experiment(self, experiment_id: str, *, csv: bool = False) -> dict | str:
+        """Status and results table (a dict), or the table as CSV text."""
+        r = _raise_for(self.http.get(f"/experiments/{experiment_id}", params={"format": "csv"} if csv else None))
+        return r.text if csv else r.json()
+
+    def wait_experiment(self, experiment_id: str, *, timeout: float | None = None, poll_s: float = 2.0) -> dict:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            exp = self.get_experiment(experiment_id)
+            if exp["status"] == "finished":
+                return exp
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"experiment {experiment_id} is still running: {exp['counts']}")
+            time.sleep(poll_s)
+
+    def experiment_plot(self, experiment_id: str) -> bytes:
+        return _raise_for(self.http.get(f"/experiments/{experiment_id}/plot.png")).content
+
+    def compare_experiments(self, ids: list[str], *, csv: bool = False) -> dict | str:
+        params = {"ids": ",".join(ids), **({"format": "csv"} if csv else {})}
+        r = _raise_for(self.http.get("/experiments/compare", params=params))
+        return r.text if csv else r.json()
+
+    def submit_batch(
+        self,
+        bundles: list[str | Path | bytes],
+        *,
+        model: str = "fusion",
+        preset: str | None = None,
+        overrides: dict | None = None,
+    ) -> dict:
+        """POST /batches with one ``bundles`` upload per item; returns the batch view (``batch_id``, items)."""
+        files = [
+            (
+                "bundles",
+                (
+                    f"{Path(b).stem if not isinstance(b, bytes) else f'item{i}'}.zip",
+                    _bundle_bytes(b),
+                    "application/zip",
+                ),
+            )
+            for i, b in enumerate(bundles)
+        ]
+        form = {"model": model, **({"preset": preset} if preset else {})}
+        if overrides:
+            form["overrides"] = json.dumps(overrides)
+        return _raise_for(self.http.post("/batches", files=files, data=form)).json()
+
+    def get_batch(self, batch_id: str) -> dict:
+        return _raise_for(self.http.get(f"/batches/{batch_id}")).json()
+
+    def download_batch(self, batch_id: str, out_dir: str | Path) -> list[Path]:
+        """The batch ZIP unpacked into ``out_dir`` (``<item>/<model>/<file>`` and batch.json)."""
+        r = _raise_for(self.http.get(f"/batches/{batch_id}/download", timeout=httpx.Timeout(60.0, read=600.0)))
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(io.BytesIO(r.content)) as zf:
+            zf.extractall(out)  # our own archive: item names are sanitised by the service
+            return [out / n for n in zf.namelist()]
+
+
+def _bundle_bytes(bundle: str | Path | bytes) -> bytes:
+    if isinstance(bundle, bytes):
+        return bundle
+    return zip_folder(bundle) if Path(bundle).is_dir() else Path(bundle).read_bytes()
+
 
 def _bar(progress: float, stage: str | None, width: int = 30) -> str:
     n = int(width * progress / 100.0)
@@ -203,3 +289,73 @@ def submit_main(argv: list[str] | None = None) -> int:
             print(f"{status}: {err.get('code', '')}: {err.get('message', '')}", file=sys.stderr)
             return 130 if status == "canceled" else 1
         return 0
+
+
+def experiment_main(argv: list[str] | None = None) -> int:
+    """``recon3d experiment``: submit a sweep, show its table, or compare experiments.
+
+        recon3d experiment SPEC.yaml [--bundle B] [--wait] [--url URL]
+        recon3d experiment show ID [--csv] [--plot plot.png]
+        recon3d experiment compare ID ID ... [--csv]
+
+    Exit codes: 0 ok, 1 unreachable / timed out, 2 rejected (the error code is printed).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    url_p = argparse.ArgumentParser(add_help=False)
+    url_p.add_argument("--url", default=DEFAULT_URL, help=f"service URL (default {DEFAULT_URL}, or $RECON3D_URL)")
+    if argv[:1] == ["show"]:
+        p = argparse.ArgumentParser(prog="recon3d experiment show", parents=[url_p])
+        p.add_argument("experiment_id")
+        p.add_argument("--csv", action="store_true", help="print CSV instead of the text table")
+        p.add_argument("--plot", default=None, help="also save the PSNR-vs-time plot (PNG) here")
+        args = p.parse_args(argv[1:])
+    elif argv[:1] == ["compare"]:
+        p = argparse.ArgumentParser(prog="recon3d experiment compare", parents=[url_p])
+        p.add_argument("experiment_ids", nargs="+")
+        p.add_argument("--csv", action="store_true")
+        args = p.parse_args(argv[1:])
+    else:
+        p = argparse.ArgumentParser(
+            prog="recon3d experiment", parents=[url_p], description="Submit a parameter sweep (JSON or YAML spec)."
+        )
+        p.add_argument("spec", help="experiment spec file (.yaml or .json); see docs/API.md")
+        p.add_argument("--bundle", default=None, help="run on this bundle (folder or ZIP) instead of server datasets")
+        p.add_argument("--wait", action="store_true", help="wait for the end, then print the table")
+        args = p.parse_args(argv)
+    from serve_app.experiments.results import format_table
+
+    with Recon3DClient(args.url) as c:
+        try:
+            if argv[:1] == ["show"]:
+                if args.csv:
+                    print(c.get_experiment(args.experiment_id, csv=True), end="")
+                else:
+                    exp = c.get_experiment(args.experiment_id)
+                    print(f"{exp['experiment_id']}  {exp['name']}  {exp['status']}  {exp['counts']}")
+                    print(format_table(exp["runs"]))
+                    print(f"pareto front: {', '.join(exp['pareto']) or '-'}")
+                if args.plot:
+                    Path(args.plot).write_bytes(c.experiment_plot(args.experiment_id))
+                return 0
+            if argv[:1] == ["compare"]:
+                out = c.compare_experiments(args.experiment_ids, csv=args.csv)
+                if args.csv:
+                    print(out, end="")
+                else:
+                    for e in out["experiments"]:
+                        print(f"{e['experiment_id']}  {e['name']}  best PSNR {e['best_psnr']}  pareto {e['pareto']}")
+                    print(format_table(out["runs"]))
+                return 0
+            body = c.submit_experiment(Path(args.spec), bundle=args.bundle)
+            print(body["experiment_id"])
+            if args.wait:
+                exp = c.wait_experiment(body["experiment_id"])
+                print(format_table(exp["runs"]))
+                print(f"pareto front: {', '.join(exp['pareto']) or '-'}")
+            return 0
+        except ServiceError as e:
+            print(f"error: {e.code}: {e.message} {json.dumps(e.details)[:300]}", file=sys.stderr)
+            return 2
+        except (httpx.HTTPError, TimeoutError) as e:
+            print(f"error: {args.url}: {e}", file=sys.stderr)
+            return 1

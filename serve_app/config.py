@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from deployments import constants as DC
 
+from .experiments.settings import BatchSettings, ExperimentsSettings
+
 #: Models the API knows. A known model that this app does not serve answers 503 MODEL_UNAVAILABLE.
 KNOWN_MODELS: tuple[str, ...] = ("fusion", "nvdiffrec")
 
@@ -143,6 +145,10 @@ class AppArgs(BaseModel):
         True, description="Decode the images at submit time (load_bundle) so bad input fails with 422 before queueing."
     )
     ingress_num_cpus: float = Field(0.5, ge=0, description="CPUs reserved by the ingress replica.")
+    experiments: ExperimentsSettings = Field(
+        default_factory=ExperimentsSettings, description="Parameter sweeps and their metrics database."
+    )
+    batches: BatchSettings = Field(default_factory=BatchSettings, description="Many bundles per request.")
     ingress_resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources of the ingress replica (pin it to a node group)."
     )

@@ -34,12 +34,17 @@ from pipeline.config import get_preset
 from pipeline.errors import InputTooLargeError, InvalidArchiveError, InvalidInputError, UnsupportedMediaError
 
 from . import errors as E
+from .batches import router as batches_router
+from .batches import start_batches
 from .config import KNOWN_MODELS, AppArgs
+from .experiments.overrides import parse_overrides_json, validate_overrides
+from .experiments.router import router as experiments_router
+from .experiments.router import start_experiments
 from .jobs import TERMINAL, JobBook, JobRecord, ModelRun, WebhookState, input_key, new_job_id
 from .logging import configure_json_logging, job_logger
 from .metrics import ServiceMetrics
 from .middleware import add_exception_handling, error_response
-from .scheduler import JobScheduler
+from .scheduler import JobScheduler, model_deployment_name
 from .schemas import CancelAccepted, CancelRequest, ErrorBody, JobAccepted, JobList, JobView, job_view, links_for
 from .store import STREAM_CHUNK_BYTES, make_store
 
@@ -85,6 +90,8 @@ class UploadLimitMiddleware(BaseHTTPMiddleware):
 
 
 app.add_middleware(UploadLimitMiddleware)
+app.include_router(experiments_router)
+app.include_router(batches_router)
 
 
 # ---------------------------------------------------------------- upload helpers
@@ -173,6 +180,8 @@ class Ingress:
         self.handles = dict(model_handles)
         self.scheduler = JobScheduler(self.args, self.store, self.book, self.handles, self.metrics)
         await self.scheduler.start()
+        await start_experiments(self)
+        await start_batches(self)
 
     # ------------------------------------------------------------ helpers
 
@@ -183,7 +192,15 @@ class Ingress:
         return rec
 
     def _view(self, rec: JobRecord) -> JobView:
-        return job_view(rec, self.scheduler.queue_position(rec.job_id))
+        pos = self.scheduler.queue_position(rec.job_id)
+        wait = self.scheduler.estimated_wait_s(rec.job_id) if pos is not None else None
+        return job_view(rec, pos, wait)
+
+    async def __del__(self):
+        """Serve's graceful shutdown (redeploy, serve.delete): finish or re-queue in-flight runs."""
+        scheduler = getattr(self, "scheduler", None)
+        if scheduler is not None:
+            await scheduler.drain()
 
     def _artifacts_available(self, rec: JobRecord) -> None:
         if rec.expired:
@@ -209,6 +226,9 @@ class Ingress:
         model: str = Form("fusion", description="Model, or several comma-separated."),
         preset: str | None = Form(None, description="fast, balanced or quality."),
         webhook_url: str | None = Form(None, description="POSTed a JSON summary on the terminal state."),
+        overrides: str | None = Form(
+            None, description='JSON object of config parameters over the preset, e.g. {"texture_size": 1024}.'
+        ),
     ):
         models = parse_models(model)
         unavailable = [m for m in models if m not in self.handles]
@@ -219,6 +239,7 @@ class Ingress:
             )
         preset = preset or self.args.default_preset
         get_preset(preset)  # UNKNOWN_PRESET (422) lists the valid names
+        checked_overrides = validate_overrides(parse_overrides_json(overrides))  # INVALID_OVERRIDES (422)
         if webhook_url is not None and not re.match(r"^https?://[^\s/]+", webhook_url):
             raise E.InvalidRequestError("webhook_url must be an http(s) URL", details={"field": "webhook_url"})
         queued = self.scheduler.queued_count()
@@ -284,6 +305,7 @@ class Ingress:
             runs={m: ModelRun() for m in models},
             webhook=WebhookState(url=webhook_url) if webhook_url else None,
             upload_bytes=len(data),
+            overrides=checked_overrides,
             request_id=rid,
         )
         await asyncio.to_thread(self.store.put, input_key(job_id), data)
@@ -336,6 +358,7 @@ class Ingress:
                     "progress": view.progress,
                     "stage": view.stage,
                     "queue_position": view.queue_position,
+                    "estimated_wait_s": view.estimated_wait_s,
                     "models": {
                         m: {"status": r.status, "progress": r.progress, "stage": r.stage}
                         for m, r in view.models.items()
@@ -447,10 +470,14 @@ class Ingress:
         except Exception as e:
             out["status"] = "degraded"
             out["ray"] = {"error": str(e)}
+        running: dict[str, int] = {}  # deployment name -> RUNNING replicas (this app)
         try:
             st = await asyncio.to_thread(serve.status)
+            this_app = serve.get_replica_context().app_name
             for app_name, a in st.applications.items():
                 for d_name, d in a.deployments.items():
+                    if app_name == this_app:
+                        running[d_name] = int((d.replica_states or {}).get("RUNNING", 0))
                     out["deployments"][f"{app_name}/{d_name}"] = {
                         "status": str(getattr(d.status, "value", d.status)),
                         "replicas": {str(k): v for k, v in (d.replica_states or {}).items()},
@@ -459,6 +486,10 @@ class Ingress:
         except Exception as e:
             out["deployments"] = {"error": str(e)}
         for m, h in self.handles.items():
+            if running.get(model_deployment_name(m), self.scheduler.replicas.get(m)) == 0:
+                # Scaled to zero: a probe would wake a (GPU) replica just to answer /health.
+                out["models"][m] = {"status": "scaled_to_zero", "replicas": 0}
+                continue
             try:
                 info = await asyncio.wait_for(h.info.remote(), HEALTH_INFO_TIMEOUT_S)
                 out["models"][m] = {"status": "ok", **info}

@@ -107,6 +107,9 @@ class JobRecord(BaseModel):
     expired: bool = False
     upload_bytes: int = 0
     request_id: str | None = None
+    overrides: dict = Field(
+        default_factory=dict, description="Config parameters over the preset (serve_app.experiments.overrides)."
+    )
 
     @property
     def terminal(self) -> bool:

@@ -42,6 +42,13 @@ STATUS_BY_CODE: dict[str, int] = {
     "MODEL_UNAVAILABLE": 503,
     "SERVICE_NOT_READY": 503,
     "INTERNAL": 500,
+    # experiments and batches (serve_app/experiments, serve_app/batches.py)
+    "INVALID_EXPERIMENT": 422,
+    "INVALID_OVERRIDES": 422,
+    "EXPERIMENT_NOT_FOUND": 404,
+    "BATCH_NOT_FOUND": 404,
+    "BATCH_TOO_LARGE": 413,
+    "BATCH_NOT_READY": 409,
 }
 
 

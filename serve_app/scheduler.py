@@ -9,6 +9,17 @@
   the app stopped are retried while ``attempts < max_attempts``, else failed with
   JOB_INTERRUPTED. No run stays ``running`` forever: each has a deadline
   (``job_timeout_s``), enforced by the model (JOB_TIMEOUT) and, as a backstop, here.
+* Failover: a run whose model replica dies mid-job (its node went away) is re-queued at
+  the front and dispatched again (Serve's router has dropped the dead replica) while
+  ``attempts < max_attempts``, else failed with REPLICA_LOST. Each attempt's number is
+  written to ``jobs/<id>/attempts/<model>`` before dispatch; a model publishes its files
+  only while it owns that number, so a superseded attempt never overwrites a retry.
+* Ownership and drain: one scheduler owns the job records at a time (``scheduler/owner.json``,
+  heartbeated). A new ingress waits for the old one to release it (or for its heartbeat to go
+  stale) before recovering; on redeploy/delete the old ingress's ``drain`` lets in-flight
+  runs finish for ``drain_timeout_s``, then re-queues the rest and releases ownership.
+* Queue position and ``estimated_wait_s`` come from a moving average of recent run
+  durations per model and the model's running replicas (polled from ``serve.status``).
 * Terminal states trigger the webhook (with retries) and set ``expires_at``; a sweep
   deletes expired artifacts (the API then answers 410 JOB_EXPIRED).
 """
@@ -17,10 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 import time
+import uuid
 
 import httpx
+import ray.exceptions as RE
+from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 
 from deployments import constants as DC
 from deployments.base import ModelRequest
@@ -44,6 +59,32 @@ logger = logging.getLogger("recon3d.scheduler")
 
 #: Share of a model run's progress bar given to the model itself; the fan-out fills the rest.
 MODEL_PROGRESS_SHARE = 0.9
+#: Job error code of a run whose replica died on its last allowed attempt.
+REPLICA_LOST = "REPLICA_LOST"
+#: Store key of the scheduler ownership record.
+OWNER_KEY = "scheduler/owner.json"
+#: Seconds between ownership heartbeats; an owner silent for OWNER_STALE_AFTER_S is presumed dead.
+OWNER_HEARTBEAT_S = 5.0
+OWNER_STALE_AFTER_S = 3 * OWNER_HEARTBEAT_S
+#: Errors of a handle call that mean the replica (or its node) is gone, not that the job is bad.
+REPLICA_LOST_ERRORS: tuple[type[BaseException], ...] = (
+    RE.RayActorError,  # ActorDiedError, ActorUnavailableError
+    RE.NodeDiedError,
+    RE.WorkerCrashedError,
+    RE.ObjectLostError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
+
+
+def attempt_key(job_id: str, model: str) -> str:
+    """Store key holding the attempt number that owns the model's output folder."""
+    return job_key(job_id, "attempts", model)
+
+
+def model_deployment_name(model: str) -> str:
+    """Serve deployment name of a model (ModelServer.get_deployment_options)."""
+    return f"{model}-model"
 
 
 class JobScheduler:
@@ -59,21 +100,98 @@ class JobScheduler:
         self._background: set[asyncio.Task] = set()
         self._running: dict[tuple[str, str], asyncio.Task] = {}
         self.recovered = False
+        self.owner_id = uuid.uuid4().hex
+        self.draining = False
+        self.superseded = False
+        #: model -> recent run durations (dispatch to terminal), seconds.
+        self.durations: dict[str, collections.deque[float]] = {
+            m: collections.deque(maxlen=DC.WAIT_ESTIMATE_WINDOW) for m in handles
+        }
+        #: model -> RUNNING replicas at the last poll (None = unknown, e.g. outside Serve).
+        self.replicas: dict[str, int | None] = {m: None for m in handles}
 
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         self._wake = {m: asyncio.Condition() for m in self.handles}
+        await self.acquire_ownership()
         await self.recover()
         for m in self.handles:
-            n = self.args.model(m).max_concurrent_jobs
+            n = self.args.model(m).dispatch_slots()
             self._tasks += [asyncio.create_task(self._worker(m), name=f"worker:{m}:{i}") for i in range(n)]
         self._tasks.append(asyncio.create_task(self._sweeper(), name="sweeper"))
+        self._tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
+        self._tasks.append(asyncio.create_task(self._poll_replicas(), name="replicas"))
         self.recovered = True
 
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
+
+    # ------------------------------------------------------------ ownership + drain
+
+    def _read_owner(self) -> dict | None:
+        try:
+            return json.loads(self.store.get(OWNER_KEY))
+        except (KeyError, ValueError):
+            return None
+
+    def _write_owner(self, *, released: bool = False) -> None:
+        doc = {"id": self.owner_id, "heartbeat": time.time(), "released": released}
+        self.store.put(OWNER_KEY, json.dumps(doc).encode())
+
+    async def acquire_ownership(self) -> None:
+        """Wait until no other live scheduler owns the records (bounded), then take them."""
+        deadline = time.monotonic() + self.args.drain_timeout_s + DC.DRAIN_MARGIN_S
+        while time.monotonic() < deadline:
+            cur = await asyncio.to_thread(self._read_owner)
+            if cur is None or cur.get("released") or cur.get("id") == self.owner_id:
+                break
+            if time.time() - float(cur.get("heartbeat", 0)) > OWNER_STALE_AFTER_S:
+                logger.warning("taking over from scheduler %s: its heartbeat is stale", cur.get("id"))
+                break
+            await asyncio.sleep(0.5)
+        else:
+            logger.warning("the previous scheduler did not release the job records in time; taking over")
+        await asyncio.to_thread(self._write_owner)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(OWNER_HEARTBEAT_S)
+            try:
+                cur = await asyncio.to_thread(self._read_owner)
+                if cur is not None and cur.get("id") != self.owner_id:
+                    # A newer ingress took over: stop dispatching; it has re-queued our runs.
+                    if not self.superseded:
+                        logger.warning("scheduler superseded by %s; no more dispatches here", cur.get("id"))
+                    self.superseded = True
+                    return
+                await asyncio.to_thread(self._write_owner)
+            except Exception:
+                logger.warning("ownership heartbeat failed", exc_info=True)
+
+    async def drain(self, timeout_s: float | None = None) -> dict:
+        """Graceful stop (redeploy, ``serve.delete``): finish or re-queue every in-flight run.
+
+        New dispatches stop at once; runs in flight get ``timeout_s`` (default
+        ``drain_timeout_s``) to finish; the rest are canceled at the model and saved as
+        ``queued`` (the attempt is not held against ``max_attempts``), so the next ingress
+        recovers them. Returns ``{"finished": n, "requeued": n}``.
+        """
+        self.draining = True
+        timeout_s = self.args.drain_timeout_s if timeout_s is None else timeout_s
+        inflight = list(self._running.values())
+        done, pending = await asyncio.wait(inflight, timeout=timeout_s) if inflight else (set(), set())
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=DC.DRAIN_MARGIN_S / 2)
+        await self.stop()
+        cur = await asyncio.to_thread(self._read_owner)
+        if cur is None or cur.get("id") == self.owner_id:
+            await asyncio.to_thread(self._write_owner, released=True)
+        logger.info("drained: %d runs finished, %d re-queued", len(done), len(pending))
+        return {"finished": len(done), "requeued": len(pending)}
 
     def _spawn(self, coro) -> None:
         t = asyncio.create_task(coro)
@@ -119,6 +237,10 @@ class JobScheduler:
                 await self._finish(rec)
             else:
                 await self.book.save(rec)
+        for rec in recs:  # seed the wait estimates with what already ran
+            for m, run in rec.runs.items():
+                if run.status == "succeeded" and run.started_at and run.finished_at and m in self.durations:
+                    self.durations[m].append(run.finished_at - run.started_at)
         logger.info("recovered %d jobs: %d retried, %d failed as interrupted", len(recs), requeued, interrupted)
         self._update_queue_metric()
 
@@ -128,6 +250,52 @@ class JobScheduler:
         """0-based place in the earliest queue holding the job, or None when not queued."""
         pos = [q.index(job_id) for q in self.queues.values() if job_id in q]
         return min(pos) if pos else None
+
+    def in_flight(self, model: str) -> int:
+        """Runs of ``model`` dispatched to its handle (running on a replica or waiting for one)."""
+        return sum(1 for (_, m) in self._running if m == model)
+
+    def mean_duration_s(self, model: str) -> float | None:
+        d = self.durations.get(model)
+        return sum(d) / len(d) if d else None
+
+    def estimated_wait_s(self, job_id: str) -> float | None:
+        """Seconds until a queued job starts, roughly; None when not queued or nothing has run yet.
+
+        ``mean recent run duration x (jobs ahead in the queue + runs in flight) / replicas``,
+        for the model queue where the job is furthest back; replicas = the model's RUNNING
+        replicas (at least 1: a scaled-to-zero model is assumed to get one).
+        """
+        best: float | None = None
+        for m, q in self.queues.items():
+            if job_id not in q:
+                continue
+            mean = self.mean_duration_s(m)
+            if mean is None:
+                return None
+            ahead = q.index(job_id) + self.in_flight(m)
+            wait = mean * ahead / max(self.replicas.get(m) or 1, 1)
+            best = wait if best is None else max(best, wait)
+        return None if best is None else round(best, 1)
+
+    async def _poll_replicas(self) -> None:
+        """Keep ``self.replicas`` current (RUNNING replicas per model deployment)."""
+        from ray import serve
+
+        try:
+            app = serve.get_replica_context().app_name
+        except Exception:
+            return  # not inside a Serve replica (unit tests)
+        while True:
+            try:
+                st = await asyncio.to_thread(serve.status)
+                deps = st.applications[app].deployments
+                for m in self.handles:
+                    d = deps.get(model_deployment_name(m))
+                    self.replicas[m] = None if d is None else int((d.replica_states or {}).get("RUNNING", 0))
+            except Exception:
+                logger.debug("replica poll failed", exc_info=True)
+            await asyncio.sleep(DC.REPLICA_POLL_INTERVAL_S)
 
     def queued_count(self) -> int:
         return self.book.count("queued")
@@ -181,13 +349,27 @@ class JobScheduler:
     async def _worker(self, model: str) -> None:
         while True:
             job_id = await self._next(model)
+            if self.draining or self.superseded:
+                self.queues[model].appendleft(job_id)  # stays queued in the store; the next owner runs it
+                return
             rec = self.book.get(job_id)
             if rec is None or rec.runs.get(model) is None or rec.runs[model].status != "queued":
                 continue
+            task = asyncio.create_task(self._run_model(rec, model), name=f"run:{job_id}:{model}")
+            self._running[(job_id, model)] = task
             try:
-                await self._run_model(rec, model)
+                await asyncio.shield(task)  # a drain cancels the run itself, not this wait
             except asyncio.CancelledError:
-                raise
+                if not task.done():
+                    raise
+            except Exception:
+                pass
+            finally:
+                self._running.pop((job_id, model), None)
+            try:
+                task.result()
+            except asyncio.CancelledError:
+                continue
             except Exception:
                 logger.exception("scheduler error", extra={"job_id": job_id, "model": model})
                 run = rec.runs[model]
@@ -205,12 +387,13 @@ class JobScheduler:
         run = rec.runs[model]
         run.status = "running"
         run.attempts += 1
-        run.stage = "dispatched"
+        run.stage = "waiting_for_replica"  # until the replica's first event ("started")
         run.started_at = time.time()
         run.error = None
         rec.started_at = rec.started_at or run.started_at
         rec.refresh_summary()
         await self.book.save(rec)
+        await asyncio.to_thread(self.store.put, attempt_key(rec.job_id, model), str(run.attempts).encode())
         log.info("dispatch", extra={"model": model, "attempt": run.attempts})
 
         prefix = artifacts_prefix(rec.job_id, model)
@@ -223,6 +406,8 @@ class JobScheduler:
             cancel_key=cancel_key(rec.job_id),
             deadline=time.time() + self.args.job_timeout_s,
             attempt=run.attempts,
+            overrides=rec.overrides or None,
+            attempt_key=attempt_key(rec.job_id, model),
         )
         share = MODEL_PROGRESS_SHARE if self.args.fanout else 1.0
         final: dict | None = None
@@ -243,7 +428,27 @@ class JobScheduler:
                 "type": "error",
                 "error": {"code": E.JOB_TIMEOUT, "message": "the model did not stop at its deadline"},
             }
-        except Exception as e:  # replica died, deployment gone ...
+        except asyncio.CancelledError:
+            # Drain (redeploy): stop the model at its next cancel checkpoint and leave the job queued.
+            gen.cancel()
+            if self.draining and not self.superseded:
+                await asyncio.shield(self._requeue(rec, model, "a redeploy"))
+            raise
+        except REPLICA_LOST_ERRORS as e:
+            log.warning("model replica lost: %s", e, extra={"model": model, "attempt": run.attempts})
+            if self.draining or self.superseded or run.attempts < self.args.max_attempts:
+                if not self.superseded:
+                    await self._requeue(rec, model, f"the loss of its replica ({type(e).__name__})", front=True)
+                return
+            final = {
+                "type": "error",
+                "error": {
+                    "code": REPLICA_LOST,
+                    "message": f"the model replica (or its node) died during each of {run.attempts} attempt(s)",
+                    "details": {"attempts": run.attempts, "error": type(e).__name__},
+                },
+            }
+        except Exception as e:  # the deployment is gone, a bug ...
             log.warning("model call failed: %s", e, extra={"model": model})
             final = {
                 "type": "error",
@@ -273,8 +478,14 @@ class JobScheduler:
             if run.status == "running":
                 run.status = "succeeded"
                 run.progress = 100.0
+        if self.superseded:
+            return  # a newer scheduler owns this record now (it re-queued the run)
         run.finished_at = time.time()
         run.stage = "done"
+        if run.status == "succeeded":
+            self.durations.setdefault(model, collections.deque(maxlen=DC.WAIT_ESTIMATE_WINDOW)).append(
+                run.finished_at - run.started_at
+            )
         if self.metrics is not None:
             self.metrics.job_finished(model, run.status, run.finished_at - run.started_at, run.timings_s)
         log.info(
@@ -291,6 +502,25 @@ class JobScheduler:
             await self._finish(rec)
         else:
             await self.book.save(rec)
+
+    async def _requeue(self, rec: JobRecord, model: str, why: str, *, front: bool = False) -> None:
+        """Put a run back in the queue after ``why`` interrupted it (its attempt count stays)."""
+        run = rec.runs[model]
+        run.status = "queued"
+        run.stage = "requeued"
+        run.warnings.append(f"attempt {run.attempts} was interrupted by {why}; re-queued")
+        rec.refresh_summary()
+        await self.book.save(rec)
+        if self.draining:
+            return  # the next owner's recover() queues it
+        if front:
+            await asyncio.sleep(DC.REPLICA_LOST_RETRY_DELAY_S)
+            self.queues[model].appendleft(rec.job_id)
+        else:
+            self.queues[model].append(rec.job_id)
+        async with self._wake[model]:
+            self._wake[model].notify()
+        self._update_queue_metric()
 
     async def _fanout(self, rec: JobRecord, model: str, result: dict) -> None:
         run = rec.runs[model]

@@ -35,6 +35,11 @@ class JobView(BaseModel):
     progress: float = Field(description="0-100; never decreases.")
     stage: str | None
     queue_position: int | None = Field(description="0 = next to run; null when not queued.")
+    estimated_wait_s: float | None = Field(
+        None,
+        description="Rough seconds until a queued job starts: mean recent run time x (jobs ahead + runs in flight) "
+        "/ running replicas; null when not queued or before any run finished.",
+    )
     models: dict[str, ModelRunView]
     preset: str
     error: ErrorInfo | None
@@ -71,7 +76,7 @@ def links_for(job_id: str) -> JobLinks:
     return JobLinks(self=base, events=f"{base}/events", download=f"{base}/download", cancel=f"{base}/cancel")
 
 
-def job_view(rec: JobRecord, queue_position: int | None) -> JobView:
+def job_view(rec: JobRecord, queue_position: int | None, estimated_wait_s: float | None = None) -> JobView:
     runs = {
         m: ModelRunView(**r.model_dump(), links={f: f"/jobs/{rec.job_id}/files/{m}/{f}" for f in r.files})
         for m, r in rec.runs.items()
@@ -82,6 +87,7 @@ def job_view(rec: JobRecord, queue_position: int | None) -> JobView:
         progress=rec.progress,
         stage=rec.stage,
         queue_position=queue_position,
+        estimated_wait_s=estimated_wait_s,
         models=runs,
         preset=rec.preset,
         error=rec.error,

@@ -52,7 +52,14 @@ def _frames(gt: TexturedMesh) -> PosedFrames:
         dcam = cam.scaled(WORK, WORK)
         d = r.rasterize(dcam)
         views.append(
-            PosedView(name=name, rgb=shade_rgb(gt, r.rasterize(cam)), camera=cam, depth=d.depth, mask=d.mask, depth_camera=dcam)
+            PosedView(
+                name=name,
+                rgb=shade_rgb(gt, r.rasterize(cam)),
+                camera=cam,
+                depth=d.depth,
+                mask=d.mask,
+                depth_camera=dcam,
+            )
         )
     return PosedFrames(views=views)
 
@@ -95,9 +102,9 @@ def test_refinement_reduces_loss_and_raises_psnr(scene):
 
 def test_convergence_stops_early(scene):
     _, frames, start = scene
-    cfg = replace(TINY, iterations=200, convergence_tol=0.05, convergence_window=5)
+    cfg = replace(TINY, iterations=60, convergence_tol=0.2, convergence_window=4)
     _, rep = refine_mesh(start, frames, cfg, device="cpu")
-    assert rep["stop_reason"] == "converged" and rep["iterations"] < 200
+    assert rep["stop_reason"] == "converged" and rep["iterations"] < 60
 
 
 def test_time_budget_stops_the_loop(scene):
@@ -108,7 +115,7 @@ def test_time_budget_stops_the_loop(scene):
 
 def test_exploding_steps_raise_convergence_error(scene):
     _, frames, start = scene
-    cfg = replace(TINY, lr_vertices=0.5, lr_texture=0.0, smoothing_steps=0, iterations=60)
+    cfg = replace(TINY, lr_vertices=0.5, lr_texture=0.0, smoothing_steps=0, iterations=60, convergence_window=3)
     with pytest.raises(ConvergenceError) as ei:
         refine_mesh(start, frames, cfg, device="cpu")
     e = ei.value

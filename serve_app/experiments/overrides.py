@@ -10,6 +10,7 @@ applied with ``dataclasses.replace`` on the frozen configs. Pure Python: used by
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from typing import Any
 
@@ -119,6 +120,16 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     return value  # a hint we do not know how to check (Any, unions): the dataclass takes it as is
 
 
+def parse_overrides_json(text: str | None) -> dict | None:
+    """The ``overrides`` form field (JSON text) as a dict; None when absent or blank."""
+    if text is None or not text.strip():
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise InvalidOverridesError("overrides must be a JSON object", details={"key": "overrides"}) from None
+
+
 def validate_overrides(overrides: dict | None) -> dict[str, Any]:
     """Canonical dotted keys -> checked values. Unknown keys, wrong types and aliases that
     collide raise :class:`InvalidOverridesError` naming the key (and the valid keys)."""
@@ -164,7 +175,9 @@ def apply_overrides(cfg: ReconstructConfig, overrides: dict | None) -> Reconstru
     try:
         return dataclasses.replace(cfg, **top)
     except (TypeError, ValueError) as e:  # a config's own __post_init__ check
-        raise InvalidOverridesError(f"overrides rejected by the config: {e}", details={"key": sorted(checked)}) from None
+        raise InvalidOverridesError(
+            f"overrides rejected by the config: {e}", details={"key": sorted(checked)}
+        ) from None
 
 
 def _replace_nested(obj: Any, sub: dict[str, Any]) -> Any:
@@ -200,3 +213,13 @@ def run_slug(model: str, preset: str, overrides: dict[str, Any]) -> str:
         label = SLUG_LABELS.get(key) or key.replace(".", "_")
         parts.append(f"{label}{_short_value(overrides[key])}")
     return "-".join(parts)
+
+
+def runner_config_kwargs(preset: str, device: str, overrides: dict | None) -> dict:
+    """Extra keyword arguments for ``reconstruct_bundle``: ``{"config": ...}`` with the overrides
+    applied to the preset, or ``{}`` without overrides (the runner resolves the preset itself)."""
+    if not overrides:
+        return {}
+    from pipeline.config import get_preset
+
+    return {"config": apply_overrides(get_preset(preset, device=device), overrides)}

@@ -42,7 +42,19 @@ GT_MESH = "gt/mesh.glb"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _DATASET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,255}$")
-_SPEC_KEYS = {"name", "description", "dataset", "datasets", "models", "model", "presets", "preset", "grid", "runs", "repeats"}
+_SPEC_KEYS = {
+    "name",
+    "description",
+    "dataset",
+    "datasets",
+    "models",
+    "model",
+    "presets",
+    "preset",
+    "grid",
+    "runs",
+    "repeats",
+}
 _RUN_KEYS = {"model", "preset", "overrides", "dataset", "name"}
 
 
@@ -187,9 +199,11 @@ def expand_spec(
         try:
             return validate_overrides(o)
         except InvalidOverridesError as e:
-            raise _bad(e.message, f"{key}.{e.details.get('key', '')}".rstrip("."), **{
-                k: v for k, v in e.details.items() if k != "key"
-            }) from None
+            raise _bad(
+                e.message,
+                f"{key}.{e.details.get('key', '')}".rstrip("."),
+                **{k: v for k, v in e.details.items() if k != "key"},
+            ) from None
 
     combos: list[tuple[str | None, str, str, dict]] = []
     if has_grid_axes:
@@ -210,27 +224,35 @@ def expand_spec(
         checked_overrides({k: v[0] for k, v in axes}, "grid")  # aliases that collide across axes
         for m, p in itertools.product(models, presets):
             for values in itertools.product(*(v for _, v in axes)):
-                combos.append((None, m, p, checked_overrides(dict(zip([k for k, _ in axes], values, strict=True)), "grid")))
+                combos.append(
+                    (None, m, p, checked_overrides(dict(zip([k for k, _ in axes], values, strict=True)), "grid"))
+                )
     for i, r in enumerate(explicit):
         key = f"runs[{i}]"
         if not isinstance(r, dict):
             raise _bad("each run must be an object {model, preset, overrides, dataset}", key)
         extra = set(r) - _RUN_KEYS
         if extra:
-            raise _bad(f"unknown key {sorted(extra)[0]!r} in a run; valid: {sorted(_RUN_KEYS)}", f"{key}.{sorted(extra)[0]}")
+            raise _bad(
+                f"unknown key {sorted(extra)[0]!r} in a run; valid: {sorted(_RUN_KEYS)}", f"{key}.{sorted(extra)[0]}"
+            )
         ds = r.get("dataset")
         if ds is not None:
             if has_upload:
                 raise _bad("a run cannot name a dataset when a bundle is uploaded", f"{key}.dataset")
             ds = check_dataset_name(ds, f"{key}.dataset")
-        combos.append((
-            ds,
-            check_model(r.get("model", "fusion"), f"{key}.model"),
-            check_preset(r.get("preset", "balanced"), f"{key}.preset"),
-            checked_overrides(r.get("overrides") or {}, f"{key}.overrides"),
-        ))
+        combos.append(
+            (
+                ds,
+                check_model(r.get("model", "fusion"), f"{key}.model"),
+                check_preset(r.get("preset", "balanced"), f"{key}.preset"),
+                checked_overrides(r.get("overrides") or {}, f"{key}.overrides"),
+            )
+        )
 
-    expanded = [(d if ds is None else ds, m, p, o) for ds, m, p, o in combos for d in (datasets if ds is None else [ds])]
+    expanded = [
+        (d if ds is None else ds, m, p, o) for ds, m, p, o in combos for d in (datasets if ds is None else [ds])
+    ]
     n = len(expanded) * repeats
     if n > max_runs:
         raise _bad(f"the experiment expands to {n} runs; the limit is {max_runs}", "grid", runs=n, limit=max_runs)

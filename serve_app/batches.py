@@ -1,0 +1,352 @@
+"""Batches: many bundles in one request, one job each, one id for all of them.
+
+    POST /batches                 multipart: several `bundles` ZIP uploads, or one `archive` ZIP holding
+                                  bundles (nested .zip files or top-level folders); `model`, `preset`,
+                                  `overrides` (JSON) apply to every item. 202 {batch_id, items}.
+    GET  /batches/{id}            aggregate status + progress, per-item status (job id, error code)
+    GET  /batches/{id}/download   one ZIP: <item>/<model>/<file>, plus batch.json (409 until every item ended)
+
+The batch record (``batches/<id>/batch.json`` in the store) holds only the item -> job id
+map; status always comes from the jobs, so cancel, retries and TTL work per item as for any
+job. More than ``batches.max_items`` bundles answer ``413 BATCH_TOO_LARGE`` before any is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import posixpath
+import re
+import tempfile
+import time
+import uuid
+import zipfile
+
+from fastapi import APIRouter, File, Form, UploadFile
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+from starlette.background import BackgroundTask
+
+from pipeline.bundle import VIEWS_DIR, load_bundle
+from pipeline.config import get_preset
+from pipeline.errors import (
+    InputTooLargeError,
+    InvalidArchiveError,
+    InvalidInputError,
+    ReconError,
+    UnsupportedMediaError,
+)
+
+from . import errors as E
+from .experiments.overrides import parse_overrides_json, validate_overrides
+from .experiments.service import check_queue_room, enqueue_job
+from .jobs import TERMINAL, JobRecord
+from .schemas import ErrorBody
+from .store import STREAM_CHUNK_BYTES
+
+BATCHES_PREFIX = "batches"
+_BATCH_ID_RE = re.compile(r"^batch-[0-9]{13}-[0-9a-f]{8}$")
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+#: An archive of bundles may unpack to at most this many times the upload limit.
+ARCHIVE_EXPANSION_LIMIT = 4
+_ERRORS = {s: {"model": ErrorBody} for s in (404, 409, 413, 415, 422, 429)}
+
+
+class BatchTooLargeError(E.ServiceError):
+    code = "BATCH_TOO_LARGE"
+
+
+class BatchNotFoundError(E.ServiceError):
+    code = "BATCH_NOT_FOUND"
+
+
+class BatchNotReadyError(E.ServiceError):
+    code = "BATCH_NOT_READY"
+
+
+class BatchItem(BaseModel):
+    index: int
+    name: str = Field(description="Item name: the upload's file name (or folder in the archive), without .zip.")
+    job_id: str
+
+
+class BatchRecord(BaseModel):
+    batch_id: str
+    created_at: float = Field(default_factory=time.time)
+    model: str
+    preset: str
+    overrides: dict = Field(default_factory=dict)
+    items: list[BatchItem]
+
+
+def batch_key(batch_id: str) -> str:
+    return f"{BATCHES_PREFIX}/{batch_id}/batch.json"
+
+
+def _item_name(raw: str, taken: set[str]) -> str:
+    base = posixpath.basename(raw.rstrip("/").replace("\\", "/"))
+    base = re.sub(r"\.zip$", "", base, flags=re.IGNORECASE)
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", base).strip("._") or "item"
+    name, k = base[:64], 2
+    while name in taken:
+        name, k = f"{base[:60]}-{k}", k + 1
+    taken.add(name)
+    return name
+
+
+def split_archive(data: bytes, *, max_items: int, max_unpacked: int) -> list[tuple[str, bytes]]:
+    """(name, bundle ZIP bytes) of each bundle in an archive of bundles.
+
+    A bundle is a nested ``*.zip`` entry, or a top-level folder holding ``multi_views/``.
+    Raises BATCH_TOO_LARGE above ``max_items`` (before anything is decompressed),
+    INPUT_TOO_LARGE above ``max_unpacked`` bytes, INVALID_ARCHIVE when it holds no bundle.
+    """
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        infos = [i for i in zf.infolist() if not i.is_dir() and not i.filename.startswith(("__MACOSX/", "."))]
+    except zipfile.BadZipFile as e:
+        raise InvalidArchiveError(f"the archive is not a readable ZIP: {e}") from None
+    nested = [i for i in infos if i.filename.lower().endswith(".zip")]
+    folders: dict[str, list[zipfile.ZipInfo]] = {}
+    if not nested:
+        for i in infos:
+            top, _, rest = i.filename.partition("/")
+            if rest:
+                folders.setdefault(top, []).append(i)
+        folders = {k: v for k, v in folders.items() if any(x.filename.startswith(f"{k}/{VIEWS_DIR}/") for x in v)}
+    n = len(nested) or len(folders)
+    if n == 0:
+        raise InvalidArchiveError(
+            "the archive holds no bundle: put one .zip per bundle, or one folder per bundle with multi_views/ inside"
+        )
+    if n > max_items:
+        raise BatchTooLargeError(
+            f"the archive holds {n} bundles; a batch takes at most {max_items}",
+            details={"items": n, "limit": max_items},
+        )
+    unpacked = sum(i.file_size for i in (nested or [x for v in folders.values() for x in v]))
+    if unpacked > max_unpacked:
+        raise InputTooLargeError(
+            f"the archive unpacks to {unpacked} bytes; the limit is {max_unpacked}",
+            details={"bytes": unpacked, "limit": max_unpacked},
+        )
+    taken: set[str] = set()
+    if nested:
+        return [(_item_name(i.filename, taken), zf.read(i)) for i in nested]
+    out = []
+    for top, members in sorted(folders.items()):
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as dst:
+            for i in members:
+                dst.writestr(i.filename[len(top) + 1 :], zf.read(i))
+        out.append((_item_name(top, taken), buf.getvalue()))
+    return out
+
+
+def aggregate_status(statuses: list[str]) -> str:
+    """queued / running while any item is; at the end succeeded (all), canceled (all), failed (none
+    succeeded) or partial (some succeeded, some not)."""
+    if any(s not in TERMINAL for s in statuses):
+        return "running" if any(s != "queued" for s in statuses) else "queued"
+    if all(s == "succeeded" for s in statuses):
+        return "succeeded"
+    if all(s == "canceled" for s in statuses):
+        return "canceled"
+    return "partial" if "succeeded" in statuses else "failed"
+
+
+class BatchService:
+    def __init__(self, ingress):
+        self.ingress = ingress
+        self.batches: dict[str, BatchRecord] = {}
+
+    async def start(self) -> None:
+        store = self.ingress.store
+        for key in await asyncio.to_thread(store.list, BATCHES_PREFIX):
+            if key.endswith("/batch.json"):
+                try:
+                    rec = BatchRecord.model_validate_json(await asyncio.to_thread(store.get, key))
+                except (KeyError, ValueError):
+                    continue
+                self.batches[rec.batch_id] = rec
+
+    def get(self, batch_id: str) -> BatchRecord:
+        rec = self.batches.get(batch_id) if _BATCH_ID_RE.match(batch_id) else None
+        if rec is None:
+            raise BatchNotFoundError(f"no batch {batch_id!r}", details={"batch_id": batch_id})
+        return rec
+
+    def view(self, rec: BatchRecord) -> dict:
+        items, statuses, progress = [], [], []
+        for it in rec.items:
+            job: JobRecord | None = self.ingress.book.get(it.job_id)
+            status = job.status if job is not None else "failed"
+            err = job.error.model_dump() if job is not None and job.error else None
+            if job is None:
+                err = {"code": "JOB_NOT_FOUND", "message": "the item's job was deleted", "details": {}}
+            statuses.append(status)
+            progress.append(job.progress if job is not None else 100.0)
+            items.append(
+                {
+                    "index": it.index,
+                    "name": it.name,
+                    "job_id": it.job_id,
+                    "status": status,
+                    "progress": job.progress if job is not None else None,
+                    "error": err,
+                    "links": {"job": f"/jobs/{it.job_id}"},
+                }
+            )
+        counts: dict[str, int] = {}
+        for s in statuses:
+            counts[s] = counts.get(s, 0) + 1
+        return {
+            "batch_id": rec.batch_id,
+            "status": aggregate_status(statuses),
+            "progress": round(sum(progress) / max(len(progress), 1), 2),
+            "counts": counts,
+            "model": rec.model,
+            "preset": rec.preset,
+            "overrides": rec.overrides,
+            "created_at": rec.created_at,
+            "items": items,
+            "links": {"self": f"/batches/{rec.batch_id}", "download": f"/batches/{rec.batch_id}/download"},
+        }
+
+
+router = APIRouter(tags=["batches"])
+_service: BatchService | None = None
+
+
+async def start_batches(ingress) -> BatchService:
+    """Create the batch service of ``ingress`` (called from Ingress.__init__) and load its records."""
+    global _service
+    svc = BatchService(ingress)
+    await svc.start()
+    _service = svc
+    return svc
+
+
+def _svc() -> BatchService:
+    if _service is None:
+        raise E.NotReadyError("batches are starting")
+    return _service
+
+
+@router.post("/batches", status_code=202, responses=_ERRORS)
+async def submit_batch(
+    bundles: list[UploadFile] | None = File(None, description="Bundle ZIPs, one per item."),
+    archive: UploadFile | None = File(None, description="One ZIP holding bundles (nested ZIPs or folders)."),
+    model: str = Form("fusion", description="Model of every item."),
+    preset: str | None = Form(None, description="Preset of every item."),
+    overrides: str | None = Form(
+        None, description='JSON object of parameters over the preset, e.g. {"texture_size": 1024}.'
+    ),
+):
+    svc = _svc()
+    ingress = svc.ingress
+    limit = ingress.args.batches.max_items
+    if (bundles and archive is not None) or (not bundles and archive is None):
+        raise E.InvalidRequestError("send several `bundles` files or one `archive`", details={"field": "bundles"})
+    from .ingress import parse_models
+
+    models = parse_models(model)
+    if len(models) != 1:
+        raise E.InvalidRequestError("a batch runs one model", details={"field": "model"})
+    if models[0] not in ingress.handles:
+        raise E.ModelUnavailableError(
+            f"model {models[0]!r} is not served by this deployment; served: {sorted(ingress.handles)}",
+            details={"models": models, "served": sorted(ingress.handles)},
+        )
+    preset = preset or ingress.args.default_preset
+    get_preset(preset)
+    checked = validate_overrides(parse_overrides_json(overrides))
+
+    items: list[tuple[str, bytes]] = []
+    if bundles:
+        if len(bundles) > limit:
+            raise BatchTooLargeError(
+                f"{len(bundles)} bundles sent; a batch takes at most {limit}",
+                details={"items": len(bundles), "limit": limit},
+            )
+        taken: set[str] = set()
+        for f in bundles:
+            data = await f.read()
+            if not data.startswith(_ZIP_MAGIC):
+                raise UnsupportedMediaError(f"{f.filename} is not a ZIP archive", details={"file": f.filename})
+            items.append((_item_name(f.filename or "item", taken), data))
+    else:
+        data = await archive.read()
+        if not data.startswith(_ZIP_MAGIC):
+            raise UnsupportedMediaError("archive is not a ZIP archive", details={"file": archive.filename})
+        items = await asyncio.to_thread(
+            split_archive, data, max_items=limit, max_unpacked=ARCHIVE_EXPANSION_LIMIT * ingress.args.max_upload_bytes
+        )
+    check_queue_room(ingress, len(items))
+    if ingress.args.validate_pixels:
+        for name, data in items:
+            try:
+                await asyncio.to_thread(load_bundle, data)
+            except ReconError as e:
+                cls = type(e) if isinstance(e, InvalidInputError) else InvalidInputError
+                raise cls(f"item {name!r}: {e.message}", code=e.code, details={**e.details, "item": name}) from None
+
+    batch_id = f"batch-{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:8]}"
+    rec = BatchRecord(batch_id=batch_id, model=models[0], preset=preset, overrides=checked, items=[])
+    for i, (name, data) in enumerate(items):
+        job_id = await enqueue_job(ingress, data, model=models[0], preset=preset, overrides=checked)
+        rec.items.append(BatchItem(index=i, name=name, job_id=job_id))
+    await asyncio.to_thread(ingress.store.put, batch_key(batch_id), rec.model_dump_json(indent=1).encode())
+    svc.batches[batch_id] = rec
+    body = svc.view(rec)
+    return JSONResponse(body, status_code=202, headers={"Location": body["links"]["self"]})
+
+
+@router.get("/batches/{batch_id}", responses=_ERRORS)
+async def get_batch(batch_id: str):
+    svc = _svc()
+    return svc.view(svc.get(batch_id))
+
+
+def _zip_batch(svc: BatchService, rec: BatchRecord, view: dict) -> str:
+    store = svc.ingress.store
+    fd, path = tempfile.mkstemp(prefix=f"recon3d-{rec.batch_id}-", suffix=".zip")
+    os.close(fd)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        zf.writestr("batch.json", json.dumps(view, indent=2))
+        for it in rec.items:
+            job = svc.ingress.book.get(it.job_id)
+            if job is None or job.expired:
+                continue
+            for m, run in job.runs.items():
+                for rel in run.files:
+                    zf.writestr(f"{it.name}/{m}/{rel}", store.get(f"jobs/{job.job_id}/models/{m}/{rel}"))
+    return path
+
+
+def _iter_file(path: str):
+    with open(path, "rb") as f:
+        while chunk := f.read(STREAM_CHUNK_BYTES):
+            yield chunk
+
+
+@router.get("/batches/{batch_id}/download", responses={200: {"content": {"application/zip": {}}}, **_ERRORS})
+async def download_batch(batch_id: str):
+    """Every item's files as ``<item>/<model>/<file>`` and the batch view as ``batch.json``."""
+    svc = _svc()
+    rec = svc.get(batch_id)
+    view = svc.view(rec)
+    if view["status"] in ("queued", "running"):
+        raise BatchNotReadyError(
+            f"batch {batch_id} is {view['status']}; download once every item has ended",
+            details={"counts": view["counts"]},
+        )
+    path = await asyncio.to_thread(_zip_batch, svc, rec, view)
+    return StreamingResponse(
+        _iter_file(path),
+        media_type="application/zip",
+        headers={"Content-Disposition": f'attachment; filename="recon3d-{batch_id}.zip"'},
+        background=BackgroundTask(os.unlink, path),
+    )

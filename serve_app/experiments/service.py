@@ -1,0 +1,406 @@
+"""The ingress side of experiments: submission, the run watcher and the database.
+
+Runs are ordinary jobs (one model each, with ``overrides``): the scheduler queues,
+retries and cancels them like any other job, and ``GET /jobs/{id}`` shows their progress.
+:class:`ExperimentService` runs in the (single) ingress replica next to the scheduler. A
+watcher task follows the runs' job records in memory; when a run's job ends it reads the
+job's quality.json and result.json from the store, computes geometry metrics against the
+dataset's ``gt/mesh.glb`` (a Ray task), copies the main outputs to
+``experiments/<id>/runs/<slug>/`` and writes the row. A failed run is recorded with its error
+code; it never fails the experiment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import re
+import subprocess
+import tempfile
+import time
+import uuid
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from deployments import constants as DC
+from pipeline.bundle import load_bundle
+from pipeline.errors import ReconError
+
+from .. import errors as E
+from ..jobs import TERMINAL, JobRecord, ModelRun, artifacts_prefix, input_key, new_job_id
+from ..store import Store
+from .db import SNAPSHOT_KEY, ExperimentsDB, dumps, restore_snapshot
+from .spec import GT_MESH, UPLOAD_DATASET, ExperimentSpec, InvalidExperimentError, resolve_dataset
+
+logger = logging.getLogger("recon3d.experiments")
+
+EXPERIMENTS_PREFIX = "experiments"
+_EXPERIMENT_ID_RE = re.compile(r"^exp-[0-9]{13}-[0-9a-f]{8}$")
+#: Folders and files of a dataset folder that are not sent to the model (ground truth, licences).
+_DATASET_EXCLUDE_TOP = {"gt"}
+
+
+class ExperimentNotFoundError(E.ServiceError):
+    code = "EXPERIMENT_NOT_FOUND"
+
+
+def new_experiment_id() -> str:
+    return f"exp-{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:8]}"
+
+
+def valid_experiment_id(experiment_id: str) -> bool:
+    return bool(_EXPERIMENT_ID_RE.match(experiment_id))
+
+
+def experiment_key(experiment_id: str, *parts: str) -> str:
+    return "/".join((EXPERIMENTS_PREFIX, experiment_id, *parts))
+
+
+def git_commit(configured: str | None = None) -> str | None:
+    """The commit the service runs: the setting, $RECON3D_GIT_COMMIT, or ``git rev-parse HEAD`` of the
+    source tree (with ``-dirty`` when it has uncommitted changes); None when none of them is known."""
+    if configured:
+        return configured
+    if os.environ.get("RECON3D_GIT_COMMIT"):
+        return os.environ["RECON3D_GIT_COMMIT"]
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return head + ("-dirty" if dirty else "") if head else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def zip_dataset(path: Path) -> bytes:
+    """A dataset bundle (folder or ZIP) as ZIP bytes for a job, without its ``gt/`` folder."""
+    if path.is_file():
+        return path.read_bytes()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:  # PNGs are compressed already
+        for p in sorted(path.rglob("*")):
+            rel = p.relative_to(path)
+            if p.is_file() and rel.parts[0] not in _DATASET_EXCLUDE_TOP and not rel.parts[0].startswith("."):
+                zf.write(p, rel.as_posix())
+    return buf.getvalue()
+
+
+def default_db_path(args) -> Path:
+    s = args.experiments
+    if s.db_path:
+        return Path(s.db_path)
+    if args.store.kind == "local":
+        return Path(args.store.path) / "experiments.sqlite"
+    return Path(tempfile.gettempdir()) / "recon3d" / "experiments.sqlite"
+
+
+async def enqueue_job(ingress, data: bytes, *, model: str, preset: str, overrides: dict | None = None) -> str:
+    """Store ``data`` (a bundle ZIP) as a new job's input and queue it; returns the job id."""
+    job_id = new_job_id()
+    rec = JobRecord(
+        job_id=job_id,
+        models=[model],
+        preset=preset,
+        runs={model: ModelRun()},
+        upload_bytes=len(data),
+        overrides=dict(overrides or {}),
+    )
+    await asyncio.to_thread(ingress.store.put, input_key(job_id), data)
+    await ingress.scheduler.submit(rec)
+    if getattr(ingress, "metrics", None) is not None:
+        ingress.metrics.submitted.inc()
+    return job_id
+
+
+def check_queue_room(ingress, n: int) -> None:
+    """QUEUE_FULL (429) when ``n`` more jobs would pass ``max_queued_jobs``."""
+    queued = ingress.scheduler.queued_count()
+    limit = ingress.args.max_queued_jobs
+    if queued + n > limit:
+        raise E.QueueFullError(
+            f"{n} jobs would join {queued} queued ones (the limit is {limit}); retry later or send fewer",
+            retry_after_s=DC.QUEUE_FULL_RETRY_AFTER_S,
+            details={"queued": queued, "requested": n, "limit": limit},
+        )
+
+
+class ExperimentService:
+    """Submission, watching and results of experiments (one per ingress replica)."""
+
+    def __init__(self, ingress):
+        self.ingress = ingress
+        self.args = ingress.args
+        self.settings = ingress.args.experiments
+        self.store: Store = ingress.store
+        self.db_path = default_db_path(self.args)
+        snap = self.settings.snapshot
+        self.snapshot_enabled = (self.args.store.kind != "local") if snap is None else snap
+        self.db: ExperimentsDB | None = None
+        self.commit: str | None = None
+        #: job id -> (experiment id, run index) of runs being watched.
+        self.watched: dict[str, tuple[str, int]] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._finalizing: set[str] = set()
+        self._marked_running: set[str] = set()
+        self._last_snapshot = 0.0
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self.snapshot_enabled and not self.db_path.exists():
+            try:
+                data = await asyncio.to_thread(self.store.get, SNAPSHOT_KEY)
+                await asyncio.to_thread(restore_snapshot, self.db_path, data)
+                logger.info("experiments database restored from the store snapshot")
+            except KeyError:
+                pass
+        self.db = await asyncio.to_thread(ExperimentsDB, self.db_path)
+        self.commit = await asyncio.to_thread(git_commit, self.settings.git_commit)
+        for run in await asyncio.to_thread(self.db.open_runs):
+            if run["job_id"]:
+                self.watched[run["job_id"]] = (run["experiment_id"], run["run_index"])
+        self._tasks.append(asyncio.create_task(self._watch(), name="experiments:watch"))
+        logger.info(
+            "experiments: database %s (schema applied %s), %d runs watched",
+            self.db_path,
+            self.db.applied,
+            len(self.watched),
+        )
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await self._snapshot(force=True)
+
+    # ------------------------------------------------------------ submission
+
+    async def submit(self, spec: ExperimentSpec, upload: bytes | None) -> dict:
+        """Validate the bundles, store them, create one job per run and the database rows."""
+        ingress = self.ingress
+        check_queue_room(ingress, len(spec.runs))
+        experiment_id = new_experiment_id()
+        inputs: dict[str, bytes] = {}
+        if upload is not None:
+            inputs[UPLOAD_DATASET] = upload
+        else:
+            for ds in dict.fromkeys(r.dataset for r in spec.runs):
+                path = resolve_dataset(self.settings.dataset_root, ds, "datasets")
+                inputs[ds] = await asyncio.to_thread(zip_dataset, path)
+        if self.args.validate_pixels:
+            for ds, data in inputs.items():
+                try:
+                    await asyncio.to_thread(load_bundle, data)
+                except ReconError as e:
+                    raise InvalidExperimentError(
+                        f"dataset {ds!r} is not a valid bundle: {e.message}",
+                        details={
+                            "key": "bundle" if ds == UPLOAD_DATASET else "datasets",
+                            "dataset": ds,
+                            "cause": e.code,
+                            **e.details,
+                        },
+                    ) from None
+        bundle_key = None
+        if upload is not None:
+            bundle_key = experiment_key(experiment_id, "input", "bundle.zip")
+            await asyncio.to_thread(self.store.put, bundle_key, upload)
+        now = time.time()
+        rows = []
+        for run in spec.runs:
+            job_id = await enqueue_job(
+                ingress, inputs[run.dataset], model=run.model, preset=run.preset, overrides=run.overrides
+            )
+            rows.append(
+                {
+                    "experiment_id": experiment_id,
+                    "run_index": run.index,
+                    "slug": run.slug,
+                    "dataset": run.dataset,
+                    "model": run.model,
+                    "preset": run.preset,
+                    "overrides_json": dumps(run.overrides),
+                    "job_id": job_id,
+                    "status": "queued",
+                    "created_at": now,
+                }
+            )
+        exp = {
+            "experiment_id": experiment_id,
+            "name": spec.name,
+            "description": spec.description,
+            "status": "running",
+            "spec_json": dumps(spec.raw),
+            "bundle_key": bundle_key,
+            "git_commit": self.commit,
+            "created_at": now,
+        }
+        await asyncio.to_thread(self.db.create_experiment, exp, rows)
+        for row in rows:
+            self.watched[row["job_id"]] = (experiment_id, row["run_index"])
+        await self._snapshot()
+        logger.info("experiment %s queued: %d runs", experiment_id, len(rows))
+        return {"experiment_id": experiment_id, "status": "running", "runs": len(rows)}
+
+    # ------------------------------------------------------------ watcher
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                await self.poll_once()
+                await self._snapshot()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("experiment watcher failed; retrying")
+            await asyncio.sleep(self.settings.poll_interval_s)
+
+    async def poll_once(self) -> None:
+        """Move watched runs forward from their job records (running, then finalized at a terminal state)."""
+        book = self.ingress.book
+        for job_id, (experiment_id, index) in list(self.watched.items()):
+            if job_id in self._finalizing:
+                continue
+            rec = book.get(job_id)
+            if rec is None:
+                self.watched.pop(job_id, None)
+                await asyncio.to_thread(
+                    self.db.update_run,
+                    experiment_id,
+                    index,
+                    status="failed",
+                    error_code="JOB_NOT_FOUND",
+                    error_message="the run's job was deleted before its metrics were recorded",
+                    finished_at=time.time(),
+                )
+                await self._maybe_finish(experiment_id)
+                continue
+            run = next(iter(rec.runs.values()))
+            if run.status in TERMINAL:
+                self._finalizing.add(job_id)
+                task = asyncio.create_task(self._finalize(job_id, experiment_id, index, rec))
+                self._tasks.append(task)  # keep a reference until it ends
+                task.add_done_callback(self._tasks.remove)
+            elif run.status == "running" and job_id not in self._marked_running:
+                self._marked_running.add(job_id)  # one write per run, not one per poll
+                await asyncio.to_thread(
+                    self.db.update_run, experiment_id, index, status="running", started_at=run.started_at
+                )
+
+    async def _finalize(self, job_id: str, experiment_id: str, index: int, rec: JobRecord) -> None:
+        try:
+            fields = await self._run_fields(experiment_id, index, rec)
+            await asyncio.to_thread(self.db.update_run, experiment_id, index, **fields)
+            self.watched.pop(job_id, None)
+            self._marked_running.discard(job_id)
+            await self._maybe_finish(experiment_id)
+        except Exception:
+            logger.exception("recording run %s of experiment %s failed", index, experiment_id)
+        finally:
+            self._finalizing.discard(job_id)
+
+    async def _run_fields(self, experiment_id: str, index: int, rec: JobRecord) -> dict[str, Any]:
+        from .results import run_metrics
+
+        model, run = next(iter(rec.runs.items()))
+        prefix = artifacts_prefix(rec.job_id, model)
+        row = next(r for r in await asyncio.to_thread(self.db.runs, experiment_id) if r["run_index"] == index)
+
+        def read_json(name: str) -> dict | None:
+            if name not in run.files:
+                return None
+            try:
+                return json.loads(self.store.get(f"{prefix}/{name}"))
+            except (KeyError, ValueError):
+                return None
+
+        quality = await asyncio.to_thread(read_json, "quality.json")
+        result = await asyncio.to_thread(read_json, "result.json")
+        fields = run_metrics(quality, result)
+        geometry = None
+        if self.settings.geometry_metrics and "mesh.glb" in run.files and row["dataset"] != UPLOAD_DATASET:
+            geometry = await self._geometry(row["dataset"], f"{prefix}/mesh.glb")
+            if geometry is not None:
+                fields.update(
+                    f_score=geometry.get("f_score"),
+                    chamfer_l1=geometry.get("chamfer_l1"),
+                    geometry_json=dumps(geometry),
+                )
+        out_prefix = experiment_key(experiment_id, "runs", row["slug"])
+        copied = await asyncio.to_thread(self._copy_outputs, prefix, out_prefix, run.files, geometry)
+        fields.update(
+            status=run.status,
+            error_code=run.error.code if run.error else None,
+            error_message=run.error.message if run.error else None,
+            wall_s=(run.finished_at - run.started_at) if run.finished_at and run.started_at else None,
+            git_commit=self.commit,
+            output_prefix=out_prefix if copied else None,
+            started_at=run.started_at,
+            finished_at=run.finished_at or time.time(),
+        )
+        if fields.get("model_s") is None and run.timings_s:
+            fields["model_s"] = run.timings_s.get("total")
+        return fields
+
+    def _copy_outputs(self, src: str, dst: str, files: list[str], geometry: dict | None) -> list[str]:
+        copied = []
+        for name in self.settings.copy_files:
+            if name in files:
+                self.store.put(f"{dst}/{name}", self.store.get(f"{src}/{name}"))
+                copied.append(name)
+        if geometry is not None:
+            self.store.put(f"{dst}/geometry.json", json.dumps(geometry, indent=2).encode())
+            copied.append("geometry.json")
+        return copied
+
+    async def _geometry(self, dataset: str, mesh_key: str) -> dict | None:
+        """Geometry metrics against ``<dataset>/gt/mesh.glb`` in a Ray task; None without a GT or on failure."""
+        try:
+            gt = resolve_dataset(self.settings.dataset_root, dataset) / GT_MESH
+        except InvalidExperimentError:
+            return None
+        if not gt.is_file():
+            return None
+        from .tasks import geometry_metrics_task
+
+        try:
+            return await geometry_metrics_task.options(
+                num_cpus=self.args.fanout_num_cpus, name=f"geometry:{mesh_key}", max_retries=1
+            ).remote(self.store, mesh_key, gt.read_bytes())
+        except Exception as e:
+            logger.warning("geometry metrics of %s failed: %s", mesh_key, e)
+            return None
+
+    async def _maybe_finish(self, experiment_id: str) -> None:
+        runs = await asyncio.to_thread(self.db.runs, experiment_id)
+        if all(r["status"] in TERMINAL for r in runs):
+            await asyncio.to_thread(self.db.finish_experiment, experiment_id, time.time())
+            await self._snapshot(force=True)
+            logger.info("experiment %s finished", experiment_id)
+
+    async def _snapshot(self, *, force: bool = False) -> None:
+        if not self.snapshot_enabled or self.db is None or not self.db.dirty:
+            return
+        if not force and time.monotonic() - self._last_snapshot < self.settings.snapshot_interval_s:
+            return
+        self._last_snapshot = time.monotonic()
+        data = await asyncio.to_thread(self.db.snapshot_bytes)
+        await asyncio.to_thread(self.store.put, SNAPSHOT_KEY, data)
+
+    # ------------------------------------------------------------ reads
+
+    async def experiment(self, experiment_id: str) -> tuple[dict, list[dict]]:
+        exp = await asyncio.to_thread(self.db.experiment, experiment_id) if valid_experiment_id(experiment_id) else None
+        if exp is None:
+            raise ExperimentNotFoundError(f"no experiment {experiment_id!r}", details={"experiment_id": experiment_id})
+        return exp, await asyncio.to_thread(self.db.runs, experiment_id)
