@@ -74,7 +74,7 @@ def service(tmp_path_factory):
     """(base_url, store_dir, restart()) — serve.run on a 2-CPU local Ray."""
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
     sys.path[:0] = [str(REPO), str(REPO / "tests")]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     store_dir = tmp_path_factory.mktemp("store")
