@@ -28,7 +28,7 @@ from pipeline.metrics import evaluate_views, geometry_metrics
 from pipeline.prepare import prepare_frames
 from pipeline.reconstruct import reconstruct_bundle
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def find_bundles(data: Path) -> list[tuple[str, Path, Path | None]]:

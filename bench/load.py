@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--bundle", default="/work/shared/data/objects/box")
+    p.add_argument("--bundle", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "objects" / "box"))
     p.add_argument("--n", type=int, default=20)
     p.add_argument("--preset", default="fast")
     p.add_argument("--port", type=int, default=8123)

@@ -27,7 +27,7 @@ from pipeline.photo_refine import photo_consistency, refine_surface
 from pipeline.prepare import prepare_frames
 from pipeline.texture import bake_texture
 
-DATA = Path("/work/shared/data")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the checkout
 DEFAULT_BUNDLES = [DATA / "seed-example/input", DATA / "objects/spot", DATA / "objects/box"]
 
 

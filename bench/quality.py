@@ -25,7 +25,7 @@ from pipeline.errors import ReconError  # noqa: E402
 from pipeline.evaluate import load_mesh_file  # noqa: E402
 from pipeline.metrics import GEOMETRY_SAMPLES, geometry_metrics  # noqa: E402
 
-DATA = Path("/work/shared/data")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the checkout
 DEFAULT_BUNDLES = (DATA / "objects", DATA / "seed-example" / "input")
 GT_MESH = Path("gt") / "mesh.glb"
 COLUMNS = ("bundle", "F-score", "Chamfer", "NC", "PSNR", "SSIM", "status", "time s", "faces")

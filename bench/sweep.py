@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 from serve_app.client import Recon3DClient  # noqa: E402
 from serve_app.experiments.results import format_table, pareto_front  # noqa: E402
 
-DATA_ROOT = Path("/work/shared/data")
+DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the checkout
 DEFAULT_DATASETS = "objects/spot,objects/box,seed-example/input"
 
 

@@ -32,7 +32,7 @@ from pipeline.metrics import evaluate_views, render_view_for_metrics  # noqa: E4
 from pipeline.render import make_rasterizer  # noqa: E402
 from pipeline.texture import bake_texture  # noqa: E402
 
-DATA = Path("/work/shared/data")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the checkout
 #: Ground-truth meshes above this many faces are decimated first (the fusion output size).
 MAX_FACES = 40_000
 
