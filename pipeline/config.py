@@ -90,7 +90,7 @@ class FusionConfig:
     resolution (so slightly wrong cameras do not carve into the object)."""
     min_component_fraction: float = 0.02
     """Connected components with fewer faces than this fraction of the largest are removed."""
-    smooth_iterations: int = 2
+    smooth_iterations: int = 24
     """Taubin smoothing passes applied after marching cubes (removes 8-bit banding)."""
     target_faces: int = 40_000
     """Face count after decimation."""
@@ -244,7 +244,7 @@ class ReconstructConfig:
 PRESETS: dict[str, ReconstructConfig] = {
     "fast": ReconstructConfig(
         preset="fast",
-        fusion=FusionConfig(resolution=128, target_faces=15_000, smooth_iterations=2),
+        fusion=FusionConfig(resolution=128, target_faces=15_000, smooth_iterations=12),
         texture=TextureConfig(size=1024),
         refine=REFINE_PRESETS["fast"],
         max_working_resolution=512,
@@ -252,7 +252,7 @@ PRESETS: dict[str, ReconstructConfig] = {
     "balanced": ReconstructConfig(preset="balanced"),
     "quality": ReconstructConfig(
         preset="quality",
-        fusion=FusionConfig(resolution=256, target_faces=100_000, smooth_iterations=2),
+        fusion=FusionConfig(resolution=256, target_faces=100_000, smooth_iterations=24),
         texture=TextureConfig(size=4096),
         refine=REFINE_PRESETS["quality"],
         max_working_resolution=2048,
