@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bundles import DEFAULT_DATA, find_bundles  # bench/bundles.py (the script's folder is on sys.path)
 
 from pipeline.bundle import load_bundle
 from pipeline.config import get_preset
@@ -28,21 +29,6 @@ from pipeline.mesh import TexturedMesh
 from pipeline.metrics import evaluate_views, geometry_metrics
 from pipeline.prepare import prepare_frames
 from pipeline.reconstruct import reconstruct_bundle
-
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def find_bundles(data: Path) -> list[tuple[str, Path, Path | None]]:
-    """(name, bundle folder, ground-truth mesh or None) for every bundle under ``data``."""
-    out = []
-    for mv in sorted(data.rglob("multi_views")):
-        b = mv.parent
-        if "examples" in b.parts:
-            continue
-        gt = b / "gt" / "mesh.glb"
-        name = b.name if b.name != "input" else b.parent.name
-        out.append((name, b, gt if gt.exists() else None))
-    return out
 
 
 def _summary(per_view: list[dict]) -> tuple[float, float]:

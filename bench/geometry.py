@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import trimesh
+from bundles import DEFAULT_DATA, find_bundles  # bench/bundles.py (the script's folder is on sys.path)
 from scipy.spatial import cKDTree
 
 from pipeline.bundle import load_bundle
@@ -26,7 +27,6 @@ from pipeline.fusion import reconstruct_geometry
 from pipeline.prepare import prepare_frames
 from pipeline.render import make_rasterizer
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 SAMPLES = 100_000
 TAU_FRACTION = 0.01
 
@@ -65,18 +65,6 @@ def silhouette_ious(vertices, faces, frames) -> dict[str, float]:
     for v in frames.views:
         m = r.rasterize(v.depth_camera).mask
         out[v.name] = round(float((m & v.mask).sum() / max((m | v.mask).sum(), 1)), 4)
-    return out
-
-
-def find_bundles(data: Path) -> list[tuple[str, Path, Path | None]]:
-    out = []
-    for mv in sorted(data.rglob("multi_views")):
-        b = mv.parent
-        if "examples" in b.parts:
-            continue
-        gt = b / "gt" / "mesh.glb"
-        name = b.name if b.name != "input" else b.parent.name
-        out.append((name, b, gt if gt.exists() else None))
     return out
 
 

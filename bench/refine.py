@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bundles import DEFAULT_DATA, find_bundles  # bench/bundles.py (the script's folder is on sys.path)
 from scipy import ndimage
 
 from pipeline.bundle import load_bundle
@@ -34,23 +35,6 @@ from pipeline.metrics import evaluate_views, geometry_metrics
 from pipeline.prepare import prepare_frames
 from pipeline.reconstruct import reconstruct_bundle
 from pipeline.refine import refine_mesh, write_loss_plot
-
-DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-
-
-def find_bundles(data: Path, names: list[str] | None) -> list[tuple[str, Path, Path | None]]:
-    """(name, bundle folder, ground-truth mesh or None) under ``data``, filtered by folder name."""
-    out = []
-    for mv in sorted(data.rglob("multi_views")):
-        b = mv.parent
-        if "examples" in b.parts:
-            continue
-        name = b.name if b.name != "input" else b.parent.name
-        if names and b.name not in names and name not in names:
-            continue
-        gt = b / "gt" / "mesh.glb"
-        out.append((name, b, gt if gt.exists() else None))
-    return out
 
 
 def degrade(gt: TexturedMesh, *, seed: int = 0) -> TexturedMesh:

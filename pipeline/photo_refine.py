@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +43,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
+from .callbacks import ProgressFn
 from .camera import Camera
 from .config import PhotoRefineConfig
 from .frames import PosedFrames
@@ -70,8 +70,6 @@ MIN_RISE = 0.002
 CONFIDENCE_QUANTILE = 0.75
 #: Colour confidences are capped at this many times the normalising quantile (one sharp vertex cannot pin the field).
 MAX_CONFIDENCE = 4.0
-
-ProgressFn = Callable[[str, float], None]
 
 
 @dataclass

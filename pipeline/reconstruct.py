@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 from . import __version__
 from .bundle import BundleLimits, load_bundle
+from .callbacks import CancelFn, ProgressFn
 from .config import ReconstructConfig, get_preset
 from .errors import CanceledError, ConvergenceError, InvalidInputError
-
-ProgressFn = Callable[[str, float], None]
-CancelFn = Callable[[], bool]
 
 #: Relative cost of each stage, for an overall progress fraction that never goes backwards.
 _STAGE_WEIGHTS: dict[str, float] = {
@@ -193,7 +190,9 @@ def reconstruct_bundle(
         except ConvergenceError as e:
             # The fusion mesh stays the output; the failure is reported, not fatal.
             refine_report = {"error": e.to_dict(), "fallback": "fusion"}
-            warnings.append(f"{e.code}: refinement did not converge ({e.details.get('reason')}); the fusion result is returned")
+            warnings.append(
+                f"{e.code}: refinement did not converge ({e.details.get('reason')}); the fusion result is returned"
+            )
         if refine_report.get("loss_curve"):
             write_loss_plot(refine_report, out / "loss.png")
     files = run("export", export_mesh, mesh, out)
@@ -210,7 +209,11 @@ def reconstruct_bundle(
         "geometry": geometry_report,
         "camera_refinement": camera_report,
         "photo_refinement": photo_report,
-        "mesh": {"vertices": int(len(mesh.vertices)), "faces": int(len(mesh.faces)), "texture_size": int(mesh.texture.shape[0]) if mesh.texture is not None else 0},
+        "mesh": {
+            "vertices": int(len(mesh.vertices)),
+            "faces": int(len(mesh.faces)),
+            "texture_size": int(mesh.texture.shape[0]) if mesh.texture is not None else 0,
+        },
         "warnings": list(fs.warnings) + list(frames.warnings) + warnings,
         "timings_s": timings,
         "config": cfg.to_dict(),

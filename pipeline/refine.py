@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .callbacks import CancelFn, ProgressFn
 from .camera import Camera
 from .config import RefineConfig
 from .diffrender import make_diff_renderer, signed_distance_px, silhouette_loss, weld_vertices
@@ -38,9 +38,6 @@ from .errors import CanceledError, ConvergenceError, InvalidInputError, ModelOOM
 from .frames import PosedFrames
 from .mesh import TexturedMesh
 from .render import cuda_available
-
-ProgressFn = Callable[[str, float], None]
-CancelFn = Callable[[], bool]
 
 STAGE = "refine"
 #: A windowed mean loss above this multiple of the first window's mean means the optimisation diverged.

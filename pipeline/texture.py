@@ -24,13 +24,13 @@ texel in row ``i``, column ``j`` has its centre at ``u = (j + 0.5) / T``,
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .callbacks import ProgressFn
 from .config import TextureConfig
 from .errors import ReconstructionFailedError
 from .frames import PosedFrames, PosedView
@@ -63,8 +63,6 @@ MIN_VIEW_WEIGHT = 1e-4
 SURFACE_FILL_STRIDE = 4
 #: Surface fill: neighbour-averaging passes over mesh edges for vertices no view saw.
 SURFACE_FILL_ITERATIONS = 64
-
-ProgressFn = Callable[[str, float], None]
 
 
 @dataclass

@@ -42,9 +42,9 @@ from pipeline.errors import (
 from . import errors as E
 from .experiments.overrides import parse_overrides_json, validate_overrides
 from .experiments.service import check_queue_room, enqueue_job
-from .jobs import TERMINAL, JobRecord
+from .jobs import TERMINAL, JobRecord, write_artifacts
 from .schemas import ErrorBody
-from .store import STREAM_CHUNK_BYTES
+from .store import iter_file
 
 BATCHES_PREFIX = "batches"
 _BATCH_ID_RE = re.compile(r"^batch-[0-9]{13}-[0-9a-f]{8}$")
@@ -320,16 +320,8 @@ def _zip_batch(svc: BatchService, rec: BatchRecord, view: dict) -> str:
             job = svc.ingress.book.get(it.job_id)
             if job is None or job.expired:
                 continue
-            for m, run in job.runs.items():
-                for rel in run.files:
-                    zf.writestr(f"{it.name}/{m}/{rel}", store.get(f"jobs/{job.job_id}/models/{m}/{rel}"))
+            write_artifacts(zf, store, job, prefix=f"{it.name}/")
     return path
-
-
-def _iter_file(path: str):
-    with open(path, "rb") as f:
-        while chunk := f.read(STREAM_CHUNK_BYTES):
-            yield chunk
 
 
 @router.get("/batches/{batch_id}/download", responses={200: {"content": {"application/zip": {}}}, **_ERRORS})
@@ -345,7 +337,7 @@ async def download_batch(batch_id: str):
         )
     path = await asyncio.to_thread(_zip_batch, svc, rec, view)
     return StreamingResponse(
-        _iter_file(path),
+        iter_file(path),
         media_type="application/zip",
         headers={"Content-Disposition": f'attachment; filename="recon3d-{batch_id}.zip"'},
         background=BackgroundTask(os.unlink, path),

@@ -40,13 +40,23 @@ from .config import KNOWN_MODELS, AppArgs
 from .experiments.overrides import parse_overrides_json, validate_overrides
 from .experiments.router import router as experiments_router
 from .experiments.router import start_experiments
-from .jobs import TERMINAL, JobBook, JobRecord, ModelRun, WebhookState, input_key, new_job_id
+from .jobs import (
+    TERMINAL,
+    JobBook,
+    JobRecord,
+    ModelRun,
+    WebhookState,
+    artifacts_prefix,
+    input_key,
+    new_job_id,
+    write_artifacts,
+)
 from .logging import configure_json_logging, job_logger
 from .metrics import ServiceMetrics
 from .middleware import add_exception_handling, error_response
 from .scheduler import JobScheduler, model_deployment_name
 from .schemas import CancelAccepted, CancelRequest, ErrorBody, JobAccepted, JobList, JobView, job_view, links_for
-from .store import STREAM_CHUNK_BYTES, make_store
+from .store import iter_file, make_store
 
 #: Seconds the confirm token of a two-step cancel stays valid.
 CANCEL_CONFIRM_TTL_S = 300.0
@@ -147,16 +157,8 @@ def _zip_artifacts(store, rec: JobRecord) -> str:
     fd, path = tempfile.mkstemp(prefix=f"recon3d-{rec.job_id}-", suffix=".zip")
     os.close(fd)
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
-        for m, run in rec.runs.items():
-            for rel in run.files:
-                zf.writestr(f"{m}/{rel}", store.get(f"jobs/{rec.job_id}/models/{m}/{rel}"))
+        write_artifacts(zf, store, rec)
     return path
-
-
-def _iter_file(path: str):
-    with open(path, "rb") as f:
-        while chunk := f.read(STREAM_CHUNK_BYTES):
-            yield chunk
 
 
 def _sse(event: str, data: dict) -> str:
@@ -383,7 +385,7 @@ class Ingress:
         self._artifacts_available(rec)
         path = await asyncio.to_thread(_zip_artifacts, self.store, rec)
         return StreamingResponse(
-            _iter_file(path),
+            iter_file(path),
             media_type="application/zip",
             headers={"Content-Disposition": f'attachment; filename="recon3d-{job_id}.zip"'},
             background=BackgroundTask(os.unlink, path),
@@ -405,7 +407,7 @@ class Ingress:
                 f"job {job_id} has no file {path!r}",
                 details={"path": path, "files": {m: r.files for m, r in rec.runs.items()}},
             )
-        key = f"jobs/{job_id}/models/{model}/{rel}"
+        key = f"{artifacts_prefix(job_id, model)}/{rel}"
         if redirect:
             url = await asyncio.to_thread(self.store.presigned_url, key)
             if url:

@@ -50,6 +50,13 @@ def artifacts_prefix(job_id: str, model: str) -> str:
     return job_key(job_id, "models", model)
 
 
+def write_artifacts(zf, store: Store, rec: JobRecord, *, prefix: str = "") -> None:
+    """Add every model's files of ``rec`` to the open ZipFile ``zf`` as ``<prefix><model>/<file>``."""
+    for m, run in rec.runs.items():
+        for rel in run.files:
+            zf.writestr(f"{prefix}{m}/{rel}", store.get(f"{artifacts_prefix(rec.job_id, m)}/{rel}"))
+
+
 def new_job_id() -> str:
     # Sortable by creation time (ms), then random: listings come out in submission order.
     return f"{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:10]}"

@@ -26,6 +26,13 @@ from .config import StoreConfig
 STREAM_CHUNK_BYTES = 1024 * 1024
 
 
+def iter_file(path: str) -> Iterator[bytes]:
+    """A local file in STREAM_CHUNK_BYTES chunks (for streaming responses of temporary ZIPs)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(STREAM_CHUNK_BYTES):
+            yield chunk
+
+
 class InvalidKeyError(ValueError):
     """A key that is absolute, empty or climbs out of the store root."""
 

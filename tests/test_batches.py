@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import socket
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -55,33 +52,17 @@ def test_aggregate_status_and_archive_split():
 
 
 ray = pytest.importorskip("ray")
-from ray import serve  # noqa: E402
+from serve_harness import BEHAVIOUR_MODEL, serve_app  # noqa: E402
 from test_service_runners import with_behaviour  # noqa: E402
 
 from pipeline.synthetic import write_bundle  # noqa: E402
-from serve_app.builder import build_app  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
-    sys.path[:0] = [str(REPO), str(REPO / "tests")]
     args = {
         "store": {"kind": "local", "path": str(tmp_path_factory.mktemp("store"))},
-        "models": [
-            {
-                "name": "fusion",
-                "num_cpus": 1,
-                "runner": "test_service_runners:behaviour_runner",
-                "graceful_shutdown_timeout_s": 5,
-            }
-        ],
+        "models": [BEHAVIOUR_MODEL],
         "default_preset": "fast",
         "job_timeout_s": 60,
         "fanout_num_cpus": 0.5,
@@ -89,25 +70,8 @@ def client(tmp_path_factory):
         "ingress_num_cpus": 0,
         "batches": {"max_items": MAX_ITEMS},
     }
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        serve.run(build_app(args), name="recon3d", route_prefix="/", blocking=False)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        with httpx.Client(base_url=url, timeout=60) as c:
-            yield c
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with serve_app(args) as (url, _), httpx.Client(base_url=url, timeout=60) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")

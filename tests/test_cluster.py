@@ -59,7 +59,11 @@ def submit(client, bundle: bytes, behaviour: str) -> str:
 def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        value = predicate()
+        try:
+            value = predicate()
+        except httpx.TransportError:
+            # A poller retries: the proxy may drop a connection while a node leaves the cluster.
+            value = None
         if value:
             return value
         time.sleep(poll)

@@ -13,9 +13,7 @@ import csv
 import io
 import json
 import os
-import socket
 import sqlite3
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -152,19 +150,13 @@ def test_pareto_front_and_plot():
 # ---------------------------------------------------------------- the service over HTTP
 
 ray = pytest.importorskip("ray")
-from ray import serve  # noqa: E402
+from serve_harness import BEHAVIOUR_MODEL, serve_app  # noqa: E402
 from test_service_runners import with_behaviour  # noqa: E402
 
-from serve_app.builder import build_app  # noqa: E402
 from serve_app.client import experiment_main  # noqa: E402
 
 TERMINAL = {"succeeded", "failed", "canceled"}
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _dataset(root: Path, name: str, behaviour: str, *, gt: bool) -> None:
@@ -178,22 +170,13 @@ def _dataset(root: Path, name: str, behaviour: str, *, gt: bool) -> None:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
-    sys.path[:0] = [str(REPO), str(REPO / "tests")]
     root = tmp_path_factory.mktemp("datasets")
     _dataset(root, "box", "real", gt=True)
     _dataset(root, "boxfail", "fail", gt=False)
     store_dir = tmp_path_factory.mktemp("store")
     args = {
         "store": {"kind": "local", "path": str(store_dir)},
-        "models": [
-            {
-                "name": "fusion",
-                "num_cpus": 1,
-                "runner": "test_service_runners:behaviour_runner",
-                "graceful_shutdown_timeout_s": 5,
-            }
-        ],
+        "models": [BEHAVIOUR_MODEL],
         "default_preset": "fast",
         "job_timeout_s": 240,
         "fanout_num_cpus": 0.5,
@@ -202,24 +185,8 @@ def service(tmp_path_factory):
         "max_queued_jobs": 10,
         "experiments": {"dataset_root": str(root), "max_runs": 6, "snapshot": True, "poll_interval_s": 0.2},
     }
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        serve.run(build_app(args), name="recon3d", route_prefix="/", blocking=False)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+    with serve_app(args) as (url, _):
         yield url, store_dir
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,6 @@ from __future__ import annotations
 import http.server
 import io
 import json
-import os
-import socket
-import sys
 import threading
 import time
 import zipfile
@@ -22,10 +19,10 @@ import pytest
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
+from serve_harness import BEHAVIOUR_MODEL, serve_app  # noqa: E402
 from test_service_runners import with_behaviour  # noqa: E402
 
 from pipeline.synthetic import write_bundle  # noqa: E402
-from serve_app.builder import build_app  # noqa: E402
 from serve_app.jobs import JobRecord, ModelRun, record_key  # noqa: E402
 from serve_app.store import LocalStore  # noqa: E402
 
@@ -39,23 +36,11 @@ MAX_UPLOAD = 3 * 1024 * 1024
 MAX_QUEUED = 3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def app_args(store_dir: Path) -> dict:
     return {
         "store": {"kind": "local", "path": str(store_dir)},
-        "models": [
-            {
-                "name": "fusion",
-                "num_cpus": 1,
-                "runner": "test_service_runners:behaviour_runner",
-                "graceful_shutdown_timeout_s": 5,
-            }
-        ],
+        "models": [BEHAVIOUR_MODEL],
         "default_preset": "fast",
         "max_upload_bytes": MAX_UPLOAD,
         "max_queued_jobs": MAX_QUEUED,
@@ -72,36 +57,9 @@ def app_args(store_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     """(base_url, store_dir, restart()) — serve.run on a 2-CPU local Ray."""
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
-    sys.path[:0] = [str(REPO), str(REPO / "tests")]
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     store_dir = tmp_path_factory.mktemp("store")
-    url = f"http://127.0.0.1:{port}"
-
-    def start():
-        serve.run(build_app(app_args(store_dir)), name="recon3d", route_prefix="/", blocking=False)
-        _wait_ready(url)
-
-    start()
-    try:
+    with serve_app(app_args(store_dir)) as (url, start):
         yield url, store_dir, start
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-
-
-def _wait_ready(url: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError("service not ready")
 
 
 @pytest.fixture(scope="module")

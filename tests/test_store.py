@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import pickle
-import socket
 
 import pytest
+from serve_harness import free_port
 
 from serve_app.config import AppArgs, StoreConfig
 from serve_app.jobs import JobBook, JobRecord, ModelRun, record_key
 from serve_app.store import InvalidKeyError, LocalStore, S3Store, check_key, make_store
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def moto_url(monkeypatch_module):
     server = pytest.importorskip("moto.server")
-    port = _free_port()
+    port = free_port()
     srv = server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     srv.start()
     try:
