@@ -98,8 +98,10 @@ def test_burst_scales_up_on_queue_then_down_to_zero(sim, client, bundle_zip):
     assert set(sim.replica_nodes()) <= fake_gpu_nodes and len(set(sim.replica_nodes())) == 2  # one per fake GPU
     jobs = [wait_job(client, i) for i in ids]
     assert [j["status"] for j in jobs] == ["succeeded"] * 4
-    ran_on = {w for j in jobs for w in j["models"]["fusion"]["warnings"] if w.startswith("node:")}
-    assert {w[5:] for w in ran_on} <= fake_gpu_nodes and len(ran_on) == 2, ran_on
+    # Which replica runs which job depends on how fast the second one starts (slow on 2 cores):
+    # that both replicas existed on distinct fake GPUs is asserted above, here only where each ran.
+    ran_on = {w[5:] for j in jobs for w in j["models"]["fusion"]["warnings"] if w.startswith("node:")}
+    assert ran_on and ran_on <= fake_gpu_nodes, ran_on
     wait_for(lambda: sim.model_replicas() == 0, 60, "scale-down to zero replicas", poll=0.5)
     health = client.get("/health").json()
     assert health["models"]["fusion"]["status"] == "scaled_to_zero"  # /health does not wake a replica
@@ -107,6 +109,8 @@ def test_burst_scales_up_on_queue_then_down_to_zero(sim, client, bundle_zip):
 
 
 def test_job_survives_the_loss_of_its_node(sim, client, bundle_zip):
+    # Start from zero replicas whatever the test before left behind, so one job means one replica.
+    wait_for(lambda: sim.model_replicas() == 0, 90, "scale-down to zero replicas", poll=0.5)
     job_id = submit(client, bundle_zip, "sleep:6")
     wait_for(
         lambda: client.get(f"/jobs/{job_id}").json()["models"]["fusion"]["stage"] == "reconstruct_geometry",
