@@ -6,8 +6,9 @@ Starts from the fusion mesh (its UV atlas and baked kd texture) and jointly opti
   relative to the start mesh (keeps the fusion's smoothness, lets the shape move);
 - the kd texture's texels,
 
-against the input views: colour (L1 over the union of input and rendered masks, the
-same region the masked PSNR uses), silhouette (:func:`pipeline.diffrender.silhouette_loss`)
+against the input views: colour (squared error by default, what PSNR scores, plus a
+small 1 - SSIM term so texture contrast survives where the views disagree; both over
+the union of input and rendered masks, the region the masked PSNR uses), silhouette (:func:`pipeline.diffrender.silhouette_loss`)
 and z-depth (smooth L1). Inputs are unlit albedo renders or evenly lit photos, so no
 specular (ks) or normal map is fitted: with no view-dependent shading in the data they
 would only absorb noise.
@@ -37,6 +38,7 @@ from .diffrender import make_diff_renderer, signed_distance_px, silhouette_loss,
 from .errors import CanceledError, ConvergenceError, InvalidInputError, ModelOOMError
 from .frames import PosedFrames
 from .mesh import TexturedMesh
+from .metrics import SSIM_SIGMA
 from .render import cuda_available
 
 STAGE = "refine"
@@ -46,8 +48,12 @@ DIVERGENCE_RATIO = 1.5
 DEPTH_HUBER_FRACTION = 0.005
 #: Render sizes below this (longest side, pixels) are not worth a retry after running out of memory.
 MIN_RETRY_RESOLUTION = 32
+#: Finest texture-correction level, texels per render pixel along the longest side.
+TEXTURE_FINEST_PER_PIXEL = 1.0
 #: Coarsest texture-correction level, texels along its longest side.
 TEXTURE_COARSEST_PX = 32
+#: The structural term is computed in the views' common object box grown by this many pixels.
+SSIM_BOX_MARGIN_PX = 8
 #: Loss-curve entries kept in a ConvergenceError's details.
 ERROR_CURVE_TAIL = 50
 
@@ -105,6 +111,68 @@ def build_targets(frames: PosedFrames, resolution: int, device) -> tuple[list[Ca
     return cams, t
 
 
+def _gaussian_blur_matrix(n: int, sigma: float, device, dtype) -> torch.Tensor:
+    """(n, n) matrix G with (G x) the 1-D Gaussian blur of x (truncated at 3.5 sigma, edge samples repeated).
+
+    A dense banded matmul is several times faster than a 1-channel conv2d on the CPU.
+    """
+    r = int(3.5 * sigma + 0.5)
+    k = torch.arange(-r, r + 1, dtype=torch.float64)
+    g = torch.exp(-0.5 * (k / sigma) ** 2)
+    g = g / g.sum()
+    idx = torch.arange(n)
+    G = torch.zeros((n, n), dtype=torch.float64)
+    for o, w in zip(range(-r, r + 1), g.tolist(), strict=True):
+        G.index_put_((idx, (idx + o).clamp(0, n - 1)), torch.full((n,), w, dtype=torch.float64), accumulate=True)
+    return G.to(device=device, dtype=dtype)
+
+
+def ssim_map_torch(a: torch.Tensor, b: torch.Tensor, *, sigma: float = SSIM_SIGMA) -> torch.Tensor:
+    """Per-pixel SSIM of two (C, h, w, 3) images in [0, 1], averaged over channels: (C, h, w).
+
+    Gaussian windows (``sigma`` pixels, truncated at 3.5 sigma) and population statistics, as
+    :func:`pipeline.metrics.image_metrics` measures it (up to the image border handling);
+    differentiable in both images.
+    """
+    n, h, w = a.shape[:3]
+    Gy = _gaussian_blur_matrix(h, sigma, a.device, a.dtype)
+    Gx = Gy if w == h else _gaussian_blur_matrix(w, sigma, a.device, a.dtype)
+    x1 = a.permute(0, 3, 1, 2)
+    x2 = b.permute(0, 3, 1, 2)
+    stats = torch.stack([x1, x2, x1 * x1, x2 * x2, x1 * x2])  # (5, C, 3, h, w)
+    mu1, mu2, e11, e22, e12 = Gy @ stats @ Gx.T
+    s11, s22, s12 = e11 - mu1 * mu1, e22 - mu2 * mu2, e12 - mu1 * mu2
+    c1, c2 = 0.01**2, 0.03**2
+    m = ((2 * mu1 * mu2 + c1) * (2 * s12 + c2)) / ((mu1 * mu1 + mu2 * mu2 + c1) * (s11 + s22 + c2))
+    return m.mean(1)
+
+
+def structural_loss(rgb: torch.Tensor, target: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Sum of (1 - SSIM) over the ``region`` pixels of (C, h, w, 3) renders against their targets.
+
+    Each view is cropped to the box around its region first (the rest is background on both
+    sides and adds nothing), which makes the term several times cheaper.
+    """
+    total = rgb.new_zeros(())
+    for c in range(rgb.shape[0]):
+        ys, xs = mask_box(region[c], SSIM_BOX_MARGIN_PX)
+        m = ssim_map_torch(rgb[c : c + 1, ys, xs], target[c : c + 1, ys, xs])[0]
+        total = total + ((1.0 - m) * region[c, ys, xs]).sum()
+    return total
+
+
+def mask_box(mask: torch.Tensor, margin: int) -> tuple[slice, slice]:
+    """Rows and columns of the bounding box of an (h, w) ``mask``, grown by ``margin`` pixels."""
+    rows = torch.nonzero(mask.any(1)).squeeze(1)
+    cols = torch.nonzero(mask.any(0)).squeeze(1)
+    h, w = mask.shape
+    if len(rows) == 0:
+        return slice(0, h), slice(0, w)
+    r0, r1 = max(int(rows[0]) - margin, 0), min(int(rows[-1]) + 1 + margin, h)
+    c0, c1 = max(int(cols[0]) - margin, 0), min(int(cols[-1]) + 1 + margin, w)
+    return slice(r0, r1), slice(c0, c1)
+
+
 # ---------------------------------------------------------------- regulariser
 
 
@@ -141,7 +209,10 @@ def diffuse(L: torch.Tensor, x: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 def texture_pyramid_params(shape: tuple[int, ...], resolution: int, device) -> list[torch.Tensor]:
-    """Zero-initialised texture corrections at halving sizes, finest about twice the render size.
+    """Zero-initialised texture corrections at halving sizes, the finest about the render size.
+
+    Finer corrections would leave texels between the sampled ones untouched (speckle once
+    the texture is filtered at render time); the base texture keeps the fine detail.
 
     Parameters
     ----------
@@ -153,7 +224,7 @@ def texture_pyramid_params(shape: tuple[int, ...], resolution: int, device) -> l
     list of (t_k, s_k, 3) float32 tensors requiring grad, coarsest last
     """
     T, S = int(shape[0]), int(shape[1])
-    finest = min(1.0, 2.0 * resolution / max(T, S))
+    finest = min(1.0, TEXTURE_FINEST_PER_PIXEL * resolution / max(T, S))
     levels, f = [], finest
     while True:
         t, s = max(1, round(T * f)), max(1, round(S * f))
@@ -348,7 +419,11 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
                 silhouette_iou.append(float((inter / uni).mean()))
 
         union = tgt["mask"] | out.mask | (out.coverage > 0)
-        photo = ((out.rgb - tgt["rgb"]).abs().mean(-1) * union).sum() / n_obj
+        diff = out.rgb - tgt["rgb"]
+        per_px = diff.square() if cfg.photometric_loss == "l2" else diff.abs()
+        photo = (per_px.mean(-1) * union).sum() / n_obj
+        if cfg.ssim_weight > 0:
+            photo = photo + cfg.ssim_weight * structural_loss(out.rgb, tgt["rgb"], union) / n_obj
         sil = silhouette_loss(out, tgt["mask"], tgt["sdf"]) / n_obj
         both = depth_valid & out.mask
         dz = torch.where(both, (out.depth - tgt["depth"]) / scale, torch.zeros_like(out.depth))

@@ -213,3 +213,30 @@ def test_uv_seam_copies_move_together(scene):
     out, _ = refine_mesh(split, frames, replace(TINY, iterations=10), device="cpu")
     np.testing.assert_array_equal(out.vertices[copies], out.vertices[len(start.vertices) :])
     assert np.abs(out.vertices - split.vertices).max() > 0  # it did move
+
+
+def test_structural_term_matches_the_metric_ssim_and_has_gradients():
+    from skimage.metrics import structural_similarity
+
+    from pipeline.refine import ssim_map_torch, structural_loss
+
+    rng = np.random.default_rng(0)
+    a = rng.random((40, 48, 3))
+    b = np.clip(a + 0.1 * rng.standard_normal(a.shape), 0, 1)
+    _, ref = structural_similarity(
+        a, b, data_range=1.0, channel_axis=-1, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, full=True
+    )
+    ours = ssim_map_torch(torch.tensor(a, dtype=torch.float32)[None], torch.tensor(b, dtype=torch.float32)[None])[0]
+    r = 6  # the window radius: borders are padded differently
+    assert np.abs(ours.numpy()[r:-r, r:-r] - ref.mean(-1)[r:-r, r:-r]).max() < 1e-4
+
+    # The loss is computed in each view's region box and is zero for identical images.
+    x = torch.tensor(np.stack([a, b]), dtype=torch.float32, requires_grad=True)
+    region = torch.zeros((2, 40, 48), dtype=torch.bool)
+    region[0, 5:20, 10:30] = True
+    region[1, 20:35, 2:12] = True
+    assert float(structural_loss(x.detach(), x.detach(), region)) == pytest.approx(0.0, abs=1e-4)
+    loss = structural_loss(x, torch.tensor(np.stack([b, a]), dtype=torch.float32), region)
+    loss.backward()
+    assert float(loss) > 0 and x.grad.abs().sum() > 0
+    assert x.grad[1, :5].abs().max() == 0  # far outside view 1's region box
