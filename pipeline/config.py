@@ -92,8 +92,9 @@ class FusionConfig:
     """Connected components with fewer faces than this fraction of the largest are removed."""
     smooth_iterations: int = 24
     """Taubin smoothing passes applied after marching cubes (removes 8-bit banding)."""
-    target_faces: int = 40_000
-    """Face count after decimation."""
+    target_faces: int = 20_000
+    """Face count after decimation. The texture carries the fine detail: on the benchmark bundles
+    20k faces score the same F-score, normal consistency and PSNR as 40k."""
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,7 @@ class ReconstructConfig:
 PRESETS: dict[str, ReconstructConfig] = {
     "fast": ReconstructConfig(
         preset="fast",
-        fusion=FusionConfig(resolution=128, target_faces=15_000, smooth_iterations=12),
+        fusion=FusionConfig(resolution=128, target_faces=10_000, smooth_iterations=12),
         texture=TextureConfig(size=1024),
         refine=REFINE_PRESETS["fast"],
         max_working_resolution=512,
@@ -258,7 +259,7 @@ PRESETS: dict[str, ReconstructConfig] = {
     "balanced": ReconstructConfig(preset="balanced"),
     "quality": ReconstructConfig(
         preset="quality",
-        fusion=FusionConfig(resolution=256, target_faces=100_000, smooth_iterations=24),
+        fusion=FusionConfig(resolution=256, target_faces=60_000, smooth_iterations=24),
         texture=TextureConfig(size=4096),
         refine=REFINE_PRESETS["quality"],
         max_working_resolution=2048,
@@ -266,9 +267,9 @@ PRESETS: dict[str, ReconstructConfig] = {
 }
 
 PRESET_DESCRIPTIONS: dict[str, str] = {
-    "fast": "128^3 fusion, 15k faces, 1024^2 texture: previews and tests.",
-    "balanced": "192^3 fusion, 40k faces, 2048^2 texture: the default.",
-    "quality": "256^3 fusion, 100k faces, 4096^2 texture: the most detail.",
+    "fast": "128^3 fusion, 10k faces, 1024^2 texture: previews and tests.",
+    "balanced": "192^3 fusion, 20k faces, 2048^2 texture: the default.",
+    "quality": "256^3 fusion, 60k faces, 4096^2 texture: the most detail.",
 }
 
 

@@ -92,3 +92,20 @@ def test_prepare_frames_given_and_estimated(tmp_path):
     v = fr.views[0]
     assert v.depth.shape == v.mask.shape and v.rgb.shape[:2] == (128, 128)
     assert (v.depth[v.mask] > 0).mean() > 0.9
+
+
+def test_capped_mask_distance_is_exact_within_its_bound():
+    from pipeline.fusion import mask_signed_distance
+
+    rng = np.random.default_rng(1)
+    masks = np.zeros((2, 120, 100), bool)
+    masks[0, 30:60, 20:70] = True
+    masks[0, 62:64, 40:42] = rng.random((2, 2)) > 0.5
+    masks[1, 0:50, 60:100] = True  # touches the image border
+    full = mask_signed_distance(masks, 0.5)
+    cap = np.array([12.0, 7.5])
+    capped = mask_signed_distance(masks, 0.5, max_distance_px=cap)
+    for n in range(2):
+        near = np.abs(full[n] + 0.5) < cap[n]
+        assert np.array_equal(full[n][near], capped[n][near])
+        assert (np.abs(capped[n][~near] + 0.5) >= cap[n]).all()  # beyond the bound: at least the bound
