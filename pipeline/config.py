@@ -85,9 +85,11 @@ class FusionConfig:
     """Voxels along the longest side of the object's bounding box."""
     truncation_voxels: float = 4.0
     """TSDF truncation distance, in voxels."""
-    hull_tolerance_px: float = 1.0
+    hull_tolerance_px: float = 0.25
     """The masks are widened by this much before their hull bounds the surface, pixels at the working
-    resolution (so slightly wrong cameras do not carve into the object)."""
+    resolution (so slightly wrong cameras do not carve into the object). Every pixel of widening shows
+    up as a rim of background-coloured texels in the re-renders: 1.0 cost spot 3.3 dB of PSNR and 0.006
+    of F-score against 0.25; 0 is tighter still but loses the box's edge pixels."""
     min_component_fraction: float = 0.02
     """Connected components with fewer faces than this fraction of the largest are removed."""
     smooth_iterations: int = 24
