@@ -195,6 +195,8 @@ class RefineConfig:
     """Adam step for vertex offsets, as a fraction of the start mesh's bounding-box diagonal."""
     lr_texture: float = 3e-3
     """Adam step for kd texels, colour units in [0, 1]."""
+    lr_final_fraction: float = 0.1
+    """Both learning rates decay exponentially to this fraction of their start at ``iterations``."""
     photometric_loss: Literal["l1", "l2"] = "l2"
     """Per-pixel colour error: "l2" fits the mean colour (what PSNR scores), "l1" the median (robust to outliers)."""
     ssim_weight: float = 0.05

@@ -390,6 +390,10 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
     opt = torch.optim.Adam(
         [{"params": [offset_param], "lr": cfg.lr_vertices * scale}, {"params": tex_levels, "lr": cfg.lr_texture}]
     )
+    # Exponential decay to cfg.lr_final_fraction at the last iteration: big steps early, little jitter late.
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda it: cfg.lr_final_fraction ** (min(it, cfg.iterations) / max(cfg.iterations, 1))
+    )
     lap0 = torch.sparse.mm(L, v0)
     n_obj = float(tgt["mask"].sum().clamp(min=1))
     depth_valid = tgt["mask"] & (tgt["depth"] > 0)
@@ -453,6 +457,7 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         if progress is not None and (it % 5 == 0 or it == cfg.iterations - 1):
             progress(STAGE, (it + 1) / cfg.iterations)
         if has_converged(history, cfg.convergence_window, cfg.convergence_tol):
