@@ -107,13 +107,20 @@ def relevant_distance_px(cameras: list, lo: np.ndarray, hi: np.ndarray, distance
     return out
 
 
-def hull_signed_distance(sdf_px: torch.Tensor, cams: CameraStack, points: torch.Tensor) -> torch.Tensor:
+def hull_signed_distance(
+    sdf_px: torch.Tensor,
+    cams: CameraStack,
+    points: torch.Tensor,
+    *,
+    projected: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Signed distance (scene units, positive outside) of (P, 3) points to the visual hull.
 
     Each view's pixel distance is scaled by depth / focal length; the hull's is the largest
-    over the views (the intersection of the cones). Returns (P,) float32.
+    over the views (the intersection of the cones). ``projected`` is ``cams.project(points)``
+    when the caller already has it. Returns (P,) float32.
     """
-    uv, z = cams.project(points)
+    uv, z = projected if projected is not None else cams.project(points)
     N, h, w = sdf_px.shape
     d = sample_images(sdf_px, uv)
     inside_img = (uv[..., 0] >= 0) & (uv[..., 0] <= w) & (uv[..., 1] >= 0) & (uv[..., 1] <= h) & (z > 0)
@@ -143,6 +150,8 @@ def fuse_depth_tsdf(
     cams: CameraStack,
     points: torch.Tensor,
     truncation: float,
+    *,
+    projected: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncated signed distance from depth maps at (P, 3) points.
 
@@ -150,6 +159,7 @@ def fuse_depth_tsdf(
     ----------
     depth : (N, h, w) float32 z-depth; valid : (N, h, w) bool pixels to fuse
     truncation : scene units
+    projected : ``cams.project(points)`` when the caller already has it (uv (N, P, 2), z (N, P))
 
     Returns
     -------
@@ -157,21 +167,18 @@ def fuse_depth_tsdf(
     weight : (P,) float32, number of views that saw the point within the truncation band or in front
     """
     N, h, w = depth.shape
-    tsdf = torch.zeros(len(points), device=points.device)
-    weight = torch.zeros(len(points), device=points.device)
-    for n in range(N):
-        uv, z = cams.project_one(n, points)
-        col = torch.floor(uv[:, 0]).long()
-        row = torch.floor(uv[:, 1]).long()
-        ok = (col >= 0) & (col < w) & (row >= 0) & (row < h) & (z > 0)
-        flat = torch.where(ok, row * w + col, torch.zeros_like(col))
-        zo = depth[n].reshape(-1)[flat]
-        ok &= valid[n].reshape(-1)[flat]
-        sdf = zo - z
-        ok &= sdf > -truncation
-        wv = ok.float()
-        tsdf += wv * (sdf / truncation).clamp(max=1.0)
-        weight += wv
+    uv, z = projected if projected is not None else cams.project(points)
+    col = torch.floor(uv[..., 0]).long()
+    row = torch.floor(uv[..., 1]).long()
+    ok = (col >= 0) & (col < w) & (row >= 0) & (row < h) & (z > 0)
+    flat = torch.where(ok, row * w + col, torch.zeros_like(col))
+    zo = torch.gather(depth.reshape(N, -1), 1, flat)
+    ok &= torch.gather(valid.reshape(N, -1), 1, flat)
+    sdf = zo - z
+    ok &= sdf > -truncation
+    wv = ok.float()
+    tsdf = (wv * (sdf / truncation).clamp(max=1.0)).sum(0)
+    weight = wv.sum(0)
     return torch.where(weight > 0, tsdf / weight.clamp(min=1.0), tsdf), weight
 
 
@@ -309,8 +316,9 @@ def reconstruct_geometry(
         out = torch.empty(len(points), device=device)
         for s0 in range(0, len(points), FIELD_CHUNK):
             p = points[s0 : s0 + FIELD_CHUNK]
-            hull = (hull_signed_distance(sdf_px, cams, p) / trunc).clamp(-1.0, 1.0)
-            tsdf, weight = fuse_depth_tsdf(depth, valid, cams, p, trunc)
+            proj = cams.project(p)  # one projection serves the hull and the depth maps
+            hull = (hull_signed_distance(sdf_px, cams, p, projected=proj) / trunc).clamp(-1.0, 1.0)
+            tsdf, weight = fuse_depth_tsdf(depth, valid, cams, p, trunc, projected=proj)
             # Unseen samples take the hull's side: inside where the hull is, which keeps the object closed.
             out[s0 : s0 + FIELD_CHUNK] = torch.maximum(torch.where(weight > 0, tsdf, -torch.ones_like(tsdf)), hull)
         return out
