@@ -264,7 +264,8 @@ PRESETS: dict[str, ReconstructConfig] = {
     "balanced": ReconstructConfig(preset="balanced"),
     "quality": ReconstructConfig(
         preset="quality",
-        fusion=FusionConfig(resolution=256, target_faces=60_000, smooth_iterations=24),
+        # 8-bit depth terraces span more voxels at 256^3: 72 passes (spot NC 0.939 -> 0.955, F unchanged).
+        fusion=FusionConfig(resolution=256, target_faces=60_000, smooth_iterations=72),
         texture=TextureConfig(size=4096),
         refine=REFINE_PRESETS["quality"],
         max_working_resolution=2048,
@@ -274,7 +275,7 @@ PRESETS: dict[str, ReconstructConfig] = {
 PRESET_DESCRIPTIONS: dict[str, str] = {
     "fast": "128^3 fusion, 10k faces, 1024^2 texture: previews and tests.",
     "balanced": "192^3 fusion, 20k faces, 2048^2 texture: the default.",
-    "quality": "256^3 fusion, 60k faces, 4096^2 texture: the most detail.",
+    "quality": "256^3 fusion, 60k faces, 4096^2 texture, 72 smoothing passes: the most detail.",
 }
 
 
