@@ -41,7 +41,6 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
 from .camera import Camera
 from .render import EmbreeRasterizer, clip_space, cuda_available
@@ -133,18 +132,6 @@ def wrap_outside_unit(uv: torch.Tensor) -> torch.Tensor:
     return torch.where(outside, uv - torch.floor(uv.detach()), uv)
 
 
-def signed_distance_px(mask: np.ndarray) -> np.ndarray:
-    """(H, W) float32 signed distance to a mask's outline, pixels: negative inside, 0 half-way between pixels."""
-    m = np.asarray(mask, dtype=bool)
-    if not m.any():
-        return np.full(m.shape, float(max(m.shape)), np.float32)
-    if m.all():
-        return np.full(m.shape, -float(max(m.shape)), np.float32)
-    inside = ndimage.distance_transform_edt(m)  # to the nearest background pixel centre
-    outside = ndimage.distance_transform_edt(~m)
-    return np.where(m, -(inside - 0.5), outside - 0.5).astype(np.float32)
-
-
 def sample_images(images: torch.Tensor, view: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
     """Bilinear lookup of (C, H, W) images at (M, 2) pixel positions in views (M,); (M,) out, border-clamped."""
     C, H, W = images.shape
@@ -169,7 +156,7 @@ def silhouette_loss(render: DiffRender, target_mask: torch.Tensor, target_sdf: t
     Parameters
     ----------
     target_mask : (C, H, W) bool
-    target_sdf : (C, H, W) float, from :func:`signed_distance_px`
+    target_sdf : (C, H, W) float, from :func:`pipeline.masks.signed_distance_px`
     """
     if render.contour_xy is None:
         return ((render.coverage - target_mask.to(render.coverage.dtype)) ** 2).sum()

@@ -24,11 +24,12 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
+from .camera import transform_points
 from .config import ReconstructConfig
 from .errors import CanceledError, EmptyReconstructionError
 from .frames import PosedFrames
+from .masks import signed_distance_px
 from .mesh_cleanup import decimate, keep_large_components, orient_outward, taubin_smooth
 from .rig import CameraStack, VoxelGrid, carve_hull, resize_masks, sample_images, torch_device
 
@@ -84,10 +85,7 @@ def mask_signed_distance(
             r0, r1 = max(rows[0] - g, 0), min(rows[-1] + 1 + g, H)
             c0, c1 = max(cols[0] - g, 0), min(cols[-1] + 1 + g, W)
             out[n] = float(max_distance_px[n]) + 1.0
-        sub = m[r0:r1, c0:c1]
-        outside = ndimage.distance_transform_edt(~sub)
-        inside = ndimage.distance_transform_edt(sub)
-        out[n, r0:r1, c0:c1] = np.where(sub, 0.5 - inside, outside - 0.5)
+        out[n, r0:r1, c0:c1] = signed_distance_px(m[r0:r1, c0:c1])
     return out - np.float32(tolerance_px)
 
 
@@ -100,8 +98,7 @@ def relevant_distance_px(cameras: list, lo: np.ndarray, hi: np.ndarray, distance
     corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
     out = np.empty(len(cameras), np.float64)
     for i, cam in enumerate(cameras):
-        w2c = cam.world_to_cam
-        z_near = float((corners @ w2c[:3, :3].T + w2c[:3, 3])[:, 2].min())
+        z_near = float(transform_points(cam.world_to_cam, corners)[:, 2].min())
         f = float(max(cam.K[0, 0], cam.K[1, 1]))
         out[i] = distance * f / z_near if z_near > 1e-6 else np.inf
     return out

@@ -41,12 +41,12 @@ import scipy.sparse.linalg as spla
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from scipy import ndimage
 
 from .callbacks import ProgressFn
 from .camera import Camera
 from .config import PhotoRefineConfig
 from .frames import PosedFrames
+from .masks import signed_distance_px
 from .mesh import TexturedMesh
 from .render import Backend, make_rasterizer
 
@@ -98,17 +98,6 @@ class _PassViews:
         return self.cameras[0].width, self.cameras[0].height
 
 
-def mask_sdf_px(mask: np.ndarray) -> np.ndarray:
-    """(h, w) float32 signed distance to the edge of an (h, w) bool mask, pixels, negative inside.
-
-    The edge sits half a pixel outside the last mask pixel's centre (as in :mod:`pipeline.fusion`).
-    """
-    m = np.pad(np.asarray(mask, bool), 1)
-    out = ndimage.distance_transform_edt(~m) - 0.5
-    inside = 0.5 - ndimage.distance_transform_edt(m)
-    return np.where(m, inside, out)[1:-1, 1:-1].astype(np.float32)
-
-
 def _resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(H, W, 3) uint8 -> (h, w, 3) uint8 by area averaging."""
     if (rgb.shape[1], rgb.shape[0]) == size:
@@ -152,7 +141,7 @@ def prepare_pass_views(frames: PosedFrames, size: int, blur_px: float, device: t
         imgs.append(_resize_rgb(v.rgb, wh))
         m = _resize_mask(v.mask, wh)
         masks.append(m)
-        sdfs.append(mask_sdf_px(m))
+        sdfs.append(signed_distance_px(m, border_is_background=True))
     if len({(c.width, c.height) for c in cams}) != 1:
         raise ValueError("photo refinement needs views of one image size")
     images = torch.as_tensor(np.stack(imgs), device=device).permute(0, 3, 1, 2).float() / 255.0

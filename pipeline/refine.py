@@ -21,6 +21,7 @@ caller keeps the fusion result), :class:`~pipeline.errors.CanceledError`.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import replace
@@ -34,9 +35,10 @@ from PIL import Image
 from .callbacks import CancelFn, ProgressFn
 from .camera import Camera
 from .config import RefineConfig
-from .diffrender import make_diff_renderer, signed_distance_px, silhouette_loss, weld_vertices
+from .diffrender import make_diff_renderer, silhouette_loss, weld_vertices
 from .errors import CanceledError, ConvergenceError, InvalidInputError, ModelOOMError
 from .frames import PosedFrames
+from .masks import signed_distance_px
 from .mesh import TexturedMesh
 from .metrics import SSIM_SIGMA
 from .render import cuda_available
@@ -52,7 +54,7 @@ MIN_RETRY_RESOLUTION = 32
 TEXTURE_FINEST_PER_PIXEL = 1.0
 #: Coarsest texture-correction level, texels along its longest side.
 TEXTURE_COARSEST_PX = 32
-#: The structural term is computed in the views' common object box grown by this many pixels.
+#: The structural term is computed in each view's object box grown by this many pixels.
 SSIM_BOX_MARGIN_PX = 8
 #: Loss-curve entries kept in a ConvergenceError's details.
 ERROR_CURVE_TAIL = 50
@@ -111,8 +113,10 @@ def build_targets(frames: PosedFrames, resolution: int, device) -> tuple[list[Ca
     return cams, t
 
 
-def _gaussian_blur_matrix(n: int, sigma: float, device, dtype) -> torch.Tensor:
-    """(n, n) matrix G with (G x) the 1-D Gaussian blur of x (truncated at 3.5 sigma, edge samples repeated).
+@functools.lru_cache(maxsize=16)
+def _gaussian_blur_matrix(n: int, sigma: float) -> torch.Tensor:
+    """(n, n) float64 CPU matrix G with (G x) the 1-D Gaussian blur of x (truncated at 3.5 sigma,
+    edge samples repeated). Cached: each view's box keeps its size from step to step.
 
     A dense banded matmul is several times faster than a 1-channel conv2d on the CPU.
     """
@@ -124,7 +128,7 @@ def _gaussian_blur_matrix(n: int, sigma: float, device, dtype) -> torch.Tensor:
     G = torch.zeros((n, n), dtype=torch.float64)
     for o, w in zip(range(-r, r + 1), g.tolist(), strict=True):
         G.index_put_((idx, (idx + o).clamp(0, n - 1)), torch.full((n,), w, dtype=torch.float64), accumulate=True)
-    return G.to(device=device, dtype=dtype)
+    return G
 
 
 def ssim_map_torch(a: torch.Tensor, b: torch.Tensor, *, sigma: float = SSIM_SIGMA) -> torch.Tensor:
@@ -135,8 +139,8 @@ def ssim_map_torch(a: torch.Tensor, b: torch.Tensor, *, sigma: float = SSIM_SIGM
     differentiable in both images.
     """
     n, h, w = a.shape[:3]
-    Gy = _gaussian_blur_matrix(h, sigma, a.device, a.dtype)
-    Gx = Gy if w == h else _gaussian_blur_matrix(w, sigma, a.device, a.dtype)
+    Gy = _gaussian_blur_matrix(h, sigma).to(device=a.device, dtype=a.dtype)
+    Gx = _gaussian_blur_matrix(w, sigma).to(device=a.device, dtype=a.dtype)
     x1 = a.permute(0, 3, 1, 2)
     x2 = b.permute(0, 3, 1, 2)
     stats = torch.stack([x1, x2, x1 * x1, x2 * x2, x1 * x2])  # (5, C, 3, h, w)

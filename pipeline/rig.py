@@ -96,16 +96,6 @@ class CameraStack:
         v = self.K[:, None, 1, 1] * pc[..., 1] / zs + self.K[:, None, 1, 2]
         return torch.stack([u, v], dim=-1), z
 
-    def project_one(self, n: int, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Project (P, 3) world points into camera ``n``: uv (P, 2), z (P,)."""
-        R, t = self.world_to_cam[n, :3, :3], self.world_to_cam[n, :3, 3]
-        pc = points @ R.T + t
-        z = pc[:, 2]
-        zs = z.clamp(min=1e-6)
-        u = self.K[n, 0, 0] * pc[:, 0] / zs + self.K[n, 0, 2]
-        v = self.K[n, 1, 1] * pc[:, 1] / zs + self.K[n, 1, 2]
-        return torch.stack([u, v], dim=-1), z
-
 
 def sample_images(images: torch.Tensor, uv: torch.Tensor, *, mode: str = "bilinear") -> torch.Tensor:
     """Sample (N, h, w) images at (N, P, 2) pixel coordinates -> (N, P); 0 outside the image."""

@@ -13,9 +13,9 @@ from pipeline.diffrender import (
     make_diff_renderer,
     sample_images,
     sample_texture_torch,
-    signed_distance_px,
     silhouette_loss,
 )
+from pipeline.masks import signed_distance_px
 from pipeline.mesh import TexturedMesh
 from pipeline.render import cuda_available, make_rasterizer
 from pipeline.shading import sample_texture, shade_rgb

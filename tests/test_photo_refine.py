@@ -11,10 +11,10 @@ from pipeline.camera import default_rig
 from pipeline.camera_refine import refine_cameras
 from pipeline.config import CameraRefineConfig, PhotoRefineConfig, get_preset
 from pipeline.frames import PosedFrames, PosedView
+from pipeline.masks import signed_distance_px
 from pipeline.photo_refine import (
     hull_targets,
     laplacian,
-    mask_sdf_px,
     photo_consistency,
     prepare_pass_views,
     refine_surface,
@@ -110,7 +110,7 @@ def test_hull_targets_bring_outside_vertices_inside(sphere):
 def test_mask_sdf_sign_and_edge():
     m = np.zeros((9, 9), bool)
     m[2:7, 2:7] = True
-    d = mask_sdf_px(m)
+    d = signed_distance_px(m, border_is_background=True)
     assert d[4, 4] < 0 and d[0, 0] > 0
     assert d[2, 4] == pytest.approx(-0.5) and d[1, 4] == pytest.approx(0.5)
 
