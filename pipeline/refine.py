@@ -58,6 +58,8 @@ TEXTURE_COARSEST_PX = 32
 SSIM_BOX_MARGIN_PX = 8
 #: Loss-curve entries kept in a ConvergenceError's details.
 ERROR_CURVE_TAIL = 50
+#: ``frames.depth_encoding["method"]`` values of encodings fitted by the pipeline rather than stated.
+ESTIMATED_DEPTH_METHODS = ("hull_fit",)
 
 
 # ---------------------------------------------------------------- targets
@@ -376,6 +378,13 @@ def refine_mesh(
         ) from None
 
 
+def refine_depth_weight(frames: PosedFrames, cfg: RefineConfig) -> float:
+    """The depth term's weight: ``cfg.estimated_depth_weight`` when the depth encoding was fitted
+    (``frames.depth_encoding["method"] == "hull_fit"``), else ``cfg.depth_weight``."""
+    estimated = (frames.depth_encoding or {}).get("method") in ESTIMATED_DEPTH_METHODS
+    return cfg.estimated_depth_weight if estimated else cfg.depth_weight
+
+
 def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oom_retry: bool):
     t0 = time.perf_counter()
     cams, tgt = build_targets(frames, cfg.resolution, dev)
@@ -401,6 +410,7 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
     lap0 = torch.sparse.mm(L, v0)
     n_obj = float(tgt["mask"].sum().clamp(min=1))
     depth_valid = tgt["mask"] & (tgt["depth"] > 0)
+    depth_weight = refine_depth_weight(frames, cfg)
 
     history: list[float] = []
     terms: dict[str, list[float]] = {"photometric": [], "mask": [], "depth": [], "laplacian": []}
@@ -437,7 +447,7 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
         dz = torch.where(both, (out.depth - tgt["depth"]) / scale, torch.zeros_like(out.depth))
         depth = F.smooth_l1_loss(dz, torch.zeros_like(dz), beta=DEPTH_HUBER_FRACTION, reduction="sum") / n_obj
         lap = ((torch.sparse.mm(L, positions) - lap0) / scale).pow(2).sum() / n_obj
-        loss = photo + cfg.mask_weight * sil + cfg.depth_weight * depth + cfg.laplacian_weight * lap
+        loss = photo + cfg.mask_weight * sil + depth_weight * depth + cfg.laplacian_weight * lap
 
         value = float(loss.detach())
         history.append(value)
@@ -494,6 +504,7 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
         "visibility_updates": vis_updates,
         "silhouette_iou": silhouette_iou,
         "oom_retry": oom_retry,
+        "depth_weight": depth_weight,
         "vertex_offset_max": float(np.abs(v_out - np.asarray(mesh.vertices, dtype=np.float32)).max())
         if len(v_out)
         else 0.0,

@@ -19,7 +19,7 @@ from pipeline.errors import CanceledError, ConvergenceError, InvalidInputError, 
 from pipeline.frames import PosedFrames, PosedView
 from pipeline.mesh import TexturedMesh
 from pipeline.metrics import evaluate_views
-from pipeline.refine import check_loss_health, has_converged, refine_mesh, write_loss_plot
+from pipeline.refine import check_loss_health, has_converged, refine_depth_weight, refine_mesh, write_loss_plot
 from pipeline.render import make_rasterizer
 from pipeline.shading import shade_rgb
 from pipeline.synthetic import checker_texture, make_shape
@@ -142,6 +142,16 @@ def test_loss_health_and_convergence_rules():
     assert has_converged([1.0, 1.0, 0.9999, 0.9999], 2, 1e-3)
     assert not has_converged([1.0, 1.0, 0.5, 0.5], 2, 1e-3)
     assert not has_converged([1.0], 2, 1e-3)
+
+
+def test_depth_term_weight_follows_how_the_encoding_was_resolved():
+    cfg = RefineConfig(depth_weight=10.0, estimated_depth_weight=0.5)
+    fitted = PosedFrames(views=[], depth_encoding={"method": "hull_fit", "source": "estimated"})
+    stated = PosedFrames(views=[], depth_encoding={"method": "given", "source": "transforms.json"})
+    default = PosedFrames(views=[], depth_encoding={"method": "default"})
+    assert refine_depth_weight(fitted, cfg) == 0.5
+    assert refine_depth_weight(stated, cfg) == 10.0
+    assert refine_depth_weight(default, cfg) == 10.0
 
 
 def test_cancel_raises(scene):
