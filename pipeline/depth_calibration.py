@@ -23,6 +23,8 @@ from .camera import Camera
 from .config import DepthEncoding
 from .rig import CameraStack, carve_hull, render_hull, resize_masks
 
+#: ``method`` of the depth-encoding report of a fit against the silhouette hull (an estimate, not a statement).
+HULL_FIT_METHOD = "hull_fit"
 #: The fit works on images resampled to this size (longest side, pixels).
 FIT_IMAGE_SIZE = 256
 #: Pixels within this many (fit-size) pixels of a silhouette edge are left out of the fit.
@@ -200,7 +202,7 @@ def estimate_depth_encodings(
             "fallback": bool(clamped or len(v) < MIN_FIT_PIXELS),
         }
     report = {
-        "method": "hull_fit",
+        "method": HULL_FIT_METHOD,
         "source": "estimated",
         "pooled": {"near": round(a_g, 4), "far": round(a_g + b_g * max_value, 4)},
         "per_view": per_view,

@@ -35,6 +35,7 @@ from PIL import Image
 from .callbacks import CancelFn, ProgressFn
 from .camera import Camera
 from .config import RefineConfig
+from .depth_calibration import HULL_FIT_METHOD
 from .diffrender import make_diff_renderer, silhouette_loss, weld_vertices
 from .errors import CanceledError, ConvergenceError, InvalidInputError, ModelOOMError
 from .frames import PosedFrames
@@ -58,8 +59,6 @@ TEXTURE_COARSEST_PX = 32
 SSIM_BOX_MARGIN_PX = 8
 #: Loss-curve entries kept in a ConvergenceError's details.
 ERROR_CURVE_TAIL = 50
-#: ``frames.depth_encoding["method"]`` values of encodings fitted by the pipeline rather than stated.
-ESTIMATED_DEPTH_METHODS = ("hull_fit",)
 
 
 # ---------------------------------------------------------------- targets
@@ -380,8 +379,8 @@ def refine_mesh(
 
 def refine_depth_weight(frames: PosedFrames, cfg: RefineConfig) -> float:
     """The depth term's weight: ``cfg.estimated_depth_weight`` when the depth encoding was fitted
-    (``frames.depth_encoding["method"] == "hull_fit"``), else ``cfg.depth_weight``."""
-    estimated = (frames.depth_encoding or {}).get("method") in ESTIMATED_DEPTH_METHODS
+    against the silhouette hull (:data:`pipeline.depth_calibration.HULL_FIT_METHOD`), else ``cfg.depth_weight``."""
+    estimated = (frames.depth_encoding or {}).get("method") == HULL_FIT_METHOD
     return cfg.estimated_depth_weight if estimated else cfg.depth_weight
 
 
