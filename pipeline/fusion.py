@@ -39,9 +39,8 @@ BOUNDS_IMAGE_SIZE = 192
 DEPTH_EDGE_PX = 1
 #: A depth pixel's surface point may lie this many truncation distances outside the hull.
 DEPTH_HULL_TOLERANCE = 0.5
-#: Coarse-to-fine evaluation: coarse cell size in fine samples, and the coarse pass's truncation in cells.
-SPARSE_BLOCK = 4
-SPARSE_BAND_CELLS = 1.5
+#: Coarse-to-fine evaluation: cells around a coarser pass's surface that the next pass evaluates.
+SPARSE_BAND_CELLS = 1
 #: Field samples evaluated per batch (bounds memory: about 100 bytes per sample and view).
 FIELD_CHUNK = 1 << 19
 #: Distance reported for samples that leave a view's image, in scene units per pixel of focal length.
@@ -141,9 +140,18 @@ def object_bounds(masks: torch.Tensor, cams_full, resolution: int) -> tuple[np.n
     return lo - grid.spacing, hi + grid.spacing
 
 
+def depth_lookup_table(depth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(N, h + 2, w + 2) float32: the depth maps with -inf at invalid pixels and on a one-pixel border.
+
+    :func:`fuse_depth_tsdf` reads it by clamped pixel index: a sample that leaves the image
+    lands on the border, and -inf depth puts every sample far "behind" it, where no view counts.
+    """
+    table = torch.where(valid, depth, torch.full_like(depth, -math.inf))
+    return F.pad(table, (1, 1, 1, 1), value=-math.inf)
+
+
 def fuse_depth_tsdf(
-    depth: torch.Tensor,
-    valid: torch.Tensor,
+    depth_table: torch.Tensor,
     cams: CameraStack,
     points: torch.Tensor,
     truncation: float,
@@ -154,7 +162,7 @@ def fuse_depth_tsdf(
 
     Parameters
     ----------
-    depth : (N, h, w) float32 z-depth; valid : (N, h, w) bool pixels to fuse
+    depth_table : (N, h + 2, w + 2) from :func:`depth_lookup_table` (z-depth, scene units)
     truncation : scene units
     projected : ``cams.project(points)`` when the caller already has it (uv (N, P, 2), z (N, P))
 
@@ -163,28 +171,61 @@ def fuse_depth_tsdf(
     tsdf : (P,) float32 in [-1, 1], positive in front of the surfaces (outside); 0 where unseen
     weight : (P,) float32, number of views that saw the point within the truncation band or in front
     """
-    N, h, w = depth.shape
+    N, hp, wp = depth_table.shape
+    h, w = hp - 2, wp - 2
     uv, z = projected if projected is not None else cams.project(points)
-    col = torch.floor(uv[..., 0]).long()
-    row = torch.floor(uv[..., 1]).long()
-    ok = (col >= 0) & (col < w) & (row >= 0) & (row < h) & (z > 0)
-    flat = torch.where(ok, row * w + col, torch.zeros_like(col))
-    zo = torch.gather(depth.reshape(N, -1), 1, flat)
-    ok &= torch.gather(valid.reshape(N, -1), 1, flat)
+    # Shifted by the border and clamped onto it; truncation towards zero is floor for these non-negatives.
+    col = (uv[..., 0].clamp(-1.0, float(w)) + 1.0).long()
+    row = (uv[..., 1].clamp(-1.0, float(h)) + 1.0).long()
+    zo = torch.gather(depth_table.reshape(N, -1), 1, row * wp + col)
     sdf = zo - z
-    ok &= sdf > -truncation
-    wv = ok.float()
-    tsdf = (wv * (sdf / truncation).clamp(max=1.0)).sum(0)
-    weight = wv.sum(0)
+    ok = (sdf > -truncation) & (z > 0)
+    tsdf = torch.where(ok, (sdf / truncation).clamp(max=1.0), torch.zeros_like(sdf)).sum(0)
+    weight = ok.sum(0, dtype=torch.float32)
     return torch.where(weight > 0, tsdf / weight.clamp(min=1.0), tsdf), weight
 
 
-def evaluate_sparse(field_at, grid: VoxelGrid, truncation: float, device) -> tuple[torch.Tensor, int]:
-    """Evaluate a truncated field densely only near its surface (coarse-to-fine).
+def _coarser(grid: VoxelGrid) -> VoxelGrid:
+    """The grid of every other sample of ``grid`` (same origin, twice the spacing, covering it)."""
+    shape = tuple(int(n) for n in np.ceil((np.asarray(grid.shape) - 1) / 2).astype(int) + 1)
+    return VoxelGrid(lo=grid.lo, spacing=grid.spacing * 2, shape=shape)
 
-    The field is first sampled every :data:`SPARSE_BLOCK` samples with a wider truncation;
-    coarse cells whose corners are all saturated at the same sign (all +1 or all -1) hold no
-    surface, and their fine samples take that value. The rest are evaluated exactly.
+
+def _cell_samples(active_cell: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """(X, Y, Z) bool: samples of the twice-finer grid ``shape`` that lie in (or on) an active coarse cell."""
+    act = active_cell.repeat_interleave(2, 0).repeat_interleave(2, 1).repeat_interleave(2, 2)
+    act = F.pad(act, (0, 1, 0, 1, 0, 1))
+    # A sample on a cell's far face belongs to the next cell too: extend each active run by one.
+    act[1:] |= act[:-1].clone()
+    act[:, 1:] |= act[:, :-1].clone()
+    act[:, :, 1:] |= act[:, :, :-1].clone()
+    X, Y, Z = shape
+    return act[:X, :Y, :Z]
+
+
+def _sign_fill(coarse: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """(X, Y, Z) float32 of +-1: the sign of ``coarse`` interpolated onto the twice-finer grid ``shape``."""
+    up = tuple((n - 1) * 2 + 1 for n in coarse.shape)
+    dense = F.interpolate(torch.sign(coarse)[None, None], size=up, mode="trilinear", align_corners=True)[0, 0]
+    X, Y, Z = shape
+    dense = dense[:X, :Y, :Z]
+    return torch.where(dense >= 0, torch.ones_like(dense), -torch.ones_like(dense)).contiguous()
+
+
+def evaluate_sparse(field_at, grid: VoxelGrid, truncation: float, device) -> tuple[torch.Tensor, int]:
+    """Evaluate a truncated field exactly only where marching cubes reads it (coarse-to-fine).
+
+    Marching cubes uses a sample's value only on an edge whose ends differ in sign; elsewhere
+    the sign is enough. Three passes, each halving the spacing:
+
+    1. every 4th sample, with a truncation of at least :data:`SPARSE_BAND_CELLS` + 0.5 of its
+       cells; cells whose corners are all saturated at one sign hold no surface, even a thin one;
+    2. every 2nd sample in the other cells; the cells whose corners differ in sign, grown by
+       :data:`SPARSE_BAND_CELLS` cells on every side (where the fine surface may stray from
+       the coarse one), are
+    3. evaluated at every sample.
+
+    Every sample not evaluated takes the sign of its coarser cell.
 
     Parameters
     ----------
@@ -193,36 +234,33 @@ def evaluate_sparse(field_at, grid: VoxelGrid, truncation: float, device) -> tup
 
     Returns
     -------
-    (X, Y, Z) float32 field, and the number of fine samples evaluated
+    (X, Y, Z) float32 field, and the number of samples evaluated (all passes)
     """
-    B = SPARSE_BLOCK
-    shape = np.asarray(grid.shape)
-    cshape = tuple(int(n) for n in np.ceil((shape - 1) / B).astype(int) + 1)
-    coarse = VoxelGrid(lo=grid.lo, spacing=grid.spacing * B, shape=cshape)
-    # A surface inside a coarse cell leaves its corners within one cell diagonal of it.
-    coarse_trunc = max(truncation, SPARSE_BAND_CELLS * coarse.spacing)
-    fc = field_at(coarse.points(device), coarse_trunc).reshape(cshape)
-    mx = F.max_pool3d(fc[None, None], 2, stride=1)[0, 0]
-    mn = -F.max_pool3d(-fc[None, None], 2, stride=1)[0, 0]
+    mid = _coarser(grid)
+    top = _coarser(mid)
+    top_trunc = max(truncation, (SPARSE_BAND_CELLS + 0.5) * top.spacing)
+    f_top = field_at(top.points(device), top_trunc).reshape(top.shape)
+    n_evaluated = int(np.prod(top.shape))
+    mx = F.max_pool3d(f_top[None, None], 2, stride=1)[0, 0]
+    mn = -F.max_pool3d(-f_top[None, None], 2, stride=1)[0, 0]
     active_cell = (mn < 1.0) & (mx > -1.0)
-    up = tuple((n - 1) * B + 1 for n in cshape)
-    dense = F.interpolate(torch.sign(fc)[None, None], size=up, mode="trilinear", align_corners=True)[0, 0]
-    dense = torch.where(dense >= 0, torch.ones_like(dense), -torch.ones_like(dense))
-    act = active_cell.repeat_interleave(B, 0).repeat_interleave(B, 1).repeat_interleave(B, 2)
-    act = F.pad(act, (0, 1, 0, 1, 0, 1))
-    # A sample on a cell's far face belongs to the next cell too: extend each active run by one.
-    act[1:] |= act[:-1].clone()
-    act[:, 1:] |= act[:, :-1].clone()
-    act[:, :, 1:] |= act[:, :, :-1].clone()
-    X, Y, Z = grid.shape
-    dense = dense[:X, :Y, :Z].contiguous()
-    act = act[:X, :Y, :Z]
-    idx = torch.nonzero(act.reshape(-1), as_tuple=True)[0]
-    if len(idx):
-        ijk = torch.stack([idx // (Y * Z), (idx // Z) % Y, idx % Z], dim=-1).float()
-        lo = torch.as_tensor(grid.lo, dtype=torch.float32, device=device)
-        dense.view(-1)[idx] = field_at(lo + ijk * grid.spacing, truncation)
-    return dense, int(len(idx))
+
+    for level in (mid, grid):
+        dense = _sign_fill(f_top if level is mid else f_mid, level.shape)
+        X, Y, Z = level.shape
+        idx = torch.nonzero(_cell_samples(active_cell, level.shape).reshape(-1), as_tuple=True)[0]
+        if len(idx):
+            ijk = torch.stack([idx // (Y * Z), (idx // Z) % Y, idx % Z], dim=-1).float()
+            lo = torch.as_tensor(level.lo, dtype=torch.float32, device=device)
+            dense.view(-1)[idx] = field_at(lo + ijk * level.spacing, truncation)
+        n_evaluated += int(len(idx))
+        if level is mid:
+            f_mid = dense
+            outside = (dense >= 0).float()[None, None]
+            mixed = F.max_pool3d(outside, 2, stride=1) != -F.max_pool3d(-outside, 2, stride=1)
+            k = 2 * SPARSE_BAND_CELLS + 1
+            active_cell = F.max_pool3d(mixed.float(), k, stride=1, padding=SPARSE_BAND_CELLS)[0, 0] > 0
+    return dense, n_evaluated
 
 
 def _depth_inside_hull(depth, valid, cams: CameraStack, sdf_px, tolerance: float) -> torch.Tensor:
@@ -309,13 +347,15 @@ def reconstruct_geometry(
     t = lap("depth_check", t)
     _check(should_cancel, progress, 0.3)
 
+    depth_table = depth_lookup_table(depth, valid)
+
     def field_at(points: torch.Tensor, trunc: float) -> torch.Tensor:
         out = torch.empty(len(points), device=device)
         for s0 in range(0, len(points), FIELD_CHUNK):
             p = points[s0 : s0 + FIELD_CHUNK]
             proj = cams.project(p)  # one projection serves the hull and the depth maps
             hull = (hull_signed_distance(sdf_px, cams, p, projected=proj) / trunc).clamp(-1.0, 1.0)
-            tsdf, weight = fuse_depth_tsdf(depth, valid, cams, p, trunc, projected=proj)
+            tsdf, weight = fuse_depth_tsdf(depth_table, cams, p, trunc, projected=proj)
             # Unseen samples take the hull's side: inside where the hull is, which keeps the object closed.
             out[s0 : s0 + FIELD_CHUNK] = torch.maximum(torch.where(weight > 0, tsdf, -torch.ones_like(tsdf)), hull)
         return out

@@ -5,8 +5,11 @@ Functions take and return plain arrays: ``vertices`` (V, 3) float, ``faces`` (F,
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.sparse as sp
+import torch
 from scipy.sparse.csgraph import connected_components
 
 #: Taubin's shrink and inflate factors (lambda > 0, mu < -lambda): smoothing without shrinkage.
@@ -78,16 +81,26 @@ def _umbrella_operator(faces: np.ndarray, n: int) -> sp.csr_matrix:
 def taubin_smooth(vertices: np.ndarray, faces: np.ndarray, iterations: int) -> np.ndarray:
     """Taubin lambda|mu smoothing (removes marching-cubes stair steps and 8-bit depth banding).
 
+    Runs in float32 with torch's CSR product, which uses every core (scipy's uses one).
     Returns (V, 3) vertices of the same dtype.
     """
     if iterations <= 0 or len(faces) == 0:
         return vertices
     M = _umbrella_operator(faces, len(vertices))
-    v = vertices.astype(np.float64)
+    with warnings.catch_warnings():  # "CSR support is in beta": the product used here is stable
+        warnings.simplefilter("ignore", UserWarning)
+        Mt = torch.sparse_csr_tensor(
+            torch.as_tensor(M.indptr.astype(np.int64)),
+            torch.as_tensor(M.indices.astype(np.int64)),
+            torch.as_tensor(M.data.astype(np.float32)),
+            size=M.shape,
+            check_invariants=False,
+        )
+    v = torch.as_tensor(np.asarray(vertices, dtype=np.float32))
     for _ in range(iterations):
-        v = v + TAUBIN_LAMBDA * (M @ v - v)
-        v = v + TAUBIN_MU * (M @ v - v)
-    return v.astype(vertices.dtype)
+        v = v + TAUBIN_LAMBDA * (Mt @ v - v)
+        v = v + TAUBIN_MU * (Mt @ v - v)
+    return v.numpy().astype(vertices.dtype)
 
 
 def decimate(vertices: np.ndarray, faces: np.ndarray, target_faces: int) -> tuple[np.ndarray, np.ndarray]:

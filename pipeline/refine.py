@@ -156,13 +156,30 @@ def structural_loss(rgb: torch.Tensor, target: torch.Tensor, region: torch.Tenso
     """Sum of (1 - SSIM) over the ``region`` pixels of (C, h, w, 3) renders against their targets.
 
     Each view is cropped to the box around its region first (the rest is background on both
-    sides and adds nothing), which makes the term several times cheaper.
+    sides and adds nothing), which makes the term several times cheaper. All crops come out
+    of one gather: slicing each view separately would give every slice its own full-size
+    gradient buffer in the backward pass.
     """
+    C, h, w = rgb.shape[:3]
+    boxes = [mask_box(region[c], SSIM_BOX_MARGIN_PX) for c in range(C)]
+    flat_idx = []
+    for c, (ys, xs) in enumerate(boxes):
+        rows = torch.arange(ys.start, ys.stop, device=rgb.device)
+        cols = torch.arange(xs.start, xs.stop, device=rgb.device)
+        flat_idx.append((c * h * w + rows[:, None] * w + cols[None, :]).reshape(-1))
+    idx = torch.cat(flat_idx)
+    crops = rgb.reshape(-1, 3)[idx]
+    target_crops = target.reshape(-1, 3)[idx]
     total = rgb.new_zeros(())
-    for c in range(rgb.shape[0]):
-        ys, xs = mask_box(region[c], SSIM_BOX_MARGIN_PX)
-        m = ssim_map_torch(rgb[c : c + 1, ys, xs], target[c : c + 1, ys, xs])[0]
+    start = 0
+    for c, (ys, xs) in enumerate(boxes):
+        hb, wb = ys.stop - ys.start, xs.stop - xs.start
+        n = hb * wb
+        m = ssim_map_torch(
+            crops[start : start + n].reshape(1, hb, wb, 3), target_crops[start : start + n].reshape(1, hb, wb, 3)
+        )[0]
         total = total + ((1.0 - m) * region[c, ys, xs]).sum()
+        start += n
     return total
 
 
@@ -410,6 +427,7 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
     n_obj = float(tgt["mask"].sum().clamp(min=1))
     depth_valid = tgt["mask"] & (tgt["depth"] > 0)
     depth_weight = refine_depth_weight(frames, cfg)
+    tgt_rgb_flat = tgt["rgb"].reshape(-1, 3)
 
     history: list[float] = []
     terms: dict[str, list[float]] = {"photometric": [], "mask": [], "depth": [], "laplacian": []}
@@ -436,9 +454,11 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
                 silhouette_iou.append(float((inter / uni).mean()))
 
         union = tgt["mask"] | out.mask | (out.coverage > 0)
-        diff = out.rgb - tgt["rgb"]
+        # Only the union's pixels: full-frame arithmetic (and its backward) cost more than the rest of the term.
+        in_union = torch.nonzero(union.reshape(-1), as_tuple=True)[0]
+        diff = out.rgb.reshape(-1, 3)[in_union] - tgt_rgb_flat[in_union]
         per_px = diff.square() if cfg.photometric_loss == "l2" else diff.abs()
-        photo = (per_px.mean(-1) * union).sum() / n_obj
+        photo = per_px.mean(-1).sum() / n_obj
         if cfg.ssim_weight > 0:
             photo = photo + cfg.ssim_weight * structural_loss(out.rgb, tgt["rgb"], union) / n_obj
         sil = silhouette_loss(out, tgt["mask"], tgt["sdf"]) / n_obj
