@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .camera import Camera
+from .camera import Camera, pixel_rays
 from .render import EmbreeRasterizer, clip_space, cuda_available
 
 DiffBackend = Literal["auto", "embree", "nvdiffrast"]
@@ -55,6 +55,8 @@ CONTOUR_PROBE_PX = 1.0
 MIN_SCREEN_AREA_PX2 = 1e-10
 #: Scale of the pseudo-Huber penalty on contour distances, pixels.
 CONTOUR_HUBER_PX = 1.0
+#: CPU visibility refreshes cast rays only within the previous silhouette's box grown by this, pixels.
+VISIBILITY_BOX_MARGIN_PX = 8
 
 
 @dataclass
@@ -199,15 +201,22 @@ class CpuDiffRenderer:
         self._representative[weld] = np.arange(len(weld))
         self._edges, self._edge_faces = _edge_adjacency(self._faces_welded)
         self._vis: dict | None = None
+        self._dirs: list[np.ndarray | None] = [None] * len(self.cameras)
+        self._boxes: list[tuple[int, int, int, int] | None] | None = None
 
     def update_visibility(self, vertices) -> None:
-        """Re-run exact visibility and silhouette-edge detection at the current vertices ((V, 3), no gradient)."""
+        """Re-run exact visibility and silhouette-edge detection at the current vertices ((V, 3), no gradient).
+
+        After the first call, rays are cast only in each view's previous silhouette box grown by
+        :data:`VISIBILITY_BOX_MARGIN_PX` (the mesh moves a fraction of a pixel per step); a hit on
+        the box's edge means the silhouette may reach past it, and that view is cast again whole.
+        """
         v = _to_numpy(vertices)
         rast = EmbreeRasterizer(v, self.faces_np)
         H, W = self.height, self.width
         views, pixels, face_ids, masks = [], [], [], []
-        for i, cam in enumerate(self.cameras):
-            tri = rast.rasterize(cam).tri_id.reshape(-1)
+        for i in range(len(self.cameras)):
+            tri = self._cast_view(rast, i)
             hit = np.flatnonzero(tri >= 0)
             views.append(np.full(len(hit), i, np.int64))
             pixels.append(hit)
@@ -223,6 +232,35 @@ class CpuDiffRenderer:
             "mask": torch.as_tensor(masks, device=dev),
             "contour": tuple(torch.as_tensor(x, device=dev) for x in (a, b, t, length, cview)),
         }
+        self._boxes = [_mask_box_np(m, VISIBILITY_BOX_MARGIN_PX) for m in masks]
+
+    def _cast_view(self, rast: EmbreeRasterizer, i: int) -> np.ndarray:
+        """(H * W,) int64 triangle id per pixel centre of view ``i`` (-1: background)."""
+        H, W = self.height, self.width
+        if self._dirs[i] is None:  # pixel rays never change: compute once, in float32 as embree takes them
+            _, d = pixel_rays(self.cameras[i])
+            self._dirs[i] = np.ascontiguousarray(d, dtype=np.float32).reshape(H, W, 3)
+        dirs = self._dirs[i]
+        origin = np.asarray(self.cameras[i].center, dtype=np.float32)
+        box = self._boxes[i] if self._boxes is not None else None
+        if box is not None:
+            r0, r1, c0, c1 = box
+            d = np.ascontiguousarray(dirs[r0:r1, c0:c1].reshape(-1, 3))
+            sub = rast.cast_ids(np.broadcast_to(origin, d.shape), d).reshape(r1 - r0, c1 - c0)
+            hit = sub >= 0
+            # A hit on an edge of the box that is not the image's edge: the silhouette may continue outside.
+            leaks = (
+                (r0 > 0 and hit[0].any())
+                or (r1 < H and hit[-1].any())
+                or (c0 > 0 and hit[:, 0].any())
+                or (c1 < W and hit[:, -1].any())
+            )
+            if not leaks:
+                tri = np.full((H, W), -1, np.int64)
+                tri[r0:r1, c0:c1] = sub
+                return tri.reshape(-1)
+        d = dirs.reshape(-1, 3)
+        return rast.cast_ids(np.broadcast_to(origin, d.shape), d)
 
     def _contour_samples(self, v: np.ndarray, masks: np.ndarray):
         """Silhouette-edge samples on the rendered outline: (edge end a, end b, t, length px, view), each (M,)."""
@@ -475,6 +513,21 @@ def _edge_adjacency(faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     two = counts >= 2
     ef[two, 1] = fid[first[two] + 1]
     return edges, ef
+
+
+def _mask_box_np(mask: np.ndarray, margin: int) -> tuple[int, int, int, int] | None:
+    """(row0, row1, col0, col1) of an (H, W) mask's bounding box grown by ``margin``; None when empty."""
+    rows = np.flatnonzero(mask.any(1))
+    if len(rows) == 0:
+        return None
+    cols = np.flatnonzero(mask.any(0))
+    H, W = mask.shape
+    return (
+        max(int(rows[0]) - margin, 0),
+        min(int(rows[-1]) + 1 + margin, H),
+        max(int(cols[0]) - margin, 0),
+        min(int(cols[-1]) + 1 + margin, W),
+    )
 
 
 def _mask_at(mask: np.ndarray, p: np.ndarray) -> np.ndarray:

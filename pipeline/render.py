@@ -103,6 +103,16 @@ class EmbreeRasterizer:
         t = np.where(hit, r["tfar"], 0.0).astype(np.float32)
         return tri, bary, t
 
+    def cast_ids(self, origins: np.ndarray, directions: np.ndarray) -> np.ndarray:
+        """Cast (N, 3) float32 rays and return only the hit triangle ids, (N,) int64 (-1: miss)."""
+        n = len(origins)
+        if len(self.faces) == 0 or n == 0:
+            return np.full(n, -1, np.int64)
+        ids = self._scene.run(
+            np.ascontiguousarray(origins, dtype=np.float32), np.ascontiguousarray(directions, dtype=np.float32)
+        )
+        return np.asarray(ids, dtype=np.int64)
+
     def rasterize(self, cam: Camera) -> Rasterization:
         o, d = pixel_rays(cam)
         tri, bary, t = self.cast(o, d)
@@ -129,6 +139,16 @@ class NvdiffrastRasterizer:
         self._f = torch.as_tensor(self.faces, dtype=torch.int32, device=self.device)
         if NvdiffrastRasterizer._ctx is None:
             NvdiffrastRasterizer._ctx = dr.RasterizeCudaContext(device=self.device)
+
+    def cast_ids(self, origins: np.ndarray, directions: np.ndarray) -> np.ndarray:
+        """Cast (N, 3) float32 rays and return only the hit triangle ids, (N,) int64 (-1: miss)."""
+        n = len(origins)
+        if len(self.faces) == 0 or n == 0:
+            return np.full(n, -1, np.int64)
+        ids = self._scene.run(
+            np.ascontiguousarray(origins, dtype=np.float32), np.ascontiguousarray(directions, dtype=np.float32)
+        )
+        return np.asarray(ids, dtype=np.int64)
 
     def rasterize(self, cam: Camera) -> Rasterization:
         torch = self._torch

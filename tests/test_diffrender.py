@@ -55,6 +55,25 @@ def test_cpu_render_matches_plain_renderer():
         np.testing.assert_allclose(out.depth[i].numpy(), rast.depth, atol=1e-5)
 
 
+@pytest.mark.parametrize("scale", [1.01, 2.0, 0.5])
+def test_cpu_visibility_refresh_matches_a_full_cast(scale):
+    """Refreshes cast only inside the last silhouette's box; a mesh that grows past it is cast whole."""
+    mesh = textured("sphere")
+    cams = list(default_rig(96, 96).values())
+    dr = CpuDiffRenderer(mesh.faces, mesh.uvs, cams)
+    dr.update_visibility(mesh.vertices)
+    moved = (mesh.vertices * scale).astype(np.float32)
+    dr.update_visibility(moved)
+    r = make_rasterizer(moved, mesh.faces, backend="embree")
+    for i, cam in enumerate(cams):
+        rast = r.rasterize(cam)
+        np.testing.assert_array_equal(dr._vis["mask"][i].numpy(), rast.mask)
+        sel = dr._vis["view"].numpy() == i
+        tri = np.full(cam.width * cam.height, -1)
+        tri[dr._vis["pixel"].numpy()[sel]] = dr._vis["face"].numpy()[sel]
+        np.testing.assert_array_equal(tri, rast.tri_id.reshape(-1))
+
+
 def test_signed_distance_of_a_square():
     m = np.zeros((20, 20), bool)
     m[5:15, 5:15] = True
