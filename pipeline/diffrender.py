@@ -119,12 +119,23 @@ def sample_texture_torch(texture: torch.Tensor, uv: torch.Tensor) -> torch.Tenso
     -------
     (N, C) float
     """
+    return sample_texture_grid(texture, texture_grid(uv))
+
+
+def texture_grid(uv: torch.Tensor) -> torch.Tensor:
+    """(1, 1, N, 2) ``grid_sample`` coordinates of (N, 2) UVs (wrapped as :func:`sample_texture_torch` does).
+
+    One grid serves every texture layer sampled at the same UVs.
+    """
     # align_corners=False puts -1 / +1 on the outer texel edges, so texel centres sit at
     # (k + 0.5) / size as in the numpy sampler; y = +1 is the last (bottom) row, where v = 0.
-    uv = wrap_outside_unit(uv)
-    grid = torch.stack([uv[:, 0] * 2.0 - 1.0, 1.0 - uv[:, 1] * 2.0], dim=-1)
-    img = texture.permute(2, 0, 1)[None]
-    out = F.grid_sample(img, grid[None, None], mode="bilinear", padding_mode="border", align_corners=False)
+    u, v = wrap_outside_unit(uv).unbind(-1)
+    return torch.stack([u * 2.0 - 1.0, 1.0 - v * 2.0], dim=-1)[None, None]
+
+
+def sample_texture_grid(texture: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Bilinear lookup of a (T, S, C) texture at a :func:`texture_grid`: (N, C)."""
+    out = F.grid_sample(texture.permute(2, 0, 1)[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
     return out[0, :, 0, :].T
 
 
@@ -343,17 +354,22 @@ class CpuDiffRenderer:
 
         view, pixel, face = vis["view"], vis["pixel"], vis["face"]
         corner = view[:, None] * nv + self.faces[face]  # (N, 3) rows of the flattened (C*V) projections
-        p = xy.reshape(-1, 2)[corner]  # (N, 3, 2)
-        zc = z.reshape(-1)[corner]  # (N, 3)
-        q = torch.stack([(pixel % W).to(dtype) + 0.5, (pixel // W).to(dtype) + 0.5], dim=-1)
+        # index_select, not advanced indexing: its backward is an index_add, several times
+        # cheaper on the CPU than the accumulating index_put of a gather's backward.
+        flat_corner = corner.reshape(-1)
+        px, py = xy.reshape(-1, 2).index_select(0, flat_corner).reshape(-1, 3, 2).unbind(-1)  # (N, 3) each
+        zc = z.reshape(-1).index_select(0, flat_corner).reshape(-1, 3)
+        qx, qy = (pixel % W).to(dtype) + 0.5, (pixel // W).to(dtype) + 0.5
 
         # Screen-space barycentrics of the pixel centre, then perspective-correct ones.
-        e1, e2, d = p[:, 1] - p[:, 0], p[:, 2] - p[:, 0], q - p[:, 0]
-        den = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
+        x0, x1, x2 = px.unbind(-1)
+        y0, y1, y2 = py.unbind(-1)
+        e1x, e1y, e2x, e2y, dx, dy = x1 - x0, y1 - y0, x2 - x0, y2 - y0, qx - x0, qy - y0
+        den = e1x * e2y - e1y * e2x
         ok = den.abs() > MIN_SCREEN_AREA_PX2
         den = torch.where(ok, den, torch.ones_like(den))
-        b1 = (d[:, 0] * e2[:, 1] - d[:, 1] * e2[:, 0]) / den
-        b2 = (e1[:, 0] * d[:, 1] - e1[:, 1] * d[:, 0]) / den
+        b1 = (dx * e2y - dy * e2x) / den
+        b2 = (e1x * dy - e1y * dx) / den
         bs = torch.stack([1.0 - b1 - b2, b1, b2], dim=-1)
         wz = bs / zc
         inv_z = wz.sum(-1, keepdim=True)
@@ -361,7 +377,8 @@ class CpuDiffRenderer:
         depth_px = 1.0 / inv_z[:, 0]
 
         uv = (self.uvs.to(dtype)[self.faces[face]] * bp[..., None]).sum(1)
-        col = sum(sample_texture_torch(t.to(dtype), uv) for t in _layers(texture))
+        grid = texture_grid(uv)
+        col = sum(sample_texture_grid(t.to(dtype), grid) for t in _layers(texture))
         if not isinstance(texture, torch.Tensor):
             col = col.clamp(0.0, 1.0)
         okf = ok.to(dtype)[:, None]

@@ -57,6 +57,8 @@ TEXTURE_FINEST_PER_PIXEL = 1.0
 TEXTURE_COARSEST_PX = 32
 #: The structural term is computed in each view's object box grown by this many pixels.
 SSIM_BOX_MARGIN_PX = 8
+#: Convergence-test window of the coarse pass (``RefineConfig.coarse_resolution``), iterations.
+COARSE_CONVERGENCE_WINDOW = 15
 #: Loss-curve entries kept in a ConvergenceError's details.
 ERROR_CURVE_TAIL = 50
 
@@ -168,7 +170,7 @@ def structural_loss(rgb: torch.Tensor, target: torch.Tensor, region: torch.Tenso
         cols = torch.arange(xs.start, xs.stop, device=rgb.device)
         flat_idx.append((c * h * w + rows[:, None] * w + cols[None, :]).reshape(-1))
     idx = torch.cat(flat_idx)
-    crops = rgb.reshape(-1, 3)[idx]
+    crops = rgb.reshape(-1, 3).index_select(0, idx)  # index_select: its backward is the cheaper index_add
     target_crops = target.reshape(-1, 3)[idx]
     total = rgb.new_zeros(())
     start = 0
@@ -257,21 +259,28 @@ def texture_pyramid_params(shape: tuple[int, ...], resolution: int, device) -> l
     return levels
 
 
-def compose_texture(base: torch.Tensor, levels: list[torch.Tensor]) -> torch.Tensor:
-    """(T, S, 3) texture in [0, 1]: the base plus every correction level upsampled bilinearly.
+def compose_corrections(levels: list[torch.Tensor]) -> torch.Tensor:
+    """(t0, s0, 3) sum of the correction levels, each upsampled bilinearly to the finest (first) level's size.
 
-    During optimisation the renderer samples the levels separately at each pixel's UV
-    (cheaper than composing T x S texels per step); bilinear sampling of a bilinear
-    upsample differs from direct sampling only by a fraction of a coarse texel.
+    The renderer samples this and the base texture at each pixel's UV every step: two
+    texture lookups instead of one per level (bilinear sampling of a bilinear upsample
+    differs from sampling the coarse level directly by a fraction of a coarse texel).
     """
+    t0, s0 = levels[0].shape[:2]
+    total = levels[0].permute(2, 0, 1)[None]
+    for lv in levels[1:]:
+        total = total + F.interpolate(lv.permute(2, 0, 1)[None], size=(t0, s0), mode="bilinear", align_corners=False)
+    return total[0].permute(1, 2, 0)
+
+
+def compose_texture(base: torch.Tensor, levels: list[torch.Tensor]) -> torch.Tensor:
+    """(T, S, 3) texture in [0, 1]: the base plus the composed corrections upsampled bilinearly to its size."""
     T, S = base.shape[:2]
-    delta = torch.zeros((1, 3, T, S), dtype=base.dtype, device=base.device)
-    for lv in levels:
-        if tuple(lv.shape[:2]) == (T, S):
-            delta = delta + lv.permute(2, 0, 1)[None]
-        else:
-            delta = delta + F.interpolate(lv.permute(2, 0, 1)[None], size=(T, S), mode="bilinear", align_corners=False)
-    return (base + delta[0].permute(1, 2, 0)).clamp(0.0, 1.0)
+    delta = compose_corrections(levels)
+    if tuple(delta.shape[:2]) != (T, S):
+        delta = F.interpolate(delta.permute(2, 0, 1)[None], size=(T, S), mode="bilinear", align_corners=False)[0]
+        delta = delta.permute(1, 2, 0)
+    return (base + delta).clamp(0.0, 1.0)
 
 
 # ---------------------------------------------------------------- loss health
@@ -351,7 +360,10 @@ def refine_mesh(
         per-iteration lists: photometric, mask, depth, laplacian), ``iterations``,
         ``stop_reason`` ("converged", "iterations" or "time_budget"), ``time_s``, ``device``,
         ``backend``, ``resolution`` (render size, longest side), ``visibility_updates``,
-        ``oom_retry`` (bool)
+        ``oom_retry`` (bool); all of the main pass. With ``cfg.coarse_resolution`` set, a first
+        pass at that size runs before it, and ``coarse_pass`` has its ``iterations``,
+        ``stop_reason``, ``time_s``, ``resolution`` and ``oom_retry`` (``time_s`` at the top
+        level then covers both passes, and the main pass gets what is left of the time budget)
 
     Raises
     ------
@@ -367,6 +379,45 @@ def refine_mesh(
             details={"vertices": int(len(mesh.vertices))},
         )
     dev = _resolve_device(device)
+    t0 = time.perf_counter()
+    coarse_report = None
+    dcam = frames.views[0].depth_camera if frames.views else None
+    render_size = min(cfg.resolution, max(dcam.width, dcam.height)) if dcam is not None else cfg.resolution
+    if 0 < cfg.coarse_resolution < render_size and cfg.coarse_iterations > 0:
+        coarse_cfg = replace(
+            cfg,
+            resolution=cfg.coarse_resolution,
+            iterations=cfg.coarse_iterations,
+            lr_vertices=cfg.coarse_lr_vertices,
+            convergence_window=COARSE_CONVERGENCE_WINDOW,
+            coarse_resolution=0,
+        )
+        # Progress share by rendered pixels: the coarse pass's steps are several times cheaper.
+        share = coarse_cfg.iterations * coarse_cfg.resolution**2
+        share = share / (share + cfg.iterations * cfg.resolution**2)
+        mesh, coarse_report = _refine_with_retry(
+            mesh, frames, coarse_cfg, dev, _scaled_progress(progress, 0.0, share), should_cancel
+        )
+        cfg = replace(cfg, time_budget_s=max(cfg.time_budget_s - (time.perf_counter() - t0), 0.0))
+        progress = _scaled_progress(progress, share, 1.0)
+    refined, report = _refine_with_retry(mesh, frames, cfg, dev, progress, should_cancel)
+    if coarse_report is not None:
+        report["coarse_pass"] = {
+            k: coarse_report[k] for k in ("iterations", "stop_reason", "time_s", "resolution", "oom_retry")
+        }
+        report["time_s"] = round(time.perf_counter() - t0, 3)
+    return refined, report
+
+
+def _scaled_progress(progress: ProgressFn | None, lo: float, hi: float) -> ProgressFn | None:
+    """``progress`` with its fraction mapped from [0, 1] into [lo, hi]."""
+    if progress is None:
+        return None
+    return lambda stage, fraction: progress(stage, lo + (hi - lo) * fraction)
+
+
+def _refine_with_retry(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel) -> tuple[TexturedMesh, dict]:
+    """One optimisation pass; on CUDA out-of-memory, one retry at half the render size."""
     try:
         return _refine(mesh, frames, cfg, dev, progress, should_cancel, oom_retry=False)
     except Exception as e:
@@ -446,7 +497,7 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
         if refresh:
             renderer.update_visibility(vertices.detach())
             vis_updates += 1
-        out = renderer.render(vertices, [tex_base, *tex_levels])
+        out = renderer.render(vertices, [tex_base, compose_corrections(tex_levels)])
         if refresh:  # silhouette agreement, for the report
             with torch.no_grad():
                 inter = (out.mask & tgt["mask"]).sum((1, 2)).float()
@@ -456,7 +507,7 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
         union = tgt["mask"] | out.mask | (out.coverage > 0)
         # Only the union's pixels: full-frame arithmetic (and its backward) cost more than the rest of the term.
         in_union = torch.nonzero(union.reshape(-1), as_tuple=True)[0]
-        diff = out.rgb.reshape(-1, 3)[in_union] - tgt_rgb_flat[in_union]
+        diff = out.rgb.reshape(-1, 3).index_select(0, in_union) - tgt_rgb_flat[in_union]
         per_px = diff.square() if cfg.photometric_loss == "l2" else diff.abs()
         photo = per_px.mean(-1).sum() / n_obj
         if cfg.ssim_weight > 0:

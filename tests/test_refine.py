@@ -101,6 +101,22 @@ def test_refinement_reduces_loss_and_raises_psnr(scene):
     assert json.loads(json.dumps(rep)) == rep  # the report is plain JSON
 
 
+def test_coarse_pass_runs_first_and_hands_over(scene):
+    """A coarse pass at half the size starts the main pass; progress spans both, once, in order."""
+    gt, frames, start = scene
+    cfg = replace(TINY, iterations=20, coarse_resolution=WORK // 2, coarse_iterations=20, coarse_lr_vertices=3e-4)
+    stages = []
+    out, rep = refine_mesh(start, frames, cfg, device="cpu", progress=lambda s, f: stages.append(f))
+    assert rep["coarse_pass"]["resolution"] == WORK // 2 and rep["coarse_pass"]["iterations"] == 20
+    assert rep["resolution"] == WORK and rep["iterations"] == 20
+    assert rep["time_s"] >= rep["coarse_pass"]["time_s"]
+    assert stages == sorted(stages) and stages[-1] == 1.0 and 0.0 < stages[0] < 0.5
+    assert _masked_psnr(out, frames) > _masked_psnr(start, frames) + 1.0
+    # No coarse pass when it would not be coarser than the main one.
+    _, rep2 = refine_mesh(start, frames, replace(cfg, coarse_resolution=WORK), device="cpu")
+    assert "coarse_pass" not in rep2
+
+
 def test_convergence_stops_early(scene):
     _, frames, start = scene
     cfg = replace(TINY, iterations=60, convergence_tol=0.2, convergence_window=4)
