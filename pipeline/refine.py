@@ -57,6 +57,9 @@ TEXTURE_FINEST_PER_PIXEL = 1.0
 TEXTURE_COARSEST_PX = 32
 #: The structural term is computed in each view's object box grown by this many pixels.
 SSIM_BOX_MARGIN_PX = 8
+#: When the loss stalls with the learning rate above this multiple of its final value, the refinement
+#: runs one more convergence window at the final rate before it stops.
+SETTLE_RATE_RATIO = 2.0
 #: Convergence-test window of the coarse pass (``RefineConfig.coarse_resolution``), iterations.
 COARSE_CONVERGENCE_WINDOW = 15
 #: Loss-curve entries kept in a ConvergenceError's details.
@@ -360,7 +363,8 @@ def refine_mesh(
         per-iteration lists: photometric, mask, depth, laplacian), ``iterations``,
         ``stop_reason`` ("converged", "iterations" or "time_budget"), ``time_s``, ``device``,
         ``backend``, ``resolution`` (render size, longest side), ``visibility_updates``,
-        ``oom_retry`` (bool); all of the main pass. With ``cfg.coarse_resolution`` set, a first
+        ``oom_retry`` (bool), ``settled_from_iteration`` (where a stalled loss switched the
+        rest to the final learning rate, or None); all of the main pass. With ``cfg.coarse_resolution`` set, a first
         pass at that size runs before it, and ``coarse_pass`` has its ``iterations``,
         ``stop_reason``, ``time_s``, ``resolution`` and ``oom_retry`` (``time_s`` at the top
         level then covers both passes, and the main pass gets what is left of the time budget)
@@ -471,9 +475,15 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
         [{"params": [offset_param], "lr": cfg.lr_vertices * scale}, {"params": tex_levels, "lr": cfg.lr_texture}]
     )
     # Exponential decay to cfg.lr_final_fraction at the last iteration: big steps early, little jitter late.
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda it: cfg.lr_final_fraction ** (min(it, cfg.iterations) / max(cfg.iterations, 1))
-    )
+    # Once the loss stalls, the remaining steps ("settling") run at the final rate.
+    settle_left: int | None = None
+
+    def lr_factor(it: int) -> float:
+        if settle_left is not None:
+            return cfg.lr_final_fraction
+        return cfg.lr_final_fraction ** (min(it, cfg.iterations) / max(cfg.iterations, 1))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     lap0 = torch.sparse.mm(L, v0)
     n_obj = float(tgt["mask"].sum().clamp(min=1))
     depth_valid = tgt["mask"] & (tgt["depth"] > 0)
@@ -481,6 +491,7 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
     tgt_rgb_flat = tgt["rgb"].reshape(-1, 3)
 
     history: list[float] = []
+    settle_at: int | None = None
     terms: dict[str, list[float]] = {"photometric": [], "mask": [], "depth": [], "laplacian": []}
     stop_reason = "iterations"
     vis_updates = 0
@@ -544,9 +555,22 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
         sched.step()
         if progress is not None and (it % 5 == 0 or it == cfg.iterations - 1):
             progress(STAGE, (it + 1) / cfg.iterations)
-        if has_converged(history, cfg.convergence_window, cfg.convergence_tol):
-            stop_reason = "converged"
-            break
+        if settle_left is not None:
+            settle_left -= 1
+            if settle_left <= 0:
+                stop_reason = "converged"
+                break
+        elif has_converged(history, cfg.convergence_window, cfg.convergence_tol):
+            # A stall at a large step is the step's noise floor, not the optimum: the low-rate
+            # end of the schedule still gains (sneaker: 0.5 dB). Run one window at the final
+            # rate, then stop; stop at once when the rate is already near its end.
+            if lr_factor(it + 1) <= SETTLE_RATE_RATIO * cfg.lr_final_fraction:
+                stop_reason = "converged"
+                break
+            settle_left = cfg.convergence_window
+            settle_at = it + 1
+            for group, base in zip(opt.param_groups, sched.base_lrs, strict=True):
+                group["lr"] = base * cfg.lr_final_fraction  # from the next step on
 
     with torch.no_grad():
         v_out = (v0 + diffuse(L, offset_param, cfg.smoothing_steps))[weld].cpu().numpy().astype(np.float32)
@@ -575,6 +599,7 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
         "silhouette_iou": silhouette_iou,
         "oom_retry": oom_retry,
         "depth_weight": depth_weight,
+        "settled_from_iteration": settle_at,
         "vertex_offset_max": float(np.abs(v_out - np.asarray(mesh.vertices, dtype=np.float32)).max())
         if len(v_out)
         else 0.0,

@@ -267,3 +267,16 @@ def test_structural_term_matches_the_metric_ssim_and_has_gradients():
     loss.backward()
     assert float(loss.detach()) > 0 and x.grad.abs().sum() > 0
     assert x.grad[1, :5].abs().max() == 0  # far outside view 1's region box
+
+
+def test_a_stall_settles_at_the_final_rate_before_stopping(scene):
+    """Convergence with the step still large runs one window at the final rate, then stops."""
+    _, frames, start = scene
+    cfg = replace(TINY, iterations=200, convergence_tol=0.5, convergence_window=4, lr_final_fraction=0.1)
+    _, rep = refine_mesh(start, frames, cfg, device="cpu")
+    assert rep["stop_reason"] == "converged"
+    k = rep["settled_from_iteration"]
+    assert k is not None and rep["iterations"] == k + cfg.convergence_window
+    # Near the end of the schedule a stall stops at once.
+    _, rep2 = refine_mesh(start, frames, replace(cfg, lr_final_fraction=1.0), device="cpu")
+    assert rep2["stop_reason"] == "converged" and rep2["settled_from_iteration"] is None
