@@ -127,6 +127,21 @@ def _is_oom(e: BaseException) -> bool:
     return name == "OutOfMemoryError" or "out of memory" in str(e).lower()
 
 
+def set_compute_threads(requested: int | None) -> int:
+    """Set torch's CPU thread count: ``requested``, or every core this process may use; returns it.
+
+    Ray exports ``OMP_NUM_THREADS`` = the actor's ``num_cpus`` (at least 1) to its workers, so a
+    replica reserving half a CPU would otherwise compute on one thread.
+    """
+    import os
+
+    import torch
+
+    n = requested or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    torch.set_num_threads(max(1, int(n)))
+    return torch.get_num_threads()
+
+
 def _json_safe(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
@@ -146,6 +161,7 @@ class ModelServer:
         self.device = cfg.model.device
         if self.device == "auto" and cfg.num_gpus == 0:
             self.device = "cpu"  # no GPU reserved: never grab one that belongs to another replica
+        self.compute_threads = set_compute_threads(cfg.model.compute_threads)
 
     @classmethod
     def get_deployment_options(cls, cfg: ModelDeploymentConfig) -> dict:
@@ -307,6 +323,7 @@ class ModelServer:
             "model": self.model_name,
             "device": self.device,
             "num_gpus": self.cfg.num_gpus,
+            "compute_threads": self.compute_threads,
             "gpus": [],
         }
         try:

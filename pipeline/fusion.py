@@ -245,8 +245,9 @@ def evaluate_sparse(field_at, grid: VoxelGrid, truncation: float, device) -> tup
     mn = -F.max_pool3d(-f_top[None, None], 2, stride=1)[0, 0]
     active_cell = (mn < 1.0) & (mx > -1.0)
 
+    coarser = f_top  # the previous pass's field, whose signs fill the samples not evaluated
     for level in (mid, grid):
-        dense = _sign_fill(f_top if level is mid else f_mid, level.shape)
+        dense = _sign_fill(coarser, level.shape)
         X, Y, Z = level.shape
         idx = torch.nonzero(_cell_samples(active_cell, level.shape).reshape(-1), as_tuple=True)[0]
         if len(idx):
@@ -255,7 +256,7 @@ def evaluate_sparse(field_at, grid: VoxelGrid, truncation: float, device) -> tup
             dense.view(-1)[idx] = field_at(lo + ijk * level.spacing, truncation)
         n_evaluated += int(len(idx))
         if level is mid:
-            f_mid = dense
+            coarser = dense
             outside = (dense >= 0).float()[None, None]
             mixed = F.max_pool3d(outside, 2, stride=1) != -F.max_pool3d(-outside, 2, stride=1)
             k = 2 * SPARSE_BAND_CELLS + 1

@@ -77,6 +77,13 @@ class ModelConfig(BaseModel):
         None, ge=0, description="GPUs per replica; None = 1 when the cluster has GPUs, else 0 (CPU fallback, logged)."
     )
     num_cpus: float = Field(1.0, gt=0, description="CPUs per replica.")
+    compute_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch CPU threads of the replica's compute; None = every core its process may use. "
+        "Ray limits a worker to its num_cpus reservation (one thread for 0.5), which would leave the "
+        "refinement on one core of a machine with idle ones; set it where replicas share a node.",
+    )
     resources: dict[str, float] = Field(
         default_factory=dict,
         description="Custom Ray resources per replica (placement on labelled nodes, e.g. {'fake_gpu': 1} in tests).",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.server
 import io
 import json
+import os
 import threading
 import time
 import zipfile
@@ -269,6 +270,8 @@ def test_list_filter_pagination_health_ready(client, bundle_zip):
     assert health["status"] == "ok" and health["models"]["fusion"]["device"] == "cpu"
     assert any(k.endswith("fusion-model") and v["status"] == "HEALTHY" for k, v in health["deployments"].items())
     assert health["ray"]["resources"]["CPU"] == 2
+    # Ray gives the replica (num_cpus 1) one OpenMP thread; the deployment computes on every core.
+    assert health["models"]["fusion"]["compute_threads"] == len(os.sched_getaffinity(0))
     assert client.get("/ready").json()["ready"] is True
     assert client.get("/docs").status_code == 200 and "/jobs/{job_id}/events" in client.get("/openapi.json").text
 
