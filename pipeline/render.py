@@ -140,16 +140,6 @@ class NvdiffrastRasterizer:
         if NvdiffrastRasterizer._ctx is None:
             NvdiffrastRasterizer._ctx = dr.RasterizeCudaContext(device=self.device)
 
-    def cast_ids(self, origins: np.ndarray, directions: np.ndarray) -> np.ndarray:
-        """Cast (N, 3) float32 rays and return only the hit triangle ids, (N,) int64 (-1: miss)."""
-        n = len(origins)
-        if len(self.faces) == 0 or n == 0:
-            return np.full(n, -1, np.int64)
-        ids = self._scene.run(
-            np.ascontiguousarray(origins, dtype=np.float32), np.ascontiguousarray(directions, dtype=np.float32)
-        )
-        return np.asarray(ids, dtype=np.int64)
-
     def rasterize(self, cam: Camera) -> Rasterization:
         torch = self._torch
         H, W = cam.height, cam.width
