@@ -1,12 +1,13 @@
 """Sweep the presets over the shared datasets through the experiments API; print the table and the Pareto front.
 
-    python bench/sweep.py [--presets fast,balanced,quality] [--datasets objects/spot,objects/box,seed-example/input]
+    python bench/sweep.py [--models fusion[,nvdiffrec]] [--presets fast,balanced,quality]
+                          [--datasets objects/spot,objects/box,seed-example/input]
                           [--url http://127.0.0.1:8000] [--out bench_out/sweep]
 
 Without ``--url`` it starts a local Ray + Serve app (store in a temporary folder, dataset root
-/work/shared/data, one fusion replica on every CPU) and stops it at the end. The datasets with a
-``gt/mesh.glb`` also get F-score and Chamfer. A preset is "on the Pareto front" when no other preset
-is both faster and better (mean PSNR over the datasets against mean model time).
+/work/shared/data, one replica per model sharing the CPUs) and stops it at the end. The datasets
+with a ``gt/mesh.glb`` also get F-score and Chamfer. A model-preset is "on the Pareto front" when
+no other one is both faster and better (mean PSNR over the datasets against mean model time).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_local_service(store: Path, cpus: int) -> str:
+def start_local_service(store: Path, cpus: int, models: list[str]) -> str:
     import ray
     from ray import serve
 
@@ -46,7 +47,8 @@ def start_local_service(store: Path, cpus: int) -> str:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {
         "store": {"kind": "local", "path": str(store)},
-        "models": [{"name": "fusion", "num_cpus": max(cpus - 1, 1)}],
+        # The replicas share the CPUs; each computes on every core (compute_threads), one job at a time here.
+        "models": [{"name": m, "num_cpus": max(cpus - 1, 1) / len(models)} for m in models],
         "job_timeout_s": 3 * 3600,
         "fanout_num_cpus": 0.5,
         "preview_views": 2,
@@ -58,15 +60,17 @@ def start_local_service(store: Path, cpus: int) -> str:
 
 
 def preset_front(rows: list[dict]) -> list[tuple[str, float, float, bool]]:
-    """(preset, mean model_s, mean PSNR, on the front) over the datasets every preset finished."""
+    """(model-preset, mean model_s, mean PSNR, on the front) over the datasets every one finished."""
     done = [r for r in rows if r["psnr"] is not None and r["model_s"] is not None]
-    presets = sorted({r["preset"] for r in done})
+    for r in done:
+        r["setting"] = f"{r['model']}-{r['preset']}"
+    presets = sorted({r["setting"] for r in done})
     shared = (
-        set.intersection(*({r["dataset"] for r in done if r["preset"] == p} for p in presets)) if presets else set()
+        set.intersection(*({r["dataset"] for r in done if r["setting"] == p} for p in presets)) if presets else set()
     )
     stats = []
     for p in presets:
-        sel = [r for r in done if r["preset"] == p and r["dataset"] in shared]
+        sel = [r for r in done if r["setting"] == p and r["dataset"] in shared]
         if sel:
             stats.append((p, sum(r["model_s"] for r in sel) / len(sel), sum(r["psnr"] for r in sel) / len(sel)))
     front = set(pareto_front([(t, q) for _, t, q in stats]))
@@ -76,6 +80,7 @@ def preset_front(rows: list[dict]) -> list[tuple[str, float, float, bool]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", default="fast,balanced,quality")
+    ap.add_argument("--models", default="fusion", help="comma-separated: fusion, nvdiffrec")
     ap.add_argument("--datasets", default=DEFAULT_DATASETS, help="names under /work/shared/data")
     ap.add_argument("--url", default=None, help="a running service whose experiments.dataset_root is /work/shared/data")
     ap.add_argument("--out", default="bench_out/sweep", help="results.csv and plot.png go here")
@@ -83,11 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=3 * 3600)
     a = ap.parse_args(argv)
 
-    url = a.url or start_local_service(Path(tempfile.mkdtemp(prefix="recon3d-sweep-")), a.cpus)
+    url = a.url or start_local_service(
+        Path(tempfile.mkdtemp(prefix="recon3d-sweep-")), a.cpus, a.models.split(",")
+    )
     spec = {
         "name": "preset-sweep",
         "datasets": a.datasets.split(","),
-        "models": ["fusion"],
+        "models": a.models.split(","),
         "presets": a.presets.split(","),
     }
     t0 = time.monotonic()
@@ -123,11 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     print("\nper-dataset Pareto front (PSNR vs model time):")
     for ds in sorted({r["dataset"] for r in rows}):
-        print(f"  {ds}: {', '.join(r['preset'] for r in rows if r['dataset'] == ds and r['pareto']) or '-'}")
+        front = [f"{r['model']}-{r['preset']}" for r in rows if r["dataset"] == ds and r["pareto"]]
+        print(f"  {ds}: {', '.join(front) or '-'}")
     print("\npresets, mean over the datasets all of them finished:")
-    print(f"  {'preset':<10} {'model_s':>9} {'psnr':>7}  pareto")
+    print(f"  {'model-preset':<20} {'model_s':>9} {'psnr':>7}  pareto")
     for p, t, q, on in preset_front(rows):
-        print(f"  {p:<10} {t:9.1f} {q:7.2f}  {'*' if on else ''}")
+        print(f"  {p:<20} {t:9.1f} {q:7.2f}  {'*' if on else ''}")
     geo = [r for r in rows if r.get("f_score") is not None]
     if geo:
         print("\ngeometry vs gt/mesh.glb:")

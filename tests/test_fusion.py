@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 import trimesh
 from scipy.spatial import cKDTree
 
@@ -109,3 +110,100 @@ def test_capped_mask_distance_is_exact_within_its_bound():
         near = np.abs(full[n] + 0.5) < cap[n]
         assert np.array_equal(full[n][near], capped[n][near])
         assert (np.abs(capped[n][~near] + 0.5) >= cap[n]).all()  # beyond the bound: at least the bound
+
+
+def _truncated_sdf(points: torch.Tensor, truncation: float) -> torch.Tensor:
+    """A sphere of radius 0.35 at (0.1, 0, 0) united with a torus (radii 0.45, 0.12), truncated to [-1, 1]."""
+    sphere = (points - torch.tensor([0.1, 0.0, 0.0])).norm(dim=1) - 0.35
+    ring = torch.stack([points[:, [0, 2]].norm(dim=1) - 0.45, points[:, 1]], dim=1).norm(dim=1) - 0.12
+    return (torch.minimum(sphere, ring) / truncation).clamp(-1.0, 1.0)
+
+
+def test_sparse_evaluation_gives_marching_cubes_the_dense_surface():
+    from skimage.measure import marching_cubes
+
+    from pipeline.fusion import evaluate_sparse, surface_cells
+    from pipeline.rig import VoxelGrid
+
+    grid = VoxelGrid.around(np.array([-0.7, -0.4, -0.7]), np.array([0.7, 0.4, 0.7]), 72, margin_voxels=4)
+    trunc = 3 * grid.spacing
+    dense = _truncated_sdf(grid.points(torch.device("cpu")), trunc).reshape(grid.shape)
+    sparse, n_evaluated = evaluate_sparse(_truncated_sdf, grid, trunc, torch.device("cpu"))
+    assert n_evaluated < 0.5 * dense.numel()
+    assert torch.equal(sparse >= 0, dense >= 0)  # every sample's side is right
+    cells = surface_cells(sparse)
+    assert torch.equal(cells, surface_cells(dense))
+    # Exact values at every corner of every cell the surface crosses: the same mesh.
+    crossed = torch.zeros(grid.shape, dtype=torch.bool)
+    for dx in (0, 1):
+        for dy in (0, 1):
+            for dz in (0, 1):
+                crossed[: grid.shape[0] - dx, : grid.shape[1] - dy, : grid.shape[2] - dz] |= cells[dx:, dy:, dz:]
+    assert torch.equal(sparse[crossed], dense[crossed])
+    a = marching_cubes(dense.numpy(), 0.0, allow_degenerate=False)
+    b = marching_cubes(sparse.numpy(), 0.0, allow_degenerate=False, mask=cells.numpy())
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def test_marching_cubes_mask_keeps_exact_zeros_and_every_crossing():
+    from skimage.measure import marching_cubes
+
+    from pipeline.fusion import surface_cells
+
+    field = np.round(np.random.default_rng(3).normal(size=(23, 19, 21)), 0).astype(np.float32)  # many exact zeros
+    a = marching_cubes(field, 0.0, allow_degenerate=False)
+    b = marching_cubes(field, 0.0, allow_degenerate=False, mask=surface_cells(torch.from_numpy(field)).numpy())
+    assert (field == 0).mean() > 0.2 and len(a[1]) > 1000
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def test_hull_bounded_tsdf_matches_a_per_view_reference():
+    from scipy.ndimage import map_coordinates
+
+    from pipeline.camera import project_points
+    from pipeline.fusion import HullBoundedTSDF, SilhouetteHull
+    from pipeline.rig import CameraStack
+
+    rng = np.random.default_rng(5)
+    cams = list(default_rig(48, 40).values())
+    N, h, w = len(cams), 40, 48
+    sdf_px = rng.normal(scale=6.0, size=(N, h, w)).astype(np.float32)
+    depth = rng.uniform(2.0, 3.0, size=(N, h, w)).astype(np.float32)
+    valid = rng.random((N, h, w)) > 0.2
+    points = rng.uniform(-0.5, 0.5, size=(500, 3)).astype(np.float32)
+
+    stack = CameraStack.from_cameras(cams, torch.device("cpu"))
+    hull = SilhouetteHull(stack, torch.from_numpy(sdf_px))
+    fused = HullBoundedTSDF(hull, torch.from_numpy(depth), torch.from_numpy(valid))
+
+    hull_ref = np.full(len(points), -np.inf)
+    projected = []
+    for n, cam in enumerate(cams):
+        uv, z = project_points(cam.K, cam.world_to_cam, points)
+        assert (uv > 1).all() and (uv[:, 0] < w - 1).all() and (uv[:, 1] < h - 1).all()  # inside every image
+        d = map_coordinates(sdf_px[n], [uv[:, 1] - 0.5, uv[:, 0] - 0.5], order=1, mode="nearest")
+        hull_ref = np.maximum(hull_ref, d * z / cam.K[0, 0])
+        projected.append((uv, z))
+    assert np.abs(hull(torch.from_numpy(points)).numpy() - hull_ref).max() < 1e-4
+
+    unseen = []
+    for trunc in (0.3, 0.02):
+        tsdf_sum, n_seen = np.zeros(len(points)), np.zeros(len(points))
+        for n, (uv, z) in enumerate(projected):
+            row, col = np.floor(uv[:, 1]).astype(int), np.floor(uv[:, 0]).astype(int)
+            sdf = depth[n, row, col] - z
+            seen = valid[n, row, col] & (sdf > -trunc)
+            tsdf_sum += np.where(seen, np.minimum(sdf / trunc, 1.0), 0.0)
+            n_seen += seen
+        tsdf_ref = np.where(n_seen > 0, tsdf_sum / np.maximum(n_seen, 1), -1.0)
+        ref = np.maximum(tsdf_ref, np.clip(hull_ref / trunc, -1.0, 1.0))
+        assert np.abs(fused(torch.from_numpy(points), trunc).numpy() - ref).max() < 1e-4
+        unseen.append(float((n_seen == 0).mean()))
+    assert unseen[1] > 0.01  # the -1 of points no view sees is checked too
+
+
+def test_face_components_join_faces_through_shared_vertices():
+    faces = np.array([[0, 1, 2], [2, 3, 4], [5, 6, 7], [8, 9, 10], [10, 11, 8]], np.int32)
+    labels = face_components(faces, 13)  # vertex 12 is unused
+    assert labels[0] == labels[1] and labels[3] == labels[4]
+    assert len({labels[0], labels[2], labels[3]}) == 3

@@ -210,8 +210,12 @@ def plot_png(rows: list[dict], *, title: str = "") -> bytes:
     if pts:
         xs = [r["model_s"] for r in pts]
         ys = [r["psnr"] for r in pts]
+        groups = sorted({(r["dataset"], r["model"]) for r in pts})
         xlo, xhi = 0.0, max(xs) * 1.1 or 1.0
         ylo, yhi = min(ys) - 1.0, max(ys) + 1.0
+        # Headroom for the legend in the top-right corner, so no point lies under it.
+        legend_frac = min((16 * len(groups) + 16) / (y1 - y0), 0.5)
+        yhi = (yhi - ylo * legend_frac) / (1.0 - legend_frac)
 
         def px(x: float, y: float) -> tuple[float, float]:
             return x0 + (x - xlo) / (xhi - xlo) * (x1 - x0), y1 - (y - ylo) / (yhi - ylo) * (y1 - y0)
@@ -227,7 +231,6 @@ def plot_png(rows: list[dict], *, title: str = "") -> bytes:
         d.text(((x0 + x1) // 2 - 60, y1 + 28), "model time, s", fill="black", font=font)
         d.text((8, (y0 + y1) // 2), "PSNR, dB", fill="black", font=font)
 
-        groups = sorted({(r["dataset"], r["model"]) for r in pts})
         colour = {g: _PALETTE[i % len(_PALETTE)] for i, g in enumerate(groups)}
         for ds in sorted({r["dataset"] for r in pts}):
             front = sorted((r for r in pts if r["dataset"] == ds and r.get("pareto")), key=lambda r: r["model_s"])
