@@ -44,7 +44,7 @@ DEPTH_HULL_TOLERANCE = 0.5
 SPARSE_BAND_CELLS = 1
 #: Field samples evaluated per batch (bounds memory: about 100 bytes per sample and view).
 FIELD_CHUNK = 1 << 19
-#: Distance reported for samples that leave a view's image, in scene units per pixel of focal length.
+#: The hull table's border: a sample that leaves a view's image is this far outside, per unit of depth.
 _OFF_IMAGE_PX = 1e4
 
 

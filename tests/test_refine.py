@@ -280,3 +280,19 @@ def test_a_stall_settles_at_the_final_rate_before_stopping(scene):
     # Near the end of the schedule a stall stops at once.
     _, rep2 = refine_mesh(start, frames, replace(cfg, lr_final_fraction=1.0), device="cpu")
     assert rep2["stop_reason"] == "converged" and rep2["settled_from_iteration"] is None
+
+
+def test_the_better_of_fusion_and_refined_is_returned_by_the_reports_measure(scene):
+    from pipeline.metrics import mean_masked_psnr
+    from pipeline.reconstruct import _better_of
+
+    gt, frames, worse = scene
+    # The same number quality.json reports: the mean of evaluate_views' masked PSNR.
+    assert mean_masked_psnr(gt, frames) == pytest.approx(np.mean([v["psnr"] for v in evaluate_views(gt, frames)]))
+    report, warnings = {}, []
+    assert _better_of(worse, gt, frames, report, warnings) is gt
+    assert report["returned"] == "refined" and not warnings
+    report, warnings = {}, []
+    assert _better_of(gt, worse, frames, report, warnings) is gt
+    assert report["returned"] == "fusion" and warnings[0].startswith("REFINE_NO_GAIN")
+    assert report["input_view_psnr"]["fusion"] > report["input_view_psnr"]["refined"] + 3.0
