@@ -59,18 +59,20 @@ def start_local_service(store: Path, cpus: int, models: list[str]) -> str:
     return f"http://127.0.0.1:{port}"
 
 
+def _setting(row: dict) -> str:
+    return f"{row['model']}-{row['preset']}"
+
+
 def preset_front(rows: list[dict]) -> list[tuple[str, float, float, bool]]:
     """(model-preset, mean model_s, mean PSNR, on the front) over the datasets every one finished."""
     done = [r for r in rows if r["psnr"] is not None and r["model_s"] is not None]
-    for r in done:
-        r["setting"] = f"{r['model']}-{r['preset']}"
-    presets = sorted({r["setting"] for r in done})
+    presets = sorted({_setting(r) for r in done})
     shared = (
-        set.intersection(*({r["dataset"] for r in done if r["setting"] == p} for p in presets)) if presets else set()
+        set.intersection(*({r["dataset"] for r in done if _setting(r) == p} for p in presets)) if presets else set()
     )
     stats = []
     for p in presets:
-        sel = [r for r in done if r["setting"] == p and r["dataset"] in shared]
+        sel = [r for r in done if _setting(r) == p and r["dataset"] in shared]
         if sel:
             stats.append((p, sum(r["model_s"] for r in sel) / len(sel), sum(r["psnr"] for r in sel) / len(sel)))
     front = set(pareto_front([(t, q) for _, t, q in stats]))
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     print("\nper-dataset Pareto front (PSNR vs model time):")
     for ds in sorted({r["dataset"] for r in rows}):
-        front = [f"{r['model']}-{r['preset']}" for r in rows if r["dataset"] == ds and r["pareto"]]
+        front = [_setting(r) for r in rows if r["dataset"] == ds and r["pareto"]]
         print(f"  {ds}: {', '.join(front) or '-'}")
     print("\npresets, mean over the datasets all of them finished:")
     print(f"  {'model-preset':<20} {'model_s':>9} {'psnr':>7}  pareto")

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from .camera import Camera, pixel_rays
+from .masks import mask_box
 from .render import EmbreeRasterizer, clip_space, cuda_available
 
 DiffBackend = Literal["auto", "embree", "nvdiffrast"]
@@ -213,7 +214,7 @@ class CpuDiffRenderer:
         self._edges, self._edge_faces = _edge_adjacency(self._faces_welded)
         self._vis: dict | None = None
         self._dirs: list[np.ndarray | None] = [None] * len(self.cameras)
-        self._boxes: list[tuple[int, int, int, int] | None] | None = None
+        self._boxes: list[tuple[slice, slice] | None] | None = None
 
     def update_visibility(self, vertices) -> None:
         """Re-run exact visibility and silhouette-edge detection at the current vertices ((V, 3), no gradient).
@@ -243,7 +244,7 @@ class CpuDiffRenderer:
             "mask": torch.as_tensor(masks, device=dev),
             "contour": tuple(torch.as_tensor(x, device=dev) for x in (a, b, t, length, cview)),
         }
-        self._boxes = [_mask_box_np(m, VISIBILITY_BOX_MARGIN_PX) for m in masks]
+        self._boxes = [mask_box(m, VISIBILITY_BOX_MARGIN_PX) for m in masks]
 
     def _cast_view(self, rast: EmbreeRasterizer, i: int) -> np.ndarray:
         """(H * W,) int64 triangle id per pixel centre of view ``i`` (-1: background)."""
@@ -255,7 +256,7 @@ class CpuDiffRenderer:
         origin = np.asarray(self.cameras[i].center, dtype=np.float32)
         box = self._boxes[i] if self._boxes is not None else None
         if box is not None:
-            r0, r1, c0, c1 = box
+            r0, r1, c0, c1 = box[0].start, box[0].stop, box[1].start, box[1].stop
             d = np.ascontiguousarray(dirs[r0:r1, c0:c1].reshape(-1, 3))
             sub = rast.cast_ids(np.broadcast_to(origin, d.shape), d).reshape(r1 - r0, c1 - c0)
             hit = sub >= 0
@@ -530,21 +531,6 @@ def _edge_adjacency(faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     two = counts >= 2
     ef[two, 1] = fid[first[two] + 1]
     return edges, ef
-
-
-def _mask_box_np(mask: np.ndarray, margin: int) -> tuple[int, int, int, int] | None:
-    """(row0, row1, col0, col1) of an (H, W) mask's bounding box grown by ``margin``; None when empty."""
-    rows = np.flatnonzero(mask.any(1))
-    if len(rows) == 0:
-        return None
-    cols = np.flatnonzero(mask.any(0))
-    H, W = mask.shape
-    return (
-        max(int(rows[0]) - margin, 0),
-        min(int(rows[-1]) + 1 + margin, H),
-        max(int(cols[0]) - margin, 0),
-        min(int(cols[-1]) + 1 + margin, W),
-    )
 
 
 def _mask_at(mask: np.ndarray, p: np.ndarray) -> np.ndarray:

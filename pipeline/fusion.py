@@ -30,7 +30,7 @@ from .camera import transform_points
 from .config import ReconstructConfig
 from .errors import CanceledError, EmptyReconstructionError
 from .frames import PosedFrames
-from .masks import signed_distance_px
+from .masks import mask_box, signed_distance_px
 from .mesh_cleanup import decimate, keep_large_components, orient_outward, taubin_smooth
 from .rig import CameraStack, VoxelGrid, carve_hull, resize_masks, torch_device
 
@@ -78,25 +78,18 @@ def mask_signed_distance(
 
     def one_view(n: int) -> None:
         m = masks[n]
-        rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
-        if max_distance_px is None or len(rows) == 0:
-            r0, r1, c0, c1 = 0, H, 0, W
+        # All mask pixels lie inside the grown box, so distances inside it are exact.
+        margin = None if max_distance_px is None else int(math.ceil(float(max_distance_px[n]))) + 2
+        box = mask_box(m, margin) if margin is not None else None
+        if box is None:
+            box = (slice(0, H), slice(0, W))
         else:
-            # All mask pixels lie inside the box, so distances inside it are exact.
-            g = int(math.ceil(float(max_distance_px[n]))) + 2
-            r0, r1 = max(rows[0] - g, 0), min(rows[-1] + 1 + g, H)
-            c0, c1 = max(cols[0] - g, 0), min(cols[-1] + 1 + g, W)
             out[n] = float(max_distance_px[n]) + 1.0
-        out[n, r0:r1, c0:c1] = signed_distance_px(m[r0:r1, c0:c1])
+        out[(n, *box)] = signed_distance_px(m[box])
 
     # scipy's distance transform releases the GIL: views run in parallel on the compute threads.
-    workers = min(len(masks), torch.get_num_threads())
-    if workers > 1:
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(one_view, range(len(masks))))
-    else:
-        for n in range(len(masks)):
-            one_view(n)
+    with ThreadPoolExecutor(max(1, min(len(masks), torch.get_num_threads()))) as pool:
+        list(pool.map(one_view, range(len(masks))))
     return out - np.float32(tolerance_px)
 
 
@@ -129,6 +122,14 @@ def object_bounds(masks: torch.Tensor, cams_full, resolution: int) -> tuple[np.n
     lo = grid.lo + idx.amin(0).cpu().numpy() * grid.spacing
     hi = grid.lo + idx.amax(0).cpu().numpy() * grid.spacing
     return lo - grid.spacing, hi + grid.spacing
+
+
+def _in_chunks(fn, points: torch.Tensor) -> torch.Tensor:
+    """(P,) float32: ``fn`` of (n, 3) points -> (n,), applied :data:`FIELD_CHUNK` points at a time (bounds memory)."""
+    out = torch.empty(len(points), device=points.device)
+    for s0 in range(0, len(points), FIELD_CHUNK):
+        out[s0 : s0 + FIELD_CHUNK] = fn(points[s0 : s0 + FIELD_CHUNK])
+    return out
 
 
 class SilhouetteHull:
@@ -171,10 +172,7 @@ class SilhouetteHull:
 
     def __call__(self, points: torch.Tensor) -> torch.Tensor:
         """(P, 3) float32 world points -> (P,) float32 signed distance, scene units."""
-        out = torch.empty(len(points), device=points.device)
-        for s0 in range(0, len(points), FIELD_CHUNK):
-            out[s0 : s0 + FIELD_CHUNK] = self.distance_projected(*self.project(points[s0 : s0 + FIELD_CHUNK]))
-        return out
+        return _in_chunks(lambda p: self.distance_projected(*self.project(p)), points)
 
 
 class HullBoundedTSDF:
@@ -203,10 +201,7 @@ class HullBoundedTSDF:
 
     def __call__(self, points: torch.Tensor, truncation: float) -> torch.Tensor:
         """(P, 3) float32 world points -> (P,) float32 field values in [-1, 1] (positive outside)."""
-        out = torch.empty(len(points), device=points.device)
-        for s0 in range(0, len(points), FIELD_CHUNK):
-            out[s0 : s0 + FIELD_CHUNK] = self._evaluate(points[s0 : s0 + FIELD_CHUNK], truncation)
-        return out
+        return _in_chunks(lambda p: self._evaluate(p, truncation), points)
 
     def _evaluate(self, p: torch.Tensor, truncation: float) -> torch.Tensor:
         h, w = self.hull.height, self.hull.width

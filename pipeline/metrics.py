@@ -68,6 +68,11 @@ def psnr_from_mse(mse: float) -> float:
     return float(min(PSNR_MAX_DB, 10.0 * math.log10(DATA_RANGE**2 / mse)))
 
 
+def _masked_psnr(sq: np.ndarray, region: np.ndarray) -> float | None:
+    """PSNR of an (H, W) per-pixel squared-error map over a bool region; None when it is empty."""
+    return psnr_from_mse(float(sq[region].mean())) if region.any() else None
+
+
 def image_metrics(
     pred_rgb: np.ndarray,
     pred_mask: np.ndarray,
@@ -109,6 +114,7 @@ def image_metrics(
     union = pm | rm
     inter = pm & rm
     sq = ((pred - ref) ** 2).mean(axis=-1)  # (H, W) per-pixel MSE over channels
+    n_union = int(union.sum())
     # Gaussian-weighted SSIM with population covariance: the Wang et al. (2004) definition.
     ssim_full, ssim_map = structural_similarity(
         pred,
@@ -121,10 +127,9 @@ def image_metrics(
         full=True,
     )
     ssim_map = ssim_map.mean(axis=-1)
-    n_union = int(union.sum())
 
     out: dict = {
-        "psnr": psnr_from_mse(float(sq[union].mean())) if n_union else None,
+        "psnr": _masked_psnr(sq, union),
         "ssim": float(ssim_map[union].mean()) if n_union else None,
         "psnr_full": psnr_from_mse(float(sq.mean())),
         "ssim_full": float(ssim_full),
@@ -245,10 +250,9 @@ def mean_masked_psnr(mesh: TexturedMesh, frames: PosedFrames, *, backend: Backen
     values = []
     for v in frames.views:
         out = render_view_for_metrics(mesh, v, r)
-        union = out["pred_mask"] | out["ref_mask"]
-        if union.any():
-            diff = (out["pred_rgb"].astype(np.float64) - out["ref_rgb"].astype(np.float64)) / 255.0
-            values.append(psnr_from_mse(float((diff**2).mean(axis=-1)[union].mean())))
+        sq = ((_as_unit_float(out["pred_rgb"], "pred_rgb") - _as_unit_float(out["ref_rgb"], "ref_rgb")) ** 2).mean(-1)
+        values.append(_masked_psnr(sq, out["pred_mask"] | out["ref_mask"]))
+    values = [x for x in values if x is not None]
     return float(np.mean(values)) if values else None
 
 

@@ -39,7 +39,7 @@ from .depth_calibration import HULL_FIT_METHOD
 from .diffrender import make_diff_renderer, silhouette_loss, weld_vertices
 from .errors import CanceledError, ConvergenceError, InvalidInputError, ModelOOMError
 from .frames import PosedFrames
-from .masks import signed_distance_px
+from .masks import mask_box, signed_distance_px
 from .mesh import TexturedMesh
 from .metrics import SSIM_SIGMA
 from .render import cuda_available
@@ -166,7 +166,8 @@ def structural_loss(rgb: torch.Tensor, target: torch.Tensor, region: torch.Tenso
     gradient buffer in the backward pass.
     """
     C, h, w = rgb.shape[:3]
-    boxes = [mask_box(region[c], SSIM_BOX_MARGIN_PX) for c in range(C)]
+    full = (slice(0, h), slice(0, w))
+    boxes = [mask_box(region[c], SSIM_BOX_MARGIN_PX) or full for c in range(C)]
     flat_idx = []
     for c, (ys, xs) in enumerate(boxes):
         rows = torch.arange(ys.start, ys.stop, device=rgb.device)
@@ -186,18 +187,6 @@ def structural_loss(rgb: torch.Tensor, target: torch.Tensor, region: torch.Tenso
         total = total + ((1.0 - m) * region[c, ys, xs]).sum()
         start += n
     return total
-
-
-def mask_box(mask: torch.Tensor, margin: int) -> tuple[slice, slice]:
-    """Rows and columns of the bounding box of an (h, w) ``mask``, grown by ``margin`` pixels."""
-    rows = torch.nonzero(mask.any(1)).squeeze(1)
-    cols = torch.nonzero(mask.any(0)).squeeze(1)
-    h, w = mask.shape
-    if len(rows) == 0:
-        return slice(0, h), slice(0, w)
-    r0, r1 = max(int(rows[0]) - margin, 0), min(int(rows[-1]) + 1 + margin, h)
-    c0, c1 = max(int(cols[0]) - margin, 0), min(int(cols[-1]) + 1 + margin, w)
-    return slice(r0, r1), slice(c0, c1)
 
 
 # ---------------------------------------------------------------- regulariser
