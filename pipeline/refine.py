@@ -439,6 +439,12 @@ def _refine_with_retry(mesh, frames, cfg: RefineConfig, dev, progress, should_ca
         ) from None
 
 
+def subpixel_offsets(n: int) -> list[tuple[float, float]]:
+    """The n x n sub-pixel sample positions of a pixel, as (dx, dy) offsets from its centre, row by row."""
+    o = [(k + 0.5) / n - 0.5 for k in range(max(int(n), 1))]
+    return [(dx, dy) for dy in o for dx in o]
+
+
 def refine_depth_weight(frames: PosedFrames, cfg: RefineConfig) -> float:
     """The depth term's weight: ``cfg.estimated_depth_weight`` when the depth encoding was fitted
     against the silhouette hull (:data:`pipeline.depth_calibration.HULL_FIT_METHOD`), else ``cfg.depth_weight``."""
@@ -480,6 +486,7 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
     depth_weight = refine_depth_weight(frames, cfg)
     tgt_rgb_flat = tgt["rgb"].reshape(-1, 3)
 
+    samples = tuple(subpixel_offsets(cfg.supersample))
     history: list[float] = []
     settle_at: int | None = None
     terms: dict[str, list[float]] = {"photometric": [], "mask": [], "depth": [], "laplacian": []}
@@ -498,7 +505,7 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
         if refresh:
             renderer.update_visibility(vertices.detach())
             vis_updates += 1
-        out = renderer.render(vertices, [tex_base, compose_corrections(tex_levels)])
+        out = renderer.render(vertices, [tex_base, compose_corrections(tex_levels)], sample_offsets=samples)
         if refresh:  # silhouette agreement, for the report
             with torch.no_grad():
                 inter = (out.mask & tgt["mask"]).sum((1, 2)).float()

@@ -7,7 +7,7 @@ import pytest
 import torch
 import trimesh
 
-from pipeline.camera import default_rig
+from pipeline.camera import Camera, default_rig
 from pipeline.diffrender import (
     CpuDiffRenderer,
     make_diff_renderer,
@@ -17,8 +17,9 @@ from pipeline.diffrender import (
 )
 from pipeline.masks import signed_distance_px
 from pipeline.mesh import TexturedMesh
+from pipeline.refine import subpixel_offsets
 from pipeline.render import cuda_available, make_rasterizer
-from pipeline.shading import sample_texture, shade_rgb
+from pipeline.shading import sample_texture, shade_rgb, shade_rgb_antialiased
 from pipeline.synthetic import checker_texture, make_shape
 
 
@@ -53,6 +54,78 @@ def test_cpu_render_matches_plain_renderer():
         # shade_rgb rounds to uint8; float32 embree barycentrics move UVs by ~1e-7
         np.testing.assert_allclose(out.rgb[i].numpy(), ref, atol=0.6 / 255 + 1e-4)
         np.testing.assert_allclose(out.depth[i].numpy(), rast.depth, atol=1e-5)
+
+
+def _shifted(cam: Camera, dx: float, dy: float) -> Camera:
+    """``cam`` whose pixel centres sit where ``cam`` has (centre + (dx, dy))."""
+    K = cam.K.copy()
+    K[0, 2] -= dx
+    K[1, 2] -= dy
+    return Camera(K=K, cam_to_world=cam.cam_to_world, width=cam.width, height=cam.height, name=cam.name)
+
+
+def _interior(mask: np.ndarray, px: int = 2) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.binary_erosion(mask, iterations=px)
+
+
+@pytest.mark.parametrize("offset", [(0.25, -0.25), (-0.4, 0.3)])
+def test_cpu_sample_offset_samples_where_a_shifted_camera_samples(offset):
+    """Offset samples are taken in the face that covers the pixel centre: where the shifted
+    camera's pixel centre lands in that face too, both give the same colour and depth (outline
+    pixels keep their centre sample)."""
+    mesh = textured("sphere")
+    cams = list(default_rig(128, 128).values())
+    dr = make_diff_renderer(mesh.faces, mesh.uvs, cams, backend="embree")
+    out = dr.render(
+        torch.tensor(mesh.vertices, dtype=torch.float64), torch.tensor(mesh.texture / 255.0), sample_offsets=(offset,)
+    )
+    r = make_rasterizer(mesh.vertices, mesh.faces, backend="embree")
+    vis = {k: dr._vis[k].numpy() for k in ("view", "pixel", "face", "inner")}
+    for i, cam in enumerate(cams):
+        centre_face = np.full(cam.width * cam.height, -1)
+        sel = vis["view"] == i
+        centre_face[vis["pixel"][sel]] = np.where(vis["inner"][sel], vis["face"][sel], -2)
+        rast = r.rasterize(_shifted(cam, *offset))
+        same = (rast.tri_id.reshape(-1) == centre_face).reshape(rast.mask.shape) & rast.mask
+        assert same.sum() > 200
+        ref = shade_rgb(mesh, rast).astype(np.float64) / 255.0
+        # shade_rgb rounds to uint8; float32 embree barycentrics move UVs by ~1e-7
+        np.testing.assert_allclose(out.rgb[i].numpy()[same], ref[same], atol=0.6 / 255 + 1e-4)
+        np.testing.assert_allclose(out.depth[i].numpy()[same], rast.depth[same], atol=1e-5)
+
+
+def test_cpu_supersampled_render_is_what_the_quality_report_renders():
+    """With the report's 2 x 2 sample offsets, a texture finer than the pixels renders as the report
+    renders it (the mean over each pixel's footprint), which pixel-centre samples do not."""
+    rng = np.random.default_rng(3)
+    sphere = make_shape("sphere")
+    v = sphere.vertices
+    lo, hi = v.min(0), v.max(0)
+    # About three texels per pixel and 0.003 UV units per pixel, like the presets' textures
+    # (the report's footprint filter treats a UV step over 0.01 per pixel as a chart seam).
+    uvs = (0.45 + 0.1 * (v[:, :2] - lo[:2]) / (hi[:2] - lo[:2])).astype(np.float32)
+    mesh = TexturedMesh(v, sphere.faces, uvs, rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8))
+    cams = list(default_rig(128, 128).values())[:2]
+    dr = make_diff_renderer(mesh.faces, mesh.uvs, cams, backend="embree")
+    verts, tex = torch.tensor(mesh.vertices, dtype=torch.float64), torch.tensor(mesh.texture / 255.0)
+    centre = dr.render(verts, tex)
+    mean = dr.render(verts, tex, sample_offsets=tuple(subpixel_offsets(2)))
+    r = make_rasterizer(mesh.vertices, mesh.faces, backend="embree")
+    for i, cam in enumerate(cams):
+        report, rast = shade_rgb_antialiased(mesh, r, cam, samples=2)
+        inside = _interior(rast.mask)
+        ref = report.astype(np.float64)[inside] / 255.0
+        err_mean = np.abs(mean.rgb[i].numpy()[inside] - ref).mean()
+        err_centre = np.abs(centre.rgb[i].numpy()[inside] - ref).mean()
+        assert err_mean < 1.0 / 255
+        assert err_mean < 0.05 * err_centre
+
+
+def test_subpixel_offsets_are_the_reports_sample_positions():
+    assert subpixel_offsets(1) == [(0.0, 0.0)]
+    assert sorted(subpixel_offsets(2)) == sorted([(-0.25, -0.25), (0.25, -0.25), (-0.25, 0.25), (0.25, 0.25)])
 
 
 @pytest.mark.parametrize("scale", [1.01, 2.0, 0.5])
@@ -94,7 +167,8 @@ def _tiny_scene():
     return v, np.asarray(sphere.faces), uvs, cams
 
 
-def test_cpu_gradients_match_finite_differences():
+@pytest.mark.parametrize("offsets", [((0.0, 0.0),), ((-0.25, -0.25), (0.25, -0.25), (-0.25, 0.25), (0.25, 0.25))])
+def test_cpu_gradients_match_finite_differences(offsets):
     v, faces, uvs, cams = _tiny_scene()
     rng = np.random.default_rng(1)
     tex = torch.tensor(rng.uniform(0.2, 0.8, (6, 6, 3)), requires_grad=True)
@@ -107,7 +181,7 @@ def test_cpu_gradients_match_finite_differences():
     assert r._vis["contour"][0].numel() > 0
 
     def fn(vv, tt):
-        out = r.render(vv, tt)
+        out = r.render(vv, tt, sample_offsets=offsets)
         return out.rgb, out.depth, out.contour_xy, silhouette_loss(out, torch.tensor(target), sdf)
 
     assert torch.autograd.gradcheck(fn, (verts, tex), eps=1e-6, atol=1e-5, rtol=1e-4)
@@ -143,6 +217,13 @@ def test_cuda_render_agrees_with_cpu():
     interior = ndimage.binary_erosion(m_cpu & m_gpu, iterations=1, structure=np.ones((1, 3, 3), bool))
     np.testing.assert_allclose(gpu.rgb.cpu().numpy()[interior], cpu.rgb.numpy()[interior], atol=2e-2)
     np.testing.assert_allclose(gpu.depth.cpu().numpy()[interior], cpu.depth.numpy()[interior], atol=1e-3)
+    # The report's 2 x 2 samples: the same offsets on both backends.
+    offsets = tuple(subpixel_offsets(2))
+    cpu4 = make_diff_renderer(mesh.faces, mesh.uvs, cams, backend="embree").render(verts, tex, sample_offsets=offsets)
+    gpu4 = make_diff_renderer(mesh.faces, mesh.uvs, cams, backend="nvdiffrast").render(
+        verts.cuda(), tex.cuda(), sample_offsets=offsets
+    )
+    np.testing.assert_allclose(gpu4.rgb.cpu().numpy()[interior], cpu4.rgb.numpy()[interior], atol=2e-2)
     # Gradients reach both vertices and texels through nvdiffrast.
     v = verts.cuda().requires_grad_(True)
     t = tex.cuda().requires_grad_(True)
