@@ -43,6 +43,7 @@ from .masks import mask_box, signed_distance_px
 from .mesh import TexturedMesh
 from .metrics import SSIM_SIGMA
 from .render import cuda_available
+from .shading import subpixel_offsets
 
 STAGE = "refine"
 #: A windowed mean loss above this multiple of the first window's mean means the optimisation diverged.
@@ -437,12 +438,6 @@ def _refine_with_retry(mesh, frames, cfg: RefineConfig, dev, progress, should_ca
             "use a smaller refine resolution or a GPU with more memory",
             details={"resolution": cfg.resolution, "retry_resolution": half, "device": str(dev)},
         ) from None
-
-
-def subpixel_offsets(n: int) -> list[tuple[float, float]]:
-    """The n x n sub-pixel sample positions of a pixel, as (dx, dy) offsets from its centre, row by row."""
-    o = [(k + 0.5) / n - 0.5 for k in range(max(int(n), 1))]
-    return [(dx, dy) for dy in o for dx in o]
 
 
 def refine_depth_weight(frames: PosedFrames, cfg: RefineConfig) -> float:

@@ -88,6 +88,16 @@ def edge_pixels(rast: Rasterization, *, depth_jump: float = 0.02) -> np.ndarray:
     return edge
 
 
+def subpixel_offsets(n: int) -> list[tuple[float, float]]:
+    """The n x n sub-pixel sample positions of a pixel, as (dx, dy) pixel offsets from its centre, row by row.
+
+    :func:`shade_rgb_antialiased` (the quality report's render) averages these; the
+    refinement's renders (:mod:`pipeline.diffrender`) take the same ones.
+    """
+    o = [(k + 0.5) / n - 0.5 for k in range(max(int(n), 1))]
+    return [(dx, dy) for dy in o for dx in o]
+
+
 def shade_rgb_antialiased(
     mesh: TexturedMesh, rasterizer, cam: Camera, *, samples: int = 2, centre: Rasterization | None = None, background=(255, 255, 255)
 ) -> tuple[np.ndarray, Rasterization]:
@@ -116,9 +126,8 @@ def shade_rgb_antialiased(
         _supersample_texture_interior(mesh, centre, rgb, s)
     ii, jj = np.nonzero(edge_pixels(centre))
     if len(ii):
-        offsets = (np.arange(s) + 0.5) / s
-        ox, oy = np.meshgrid(offsets, offsets)
-        uv = np.stack([jj[:, None] + ox.ravel()[None], ii[:, None] + oy.ravel()[None]], axis=-1).reshape(-1, 2)
+        ox, oy = (np.array(o) + 0.5 for o in zip(*subpixel_offsets(s), strict=True))
+        uv = np.stack([jj[:, None] + ox[None], ii[:, None] + oy[None]], axis=-1).reshape(-1, 2)
         tri, bary, _ = rasterizer.cast(*rays_through(cam, uv))
         sub = Rasterization(tri.reshape(len(ii), s * s), bary.reshape(len(ii), s * s, 3), np.zeros((len(ii), s * s), np.float32))
         col = shade_rgb(mesh, sub, background=background).astype(np.float32).mean(axis=1)
@@ -152,9 +161,7 @@ def _supersample_texture_interior(mesh: TexturedMesh, rast: Rasterization, rgb: 
     if not ok.any():
         return
     c, a, b = uv[ok], du[ok], dv[ok]
-    offsets = (np.arange(s) + 0.5) / s - 0.5
     acc = np.zeros((len(c), 3), np.float32)
-    for oy in offsets:
-        for ox in offsets:
-            acc += sample_texture(mesh.texture, c + ox * a + oy * b)
+    for ox, oy in subpixel_offsets(s):
+        acc += sample_texture(mesh.texture, c + ox * a + oy * b)
     rgb[ok] = np.clip(acc / (s * s) + 0.5, 0, 255).astype(np.uint8)

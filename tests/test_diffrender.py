@@ -17,9 +17,8 @@ from pipeline.diffrender import (
 )
 from pipeline.masks import signed_distance_px
 from pipeline.mesh import TexturedMesh
-from pipeline.refine import subpixel_offsets
 from pipeline.render import cuda_available, make_rasterizer
-from pipeline.shading import sample_texture, shade_rgb, shade_rgb_antialiased
+from pipeline.shading import sample_texture, shade_rgb, shade_rgb_antialiased, subpixel_offsets
 from pipeline.synthetic import checker_texture, make_shape
 
 
