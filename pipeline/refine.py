@@ -42,6 +42,7 @@ from .frames import PosedFrames
 from .masks import mask_box, signed_distance_px
 from .mesh import TexturedMesh
 from .metrics import SSIM_SIGMA
+from .optim import UniformAdam
 from .render import cuda_available
 from .shading import subpixel_offsets
 
@@ -462,9 +463,8 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
     offset_param = torch.zeros_like(v0, requires_grad=True)
     tex_base = torch.as_tensor(np.asarray(mesh.texture, dtype=np.float32) / 255.0, device=dev)
     tex_levels = texture_pyramid_params(tex_base.shape, cfg.resolution, dev)
-    opt = torch.optim.Adam(
-        [{"params": [offset_param], "lr": cfg.lr_vertices * scale}, {"params": tex_levels, "lr": cfg.lr_texture}]
-    )
+    groups = [{"params": [offset_param], "lr": cfg.lr_vertices * scale}, {"params": tex_levels, "lr": cfg.lr_texture}]
+    opt = UniformAdam(groups) if cfg.optimizer == "uniform_adam" else torch.optim.Adam(groups)
     # Exponential decay to cfg.lr_final_fraction at the last iteration: big steps early, little jitter late.
     # Once the loss stalls, the remaining steps ("settling") run at the final rate.
     settle_left: int | None = None

@@ -15,6 +15,7 @@ from pipeline.metrics import (
     evaluate_views,
     geometry_metrics,
     image_metrics,
+    mean_dihedral_angle,
     sample_surface,
 )
 from pipeline.render import make_rasterizer
@@ -208,3 +209,24 @@ def test_empty_mesh_raises():
     s = _sphere(0.5, 1)
     with pytest.raises(ValueError):
         geometry_metrics(np.zeros((0, 3)), np.zeros((0, 3), int), s.vertices, s.faces)
+
+
+def test_mean_dihedral_angle_of_a_hinge_a_flat_sheet_a_seam_and_noise():
+    # Two triangles folded by 90 degrees along their shared edge; the other edges are boundary.
+    hinge_v = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], np.float64)
+    hinge_f = np.array([[0, 1, 2], [1, 0, 3]])
+    assert mean_dihedral_angle(hinge_v, hinge_f) == pytest.approx(90.0)
+    # The same hinge with its edge split like a UV seam (duplicated vertices): still one interior edge.
+    split_v = np.vstack([hinge_v, hinge_v[[0, 1]]])
+    assert mean_dihedral_angle(split_v, np.array([[0, 1, 2], [5, 4, 3]])) == pytest.approx(90.0)
+    # A flat grid has none; noise along its normal raises it.
+    n = 12
+    ys, xs = np.mgrid[0:n, 0:n]
+    grid_v = np.stack([xs.ravel(), ys.ravel(), np.zeros(n * n)], 1) / n
+    i = (ys[:-1, :-1] * n + xs[:-1, :-1]).ravel()
+    grid_f = np.concatenate([np.stack([i, i + 1, i + n], 1), np.stack([i + 1, i + n + 1, i + n], 1)])
+    assert mean_dihedral_angle(grid_v, grid_f) == pytest.approx(0.0, abs=1e-6)
+    bumpy = grid_v.copy()
+    bumpy[:, 2] = np.random.default_rng(0).normal(0.0, 0.01, len(bumpy))
+    assert mean_dihedral_angle(bumpy, grid_f) > 5.0
+    assert mean_dihedral_angle(np.zeros((0, 3)), np.zeros((0, 3), int)) == 0.0
