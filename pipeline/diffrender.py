@@ -34,7 +34,7 @@ its radius and smears the colour term, while the distance lookup pulls an edge
 that is several pixels off straight to the target outline.
 
 UV atlases split vertices along their seams. Callers that move vertices must move the
-copies together (``pipeline.refine`` optimises welded positions, see :func:`weld_vertices`),
+copies together (``pipeline.refine`` optimises welded positions, see :func:`pipeline.mesh.weld_vertices`),
 and the CPU renderer finds outline edges on the welded surface so a seam never reads as
 an open boundary.
 
@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 from .camera import Camera, pixel_rays
 from .masks import mask_box
+from .mesh import edge_adjacency
 from .render import EmbreeRasterizer, clip_space, cuda_available
 
 DiffBackend = Literal["auto", "embree", "nvdiffrast"]
@@ -200,7 +201,7 @@ class CpuDiffRenderer:
     cameras : C cameras of one size (W, H)
     device : torch device of the outputs (CPU in practice)
     weld : (V,) int or None, the id of each vertex's position (UV-seam copies share one, see
-        :func:`weld_vertices`); vertices with one id must always be given the same position
+        :func:`pipeline.mesh.weld_vertices`); vertices with one id must always be given the same position
     """
 
     name = "embree"
@@ -220,7 +221,7 @@ class CpuDiffRenderer:
         self._faces_welded = weld[self.faces_np]
         self._representative = np.zeros(int(weld.max()) + 1 if len(weld) else 0, np.int64)
         self._representative[weld] = np.arange(len(weld))
-        self._edges, self._edge_faces = _edge_adjacency(self._faces_welded)
+        self._edges, self._edge_faces, _ = edge_adjacency(self._faces_welded)
         self._vis: dict | None = None
         self._dirs: list[np.ndarray | None] = [None] * len(self.cameras)
         self._boxes: list[tuple[slice, slice] | None] | None = None
@@ -546,52 +547,12 @@ def make_diff_renderer(
     return CpuDiffRenderer(faces, uvs, cameras, device=device or "cpu", weld=weld)
 
 
-def weld_vertices(vertices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Merge vertices at identical positions (the copies a UV atlas makes along its seams).
-
-    Parameters
-    ----------
-    vertices : (V, 3) float
-
-    Returns
-    -------
-    weld : (V,) int64, the welded id of each vertex
-    positions : (U, 3) float64, one position per welded id
-    """
-    v = np.asarray(vertices, dtype=np.float64)
-    positions, weld = np.unique(v, axis=0, return_inverse=True)
-    return weld.reshape(-1).astype(np.int64), positions
-
-
 def _check_cameras(cameras: list[Camera]) -> None:
     if not cameras:
         raise ValueError("need at least one camera")
     sizes = {(c.width, c.height) for c in cameras}
     if len(sizes) != 1:
         raise ValueError(f"all cameras of one renderer must share an image size, got {sorted(sizes)}")
-
-
-def _edge_adjacency(faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Unique edges (E, 2) int64 and their two faces (E, 2) int64 (-1 where an edge has one face).
-
-    Non-manifold edges (three or more faces) keep their first two faces.
-    """
-    F_ = len(faces)
-    e = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
-    fid = np.tile(np.arange(F_), 3)
-    key = np.sort(e, axis=1)
-    order = np.lexsort((key[:, 1], key[:, 0]))
-    key, fid = key[order], fid[order]
-    start = np.ones(len(key), bool)
-    start[1:] = (key[1:] != key[:-1]).any(axis=1)
-    first = np.flatnonzero(start)
-    edges = key[first]
-    counts = np.diff(np.append(first, len(key)))
-    ef = np.full((len(edges), 2), -1, np.int64)
-    ef[:, 0] = fid[first]
-    two = counts >= 2
-    ef[two, 1] = fid[first[two] + 1]
-    return edges, ef
 
 
 def _mask_at(mask: np.ndarray, p: np.ndarray) -> np.ndarray:

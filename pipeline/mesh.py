@@ -1,4 +1,4 @@
-"""The textured mesh that stages hand to each other."""
+"""The textured mesh that stages hand to each other, and connectivity helpers on its arrays."""
 
 from __future__ import annotations
 
@@ -47,3 +47,51 @@ class TexturedMesh:
         f = self.faces
         fn = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])
         return (fn / np.maximum(np.linalg.norm(fn, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def weld_vertices(vertices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Merge vertices at identical positions (the copies a UV atlas makes along its seams).
+
+    Parameters
+    ----------
+    vertices : (V, 3) float
+
+    Returns
+    -------
+    weld : (V,) int64, the welded id of each vertex
+    positions : (U, 3) float64, one position per welded id
+    """
+    v = np.asarray(vertices, dtype=np.float64)
+    positions, weld = np.unique(v, axis=0, return_inverse=True)
+    return weld.reshape(-1).astype(np.int64), positions
+
+
+def edge_adjacency(faces: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The unique edges of a triangle mesh and the faces on each.
+
+    Parameters
+    ----------
+    faces : (F, 3) int
+
+    Returns
+    -------
+    edges : (E, 2) int64, vertex ids, smaller first
+    edge_faces : (E, 2) int64, the first two faces on each edge (-1 where an edge has one face)
+    face_count : (E,) int64, how many faces share each edge (2: interior, 1: boundary, 3+: non-manifold)
+    """
+    faces = np.asarray(faces, dtype=np.int64)
+    e = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+    fid = np.tile(np.arange(len(faces)), 3)
+    key = np.sort(e, axis=1)
+    order = np.lexsort((key[:, 1], key[:, 0]))
+    key, fid = key[order], fid[order]
+    start = np.ones(len(key), bool)
+    start[1:] = (key[1:] != key[:-1]).any(axis=1)
+    first = np.flatnonzero(start)
+    edges = key[first]
+    counts = np.diff(np.append(first, len(key)))
+    ef = np.full((len(edges), 2), -1, np.int64)
+    ef[:, 0] = fid[first]
+    two = counts >= 2
+    ef[two, 1] = fid[first[two] + 1]
+    return edges, ef, counts.astype(np.int64)

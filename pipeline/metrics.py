@@ -26,7 +26,7 @@ from scipy.spatial import cKDTree
 from skimage.metrics import structural_similarity
 
 from .frames import PosedFrames, PosedView
-from .mesh import TexturedMesh
+from .mesh import TexturedMesh, edge_adjacency, weld_vertices
 from .render import Backend, make_rasterizer
 from .shading import shade_rgb_antialiased
 
@@ -369,25 +369,19 @@ def mean_dihedral_angle(vertices: np.ndarray, faces: np.ndarray) -> float:
     -------
     float, degrees (0.0 when the mesh has no interior edge)
     """
-    v = np.asarray(vertices, dtype=np.float64)
-    if len(v) == 0 or len(faces) == 0:
+    if len(vertices) == 0 or len(faces) == 0:
         return 0.0
-    pos, weld = np.unique(v, axis=0, return_inverse=True)
-    f = weld.reshape(-1)[np.asarray(faces, dtype=np.int64)]
+    weld, pos = weld_vertices(vertices)
+    f = weld[np.asarray(faces, dtype=np.int64)]
     n = np.cross(pos[f[:, 1]] - pos[f[:, 0]], pos[f[:, 2]] - pos[f[:, 0]])
     norm = np.linalg.norm(n, axis=1)
     keep = norm > 0
     f, n = f[keep], n[keep] / norm[keep, None]
-    key = np.sort(np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]), axis=1)
-    face_of = np.tile(np.arange(len(f)), 3)
-    uniq, inverse, count = np.unique(key, axis=0, return_inverse=True, return_counts=True)
-    inverse = inverse.reshape(-1)
-    order = np.argsort(inverse, kind="stable")
-    start = np.concatenate([[0], np.cumsum(count)[:-1]])
-    interior = np.flatnonzero(count == 2)  # manifold interior edges: exactly two faces
-    if len(interior) == 0:
+    edges, edge_faces, face_count = edge_adjacency(f)
+    interior = face_count == 2  # manifold interior edges: exactly two faces
+    if not interior.any():
         return 0.0
-    a, b = face_of[order[start[interior]]], face_of[order[start[interior] + 1]]
+    a, b = edge_faces[interior].T
     angle = np.degrees(np.arccos(np.clip((n[a] * n[b]).sum(-1), -1.0, 1.0)))
-    length = np.linalg.norm(pos[uniq[interior, 0]] - pos[uniq[interior, 1]], axis=1)
+    length = np.linalg.norm(pos[edges[interior, 0]] - pos[edges[interior, 1]], axis=1)
     return float((angle * length).sum() / max(length.sum(), 1e-300))

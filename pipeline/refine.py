@@ -36,11 +36,11 @@ from .callbacks import CancelFn, ProgressFn
 from .camera import Camera
 from .config import RefineConfig
 from .depth_calibration import HULL_FIT_METHOD
-from .diffrender import make_diff_renderer, silhouette_loss, weld_vertices
+from .diffrender import make_diff_renderer, silhouette_loss
 from .errors import CanceledError, ConvergenceError, InvalidInputError, ModelOOMError
 from .frames import PosedFrames
 from .masks import mask_box, signed_distance_px
-from .mesh import TexturedMesh
+from .mesh import TexturedMesh, weld_vertices
 from .metrics import SSIM_SIGMA
 from .optim import UniformAdam
 from .render import cuda_available
