@@ -2,7 +2,8 @@
 
     python bench/refine.py [--data ../shared/data] [--preset fast] [--start fusion|degraded]
                            [--objects spot box input] [--supersample 2 [1 ...]]
-                           [--optimizer uniform_adam [adam]] [--threads 2]
+                           [--optimizer uniform_adam [adam]] [--vertex-smoothness 0 [100]]
+                           [--lr-vertices X] [--threads 2]
                            [--out /tmp/refine-bench]
 
 ``--start fusion`` refines the fusion model's output (reconstruct_bundle(model="fusion"),
@@ -109,12 +110,23 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--optimizer", nargs="+", default=None, choices=["uniform_adam", "adam"], help="RefineConfig.optimizer values"
     )
+    ap.add_argument(
+        "--vertex-smoothness",
+        type=float,
+        nargs="+",
+        default=None,
+        help="RefineConfig.vertex_smoothness values (above 0 the parametrisation replaces the diffusion pass: "
+        "smoothing_steps=0)",
+    )
+    ap.add_argument("--lr-vertices", type=float, default=None, help="RefineConfig.lr_vertices (default: the preset's)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "refine-bench")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = REFINE_PRESETS[args.preset]
+    if args.lr_vertices is not None:
+        cfg = replace(cfg, lr_vertices=args.lr_vertices)
     rows = []
     for name, bundle, gt_path in find_bundles(args.data, args.objects):
         gt = load_mesh_file(gt_path) if gt_path else None
@@ -131,22 +143,29 @@ def main(argv=None) -> int:
                 reconstruct_bundle(bundle, tmp, model="fusion", preset=args.preset, evaluate=False, previews=False)
                 start = load_mesh(Path(tmp) / "mesh.obj")
         before = score(start, frames, gt, held_out)
-        variants = [(ss, o) for o in args.optimizer or [cfg.optimizer] for ss in args.supersample or [cfg.supersample]]
-        for ss, optimizer in variants:
+        variants = [
+            (ss, o, lam)
+            for o in args.optimizer or [cfg.optimizer]
+            for ss in args.supersample or [cfg.supersample]
+            for lam in args.vertex_smoothness or [cfg.vertex_smoothness]
+        ]
+        for ss, optimizer, lam in variants:
             t0 = time.perf_counter()
-            run_cfg = replace(cfg, supersample=ss, optimizer=optimizer)
+            run_cfg = replace(cfg, supersample=ss, optimizer=optimizer, vertex_smoothness=lam)
+            if lam > 0:
+                run_cfg = replace(run_cfg, smoothing_steps=0)
             refined, report = refine_mesh(start, frames, run_cfg, device=args.device)
             wall = time.perf_counter() - t0
             after = score(refined, frames, gt, held_out)
-            run_dir = args.out / f"{name}-{args.start}-{args.preset}-ss{ss}-{optimizer}"
+            run_dir = args.out / f"{name}-{args.start}-{args.preset}-ss{ss}-{optimizer}-lam{lam:g}"
             run_dir.mkdir(parents=True, exist_ok=True)
             write_loss_plot(report, run_dir / "loss.png")
             (run_dir / "report.json").write_text(
                 json.dumps({"before": before, "after": after, "report": report}, indent=1)
             )
-            rows.append((name, ss, optimizer, start, before, after, report, wall))
+            rows.append((name, ss, optimizer, lam, before, after, report, wall))
             print(
-                f"{name} (supersample {ss}, {optimizer}): done in {wall:.1f}s ({report['stop_reason']}, {report['iterations']} it)"
+                f"{name} (supersample {ss}, {optimizer}, lambda {lam:g}): done in {wall:.1f}s ({report['stop_reason']}, {report['iterations']} it)"
                 f" -> {run_dir}",
                 flush=True,
             )
@@ -155,16 +174,16 @@ def main(argv=None) -> int:
         return format(d[key], spec) if key in d else "-"
 
     hdr = (
-        f"{'object':10s} {'ss':>2s} {'optimizer':>12s} {'PSNR0':>6s} {'PSNR1':>6s} {'dPSNR':>6s} {'IoU1':>6s} "
+        f"{'object':10s} {'ss':>2s} {'optimizer':>12s} {'lambda':>6s} {'PSNR0':>6s} {'PSNR1':>6s} {'dPSNR':>6s} {'IoU1':>6s} "
         f"{'F0':>6s} {'F1':>6s} {'NC0':>6s} {'NC1':>6s} {'held0':>12s} {'held1':>12s} {'dih0':>5s} {'dih1':>5s} "
         f"{'it':>4s} {'stop':>11s} {'time_s':>7s} backend"
     )
     print(f"\nstart={args.start} preset={args.preset} threads={args.threads}  (held: PSNR/SSIM at held-out views)")
     print(hdr)
-    for name, ss, optimizer, _start, b, a, rep, wall in rows:
+    for name, ss, optimizer, lam, b, a, rep, wall in rows:
         held = [f"{fmt(d, 'held_psnr', '.2f')}/{fmt(d, 'held_ssim', '.3f')}" for d in (b, a)]
         print(
-            f"{name:10s} {ss:2d} {optimizer:>12s} {b['psnr']:6.2f} {a['psnr']:6.2f} {a['psnr'] - b['psnr']:+6.2f} "
+            f"{name:10s} {ss:2d} {optimizer:>12s} {lam:6g} {b['psnr']:6.2f} {a['psnr']:6.2f} {a['psnr'] - b['psnr']:+6.2f} "
             f"{a['iou']:6.3f} {fmt(b, 'f_score', '.3f'):>6s} {fmt(a, 'f_score', '.3f'):>6s} {fmt(b, 'nc', '.3f'):>6s} "
             f"{fmt(a, 'nc', '.3f'):>6s} {held[0]:>12s} {held[1]:>12s} {b['dihedral']:5.1f} {a['dihedral']:5.1f} "
             f"{rep['iterations']:4d} {rep['stop_reason']:>11s} {wall:7.1f} {rep['backend']}"

@@ -137,7 +137,10 @@ def format_report_table(report: QualityReport) -> str:
     if report.error is not None:
         out.append(f"error: {report.error.code}: {report.error.message}")
     m = report.mesh
-    out.append(f"mesh: {m.faces} faces, {m.vertices} vertices, {m.components} components, watertight={m.watertight}")
+    out.append(
+        f"mesh: {m.faces} faces, {m.vertices} vertices, {m.components} components, watertight={m.watertight}, "
+        f"mean dihedral {m.mean_dihedral_deg} deg"
+    )
     g = report.geometry
     if g is not None:
         out.append(

@@ -18,6 +18,7 @@ import trimesh
 from pydantic import BaseModel, Field, model_validator
 
 from .mesh import TexturedMesh
+from .metrics import mean_dihedral_angle
 
 Status = Literal["normal", "warning", "failure"]
 
@@ -85,6 +86,12 @@ class MeshStats(BaseModel):
     watertight: bool = Field(description="Every edge is shared by exactly two faces with consistent winding.")
     area: float = Field(description="Surface area, scene units squared.")
     bounds: list[list[float]] = Field(description="[[min x, y, z], [max x, y, z]] in world, scene units.")
+    mean_dihedral_deg: float | None = Field(
+        None,
+        description="Surface roughness: edge-length-weighted mean angle between neighbouring faces' normals, "
+        "degrees (pipeline.metrics.mean_dihedral_angle). A smooth surface scores a few degrees; a surface "
+        "crumpled to fit the input views scores tens, whatever its PSNR.",
+    )
 
 
 class GeometryMetrics(BaseModel):
@@ -149,6 +156,7 @@ def mesh_stats(mesh: TexturedMesh) -> dict:
     stats["components"] = len(trimesh.graph.connected_components(tm.face_adjacency, nodes=np.arange(len(tm.faces))))
     stats["watertight"] = bool(tm.is_watertight)
     stats["area"] = float(tm.area)
+    stats["mean_dihedral_deg"] = round(mean_dihedral_angle(v, f), 3)
     return stats
 
 

@@ -2,7 +2,8 @@
 
 Starts from the fusion mesh (its UV atlas and baked kd texture) and jointly optimises
 
-- vertex positions, as offsets from the start, regularised by a uniform Laplacian
+- vertex positions, as offsets from the start (optionally through the smooth
+  parametrisation of :mod:`pipeline.smooth_param`), regularised by a uniform Laplacian
   relative to the start mesh (keeps the fusion's smoothness, lets the shape move);
 - the kd texture's texels,
 
@@ -45,6 +46,7 @@ from .metrics import SSIM_SIGMA
 from .optim import UniformAdam
 from .render import cuda_available
 from .shading import subpixel_offsets
+from .smooth_param import SmoothParametrisation
 
 STAGE = "refine"
 #: A windowed mean loss above this multiple of the first window's mean means the optimisation diverged.
@@ -459,7 +461,9 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
     weld = torch.as_tensor(weld_np, device=dev)
     v0 = torch.as_tensor(welded.astype(np.float32), device=dev)
     scale = float(torch.linalg.norm(v0.max(0).values - v0.min(0).values).clamp(min=1e-9))
-    L = uniform_laplacian(weld_np[np.asarray(mesh.faces, dtype=np.int64)], len(v0), dev)
+    welded_faces = weld_np[np.asarray(mesh.faces, dtype=np.int64)]
+    L = uniform_laplacian(welded_faces, len(v0), dev)
+    smooth = SmoothParametrisation(welded_faces, len(v0), cfg.vertex_smoothness)
     offset_param = torch.zeros_like(v0, requires_grad=True)
     tex_base = torch.as_tensor(np.asarray(mesh.texture, dtype=np.float32) / 255.0, device=dev)
     tex_levels = texture_pyramid_params(tex_base.shape, cfg.resolution, dev)
@@ -494,7 +498,7 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
         if time.perf_counter() - t0 > cfg.time_budget_s:
             stop_reason = "time_budget"
             break
-        positions = v0 + diffuse(L, offset_param, cfg.smoothing_steps)
+        positions = v0 + smooth.solve(diffuse(L, offset_param, cfg.smoothing_steps))
         vertices = positions[weld]
         refresh = it % max(cfg.visibility_interval, 1) == 0
         if refresh:
@@ -563,7 +567,9 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
         sched.step()  # after the test above, so a settle starts at the final rate on the next step
 
     with torch.no_grad():
-        v_out = (v0 + diffuse(L, offset_param, cfg.smoothing_steps))[weld].cpu().numpy().astype(np.float32)
+        v_out = (
+            (v0 + smooth.solve(diffuse(L, offset_param, cfg.smoothing_steps)))[weld].cpu().numpy().astype(np.float32)
+        )
         tex_out = (compose_texture(tex_base, tex_levels) * 255.0 + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
     if not np.isfinite(v_out).all():
         raise ConvergenceError("refined vertices are not finite; keep the fusion result", details={"reason": "nan"})

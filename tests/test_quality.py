@@ -119,6 +119,8 @@ def test_mesh_stats_weld_uv_seams_and_count_components():
     s = mesh_stats(TexturedMesh(vertices=v.astype(np.float32), faces=f.astype(np.int32)))
     assert s["vertices"] == 36 and s["faces"] == 12
     assert s["components"] == 1 and s["watertight"] and s["area"] == pytest.approx(6.0)
+    # 12 unit cube edges at 90 degrees, 6 face diagonals (length sqrt 2) at 0, seams welded.
+    assert s["mean_dihedral_deg"] == pytest.approx(12 * 90 / (12 + 6 * np.sqrt(2)), abs=1e-3)
     two = np.concatenate([v, v + [3.0, 0.0, 0.0]])
     s2 = mesh_stats(
         TexturedMesh(vertices=two.astype(np.float32), faces=np.concatenate([f, f + len(v)]).astype(np.int32))
