@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 
 
 @dataclass
@@ -95,3 +96,24 @@ def edge_adjacency(faces: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     two = counts >= 2
     ef[two, 1] = fid[first[two] + 1]
     return edges, ef, counts.astype(np.int64)
+
+
+def graph_laplacian(faces: np.ndarray, n_vertices: int) -> sp.csr_matrix:
+    """(V, V) float64 combinatorial Laplacian ``D - A`` of the mesh's edge graph: symmetric, positive semi-definite.
+
+    Parameters
+    ----------
+    faces : (F, 3) int, indices into the V vertices (weld UV-seam copies first, or the seams are cuts)
+    n_vertices : V
+
+    ``D`` holds each vertex's number of neighbours, ``A`` is 1 per edge; repeated vertices in a
+    degenerate face add no self-loop. An unreferenced vertex has an all-zero row.
+    """
+    f = np.asarray(faces, dtype=np.int64)
+    e = np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
+    e = np.unique(np.sort(e, axis=1), axis=0)
+    e = e[e[:, 0] != e[:, 1]]
+    i = np.concatenate([e[:, 0], e[:, 1]])
+    j = np.concatenate([e[:, 1], e[:, 0]])
+    A = sp.csr_matrix((np.ones(len(i)), (i, j)), shape=(n_vertices, n_vertices))
+    return (sp.diags(np.asarray(A.sum(1)).ravel()) - A).tocsr()

@@ -47,7 +47,7 @@ from .camera import Camera
 from .config import PhotoRefineConfig
 from .frames import PosedFrames
 from .masks import signed_distance_px
-from .mesh import TexturedMesh
+from .mesh import TexturedMesh, graph_laplacian
 from .render import Backend, make_rasterizer
 
 #: A view counts for a vertex's colour term only when cos(normal, ray to camera) exceeds this.
@@ -225,15 +225,6 @@ def vertex_visibility(
             d = r.depth[row, col]
             out[n] = (d <= 0) | (z <= d + 2.0 * offset)
     return out
-
-
-def laplacian(faces: np.ndarray, n_vertices: int) -> sp.csr_matrix:
-    """(V, V) uniform graph Laplacian ``D - A`` of the mesh's edges (each edge once)."""
-    e = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]).astype(np.int64)
-    e = np.concatenate([e, e[:, ::-1]])
-    A = sp.coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(n_vertices, n_vertices)).tocsr()
-    A.data[:] = 1.0
-    return (sp.diags(np.asarray(A.sum(axis=1)).ravel()) - A).tocsr()
 
 
 def solve_offsets(
@@ -569,7 +560,7 @@ def refine_surface(
     device = torch.device(device)
     v = torch.as_tensor(v_in, device=device)
     f = torch.as_tensor(f_in, device=device)
-    lap = laplacian(f_in, len(v_in))
+    lap = graph_laplacian(f_in, len(v_in))
     work = max(max(vw.depth_camera.width, vw.depth_camera.height) for vw in frames.views)
     total = torch.zeros(len(v), device=device)
     limit = None

@@ -41,7 +41,7 @@ from .diffrender import make_diff_renderer, silhouette_loss
 from .errors import CanceledError, ConvergenceError, InvalidInputError, ModelOOMError
 from .frames import PosedFrames
 from .masks import mask_box, signed_distance_px
-from .mesh import TexturedMesh, weld_vertices
+from .mesh import TexturedMesh, graph_laplacian, weld_vertices
 from .metrics import SSIM_SIGMA
 from .optim import UniformAdam
 from .render import cuda_available
@@ -197,20 +197,16 @@ def structural_loss(rgb: torch.Tensor, target: torch.Tensor, region: torch.Tenso
 
 
 def uniform_laplacian(faces: np.ndarray, n_vertices: int, device) -> torch.Tensor:
-    """(V, V) sparse float32 uniform Laplacian L: (L x)_i = x_i - mean of x over i's neighbours."""
-    f = np.asarray(faces, dtype=np.int64)
-    e = np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
-    e = np.unique(np.sort(e, axis=1), axis=0)
-    i = np.concatenate([e[:, 0], e[:, 1]])
-    j = np.concatenate([e[:, 1], e[:, 0]])
-    deg = np.bincount(i, minlength=n_vertices).astype(np.float64)
-    w = -1.0 / np.maximum(deg[i], 1.0)
-    diag = np.arange(n_vertices)
-    rows = np.concatenate([i, diag])
-    cols = np.concatenate([j, diag])
-    vals = np.concatenate([w, (deg > 0).astype(np.float64)])
+    """(V, V) sparse float32 uniform Laplacian L: (L x)_i = x_i - mean of x over i's neighbours
+    (``D^-1 (D - A)`` of :func:`pipeline.mesh.graph_laplacian`; zero rows for unreferenced vertices)."""
+    lap = graph_laplacian(faces, n_vertices).tocoo()
+    deg = lap.diagonal()
+    vals = lap.data / np.maximum(deg[lap.row], 1.0)
     L = torch.sparse_coo_tensor(
-        np.stack([rows, cols]), vals.astype(np.float32), (n_vertices, n_vertices), check_invariants=False
+        np.stack([lap.row, lap.col]).astype(np.int64),
+        vals.astype(np.float32),
+        (n_vertices, n_vertices),
+        check_invariants=False,
     )
     return L.coalesce().to(device)
 

@@ -22,23 +22,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 import torch
 
-
-def combinatorial_laplacian(faces: np.ndarray, n_vertices: int) -> sp.csr_matrix:
-    """(V, V) float64 graph Laplacian ``D - A`` of the mesh's edges: symmetric, positive semi-definite.
-
-    Parameters
-    ----------
-    faces : (F, 3) int, indices into the V vertices (weld UV-seam copies first, or the seams come apart)
-    n_vertices : V
-    """
-    f = np.asarray(faces, dtype=np.int64)
-    e = np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
-    e = np.unique(np.sort(e, axis=1), axis=0)
-    e = e[e[:, 0] != e[:, 1]]
-    i = np.concatenate([e[:, 0], e[:, 1]])
-    j = np.concatenate([e[:, 1], e[:, 0]])
-    A = sp.csr_matrix((np.ones(len(i)), (i, j)), shape=(n_vertices, n_vertices))
-    return (sp.diags(np.asarray(A.sum(1)).ravel()) - A).tocsr()
+from .mesh import graph_laplacian
 
 
 class SmoothParametrisation:
@@ -59,7 +43,7 @@ class SmoothParametrisation:
         self.n_vertices = int(n_vertices)
         self._lu = None
         if self.smoothness > 0:
-            M = sp.identity(n_vertices, format="csc") + self.smoothness * combinatorial_laplacian(faces, n_vertices)
+            M = sp.identity(n_vertices, format="csc") + self.smoothness * graph_laplacian(faces, n_vertices)
             self._lu = spla.splu(M.tocsc())
 
     def solve(self, u: torch.Tensor) -> torch.Tensor:

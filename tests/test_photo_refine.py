@@ -12,9 +12,9 @@ from pipeline.camera_refine import refine_cameras
 from pipeline.config import CameraRefineConfig, PhotoRefineConfig, get_preset
 from pipeline.frames import PosedFrames, PosedView
 from pipeline.masks import signed_distance_px
+from pipeline.mesh import graph_laplacian
 from pipeline.photo_refine import (
     hull_targets,
-    laplacian,
     photo_consistency,
     prepare_pass_views,
     refine_surface,
@@ -117,7 +117,7 @@ def test_mask_sdf_sign_and_edge():
 
 def test_solve_offsets_is_smooth_and_screened():
     faces = np.array([[0, 1, 2], [1, 3, 2], [2, 3, 4], [3, 5, 4]])
-    lap = laplacian(faces, 6)
+    lap = graph_laplacian(faces, 6)
     target = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
     x = solve_offsets(target, np.ones(6), lap, smoothness=4.0, anchor=0.0)
     np.testing.assert_allclose(x, 1.0, atol=1e-9)  # a constant field is not smoothed away

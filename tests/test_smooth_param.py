@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.mesh import weld_vertices
-from pipeline.smooth_param import SmoothParametrisation, combinatorial_laplacian
+from pipeline.mesh import graph_laplacian, weld_vertices
+from pipeline.smooth_param import SmoothParametrisation
 from pipeline.synthetic import make_shape
 
 
@@ -19,19 +19,23 @@ def _welded_sphere():
 
 def test_laplacian_is_symmetric_with_zero_row_sums():
     faces, pos = _welded_sphere()
-    L = combinatorial_laplacian(faces, len(pos))
+    L = graph_laplacian(faces, len(pos))
     assert abs(L - L.T).max() == 0
     np.testing.assert_allclose(np.asarray(L.sum(1)).ravel(), 0.0, atol=1e-12)
     # Off-diagonal entries are -1 per edge; the diagonal is the vertex degree.
     deg = L.diagonal()
     assert deg.min() >= 3 and (L - np.diag(deg)).min() == -1
+    # A degenerate face adds its one real edge and no self-loop; an unused vertex keeps a zero row.
+    np.testing.assert_array_equal(
+        graph_laplacian(np.array([[0, 0, 1]]), 3).toarray(), [[1, -1, 0], [-1, 1, 0], [0, 0, 0]]
+    )
 
 
 def test_solve_matches_the_dense_inverse_and_keeps_constants():
     faces, pos = _welded_sphere()
     lam = 5.0
     S = SmoothParametrisation(faces, len(pos), lam)
-    M = np.eye(len(pos)) + lam * combinatorial_laplacian(faces, len(pos)).toarray()
+    M = np.eye(len(pos)) + lam * graph_laplacian(faces, len(pos)).toarray()
     u = torch.randn(len(pos), 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     np.testing.assert_allclose(S.solve(u).numpy(), np.linalg.solve(M, u.numpy()), rtol=1e-9, atol=1e-12)
     # A translation (the same offset everywhere) passes unfiltered: L annihilates constants.
@@ -42,7 +46,7 @@ def test_solve_matches_the_dense_inverse_and_keeps_constants():
 def test_solve_is_a_low_pass_filter():
     faces, pos = _welded_sphere()
     noise = torch.randn(len(pos), 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    L = combinatorial_laplacian(faces, len(pos))
+    L = graph_laplacian(faces, len(pos))
     rough = [
         float(np.abs(L @ SmoothParametrisation(faces, len(pos), lam).solve(noise).numpy()).mean()) for lam in (0, 1, 10)
     ]
@@ -53,7 +57,7 @@ def test_gradient_is_the_adjoint_solve():
     faces, pos = _welded_sphere()
     lam = 3.0
     S = SmoothParametrisation(faces, len(pos), lam)
-    M = np.eye(len(pos)) + lam * combinatorial_laplacian(faces, len(pos)).toarray()
+    M = np.eye(len(pos)) + lam * graph_laplacian(faces, len(pos)).toarray()
     g = torch.Generator().manual_seed(2)
     u = torch.randn(len(pos), 2, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(len(pos), 2, dtype=torch.float64, generator=g)
