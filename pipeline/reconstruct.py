@@ -43,6 +43,10 @@ _STAGE_WEIGHTS: dict[str, float] = {
 #: Models served and run by the CLI: each is the fusion stages, plus refinement for ``nvdiffrec``.
 MODELS: tuple[str, ...] = ("fusion", "nvdiffrec")
 
+#: The refined mesh is returned only if its mean dihedral angle stays within this multiple of the fusion mesh's ...
+ROUGHENING_RATIO = 1.5
+#: ... or within this many degrees of it.
+ROUGHENING_MIN_DEG = 5.0
 OUTPUT_FILES = ("mesh.obj", "material.mtl", "texture_kd.png", "mesh.glb", "result.json")
 
 
@@ -260,15 +264,37 @@ def reconstruct_bundle(
 
 
 def _better_of(fused, refined, frames, report: dict, warnings: list[str]):
-    """The refined mesh, unless the fusion mesh scores a higher masked PSNR at the input views.
+    """The refined mesh, unless it is much rougher than the fusion mesh, or scores a lower masked
+    PSNR at the input views.
 
-    The refinement fits point-sampled renders, while the quality report area-averages its
-    renders like the photos; on a surface that is already close (spot: 32.1 dB), the fit can
-    trade one for the other and lose 0.5 dB by the report's measure. Records both values and
-    the choice in ``report`` (``input_view_psnr``, ``returned``).
+    Rougher: its mean dihedral angle (:func:`pipeline.metrics.mean_dihedral_angle`) is more than
+    :data:`ROUGHENING_RATIO` times the fusion mesh's and at least :data:`ROUGHENING_MIN_DEG`
+    higher. That is a surface crumpled to fit the input views, which looks wrong from every other
+    angle however well it scores at the inputs (Adam's steps did it: sneaker 10 -> 31 degrees,
+    spot 15 -> 40; the default uniform steps stay within half a degree).
+
+    Lower PSNR: the refinement fits point-sampled renders, while the quality report area-averages
+    its renders like the photos; on a surface that is already close (spot: 32.1 dB), the fit can
+    trade one for the other and lose 0.5 dB by the report's measure.
+
+    Records both meshes' values and the choice in ``report`` (``mean_dihedral_deg``,
+    ``input_view_psnr``, ``returned``).
     """
-    from .metrics import mean_masked_psnr
+    from .metrics import mean_dihedral_angle, mean_masked_psnr
 
+    rough = {"fusion": mean_dihedral_angle(fused.vertices, fused.faces)}
+    rough["refined"] = mean_dihedral_angle(refined.vertices, refined.faces)
+    report["mean_dihedral_deg"] = {k: round(v, 3) for k, v in rough.items()}
+    if (
+        rough["refined"] > ROUGHENING_RATIO * rough["fusion"]
+        and rough["refined"] - rough["fusion"] >= ROUGHENING_MIN_DEG
+    ):
+        report["returned"] = "fusion"
+        warnings.append(
+            f"REFINE_ROUGHENED: refinement crumpled the surface (mean dihedral angle {rough['fusion']:.1f} -> "
+            f"{rough['refined']:.1f} degrees); the fusion result is returned"
+        )
+        return fused
     before, after = mean_masked_psnr(fused, frames), mean_masked_psnr(refined, frames)
     report["input_view_psnr"] = {"fusion": before, "refined": after}
     if before is None or after is None or after >= before:

@@ -299,6 +299,24 @@ def test_the_better_of_fusion_and_refined_is_returned_by_the_reports_measure(sce
     assert report["input_view_psnr"]["fusion"] > report["input_view_psnr"]["refined"] + 3.0
 
 
+def test_a_crumpled_refinement_is_not_returned_however_well_it_scores(scene):
+    from pipeline.metrics import mean_masked_psnr
+    from pipeline.reconstruct import _better_of
+
+    gt, frames, worse = scene
+    # The true texture on a surface jittered along its normals by 1% of the radius: it scores far
+    # higher than the degraded start at the input views, but is crumpled.
+    n = gt.vertices / np.linalg.norm(gt.vertices, axis=1, keepdims=True)
+    jitter = np.random.default_rng(0).normal(0.0, 0.01, (len(n), 1))
+    crumpled = replace(gt, vertices=(gt.vertices * (1.0 + jitter)).astype(np.float32))
+    assert mean_masked_psnr(crumpled, frames) > mean_masked_psnr(worse, frames) + 3.0
+    report, warnings = {}, []
+    assert _better_of(worse, crumpled, frames, report, warnings) is worse
+    assert report["returned"] == "fusion" and warnings[0].startswith("REFINE_ROUGHENED")
+    rough = report["mean_dihedral_deg"]
+    assert rough["refined"] > 1.5 * rough["fusion"] and rough["refined"] > rough["fusion"] + 5.0
+
+
 def test_refinement_keeps_a_smooth_surface_smooth(scene):
     """Where the geometry is already right, the photos constrain most vertices weakly. Adam moves
     each of those as far as the best-constrained one, and crumples the sphere; the default
