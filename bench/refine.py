@@ -115,8 +115,7 @@ def main(argv=None) -> int:
         type=float,
         nargs="+",
         default=None,
-        help="RefineConfig.vertex_smoothness values (above 0 the parametrisation replaces the diffusion pass: "
-        "smoothing_steps=0)",
+        help="RefineConfig.vertex_smoothness values",
     )
     ap.add_argument("--lr-vertices", type=float, default=None, help="RefineConfig.lr_vertices (default: the preset's)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -152,8 +151,6 @@ def main(argv=None) -> int:
         for ss, optimizer, lam in variants:
             t0 = time.perf_counter()
             run_cfg = replace(cfg, supersample=ss, optimizer=optimizer, vertex_smoothness=lam)
-            if lam > 0:
-                run_cfg = replace(run_cfg, smoothing_steps=0)
             refined, report = refine_mesh(start, frames, run_cfg, device=args.device)
             wall = time.perf_counter() - t0
             after = score(refined, frames, gt, held_out)

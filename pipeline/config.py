@@ -231,13 +231,14 @@ class RefineConfig:
     silhouettes stale long enough to cost spot 0.2 dB and the sneaker 0.3 dB at ``fast``)."""
     smoothing_steps: int = 1
     """Laplacian diffusion passes applied to the optimised vertex offsets (larger: smoother, more global
-    moves; on the sneaker 8 passes held the surface too stiff to follow the photos: 2.7 dB less at ``fast``)."""
+    moves; on the sneaker 8 passes held the surface too stiff to follow the photos: 2.7 dB less at ``fast``).
+    Not applied when ``vertex_smoothness`` > 0, whose exact filter replaces them."""
     vertex_smoothness: float = 0.0
     """lambda of the smooth vertex parametrisation ``x = x0 + (I + lambda L)^-1 u``
-    (:mod:`pipeline.smooth_param`); 0 optimises the offsets directly. For starts that are globally
-    off (a scale error): on the test sphere's 6% scale error, 100 with ``lr_vertices=1e-3`` brought the
-    radius error from 0.024 to 0.0014 and kept the surface smooth, where direct offsets reached 0.017
-    and roughened it (2.5 -> 10.5 degrees). Off by default: on fusion starts, whose errors are local,
+    (:mod:`pipeline.smooth_param`), replacing the ``smoothing_steps`` passes; 0 optimises the offsets
+    directly. For starts that are globally off (a scale error): on the test sphere's 6% scale error,
+    100 with ``lr_vertices=1e-3`` brought the radius error from 0.024 to 0.0014 and kept the surface
+    smooth, where direct offsets reached 0.017 and roughened it (2.5 -> 10.5 degrees). Off by default: on fusion starts, whose errors are local,
     it gained nothing (sneaker at ``fast`` 20.2-20.3 dB, as without) and cost spot 0.2-0.8 dB."""
     coarse_resolution: int = 0
     """Render size of a first, coarser pass whose result the main pass starts from (0: no such pass).

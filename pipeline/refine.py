@@ -461,6 +461,13 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
     L = uniform_laplacian(welded_faces, len(v0), dev)
     smooth = SmoothParametrisation(welded_faces, len(v0), cfg.vertex_smoothness)
     offset_param = torch.zeros_like(v0, requires_grad=True)
+    # The smooth parametrisation is the diffusion pass's exact form: it replaces those passes.
+    diffusion_steps = 0 if cfg.vertex_smoothness > 0 else cfg.smoothing_steps
+
+    def welded_positions() -> torch.Tensor:
+        """(V_welded, 3) the start plus the offsets the parameters stand for."""
+        return v0 + smooth.solve(diffuse(L, offset_param, diffusion_steps))
+
     tex_base = torch.as_tensor(np.asarray(mesh.texture, dtype=np.float32) / 255.0, device=dev)
     tex_levels = texture_pyramid_params(tex_base.shape, cfg.resolution, dev)
     groups = [{"params": [offset_param], "lr": cfg.lr_vertices * scale}, {"params": tex_levels, "lr": cfg.lr_texture}]
@@ -494,7 +501,7 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
         if time.perf_counter() - t0 > cfg.time_budget_s:
             stop_reason = "time_budget"
             break
-        positions = v0 + smooth.solve(diffuse(L, offset_param, cfg.smoothing_steps))
+        positions = welded_positions()
         vertices = positions[weld]
         refresh = it % max(cfg.visibility_interval, 1) == 0
         if refresh:
@@ -563,9 +570,7 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
         sched.step()  # after the test above, so a settle starts at the final rate on the next step
 
     with torch.no_grad():
-        v_out = (
-            (v0 + smooth.solve(diffuse(L, offset_param, cfg.smoothing_steps)))[weld].cpu().numpy().astype(np.float32)
-        )
+        v_out = welded_positions()[weld].cpu().numpy().astype(np.float32)
         tex_out = (compose_texture(tex_base, tex_levels) * 255.0 + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
     if not np.isfinite(v_out).all():
         raise ConvergenceError("refined vertices are not finite; keep the fusion result", details={"reason": "nan"})

@@ -40,7 +40,6 @@ class SmoothParametrisation:
         if smoothness < 0:
             raise ValueError(f"smoothness must be >= 0, got {smoothness}")
         self.smoothness = float(smoothness)
-        self.n_vertices = int(n_vertices)
         self._lu = None
         if self.smoothness > 0:
             M = sp.identity(n_vertices, format="csc") + self.smoothness * graph_laplacian(faces, n_vertices)
