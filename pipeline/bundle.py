@@ -11,7 +11,8 @@ import io
 import json
 import math
 import posixpath
-import zipfile
+import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,13 +20,13 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from . import constants as C
+from .archive import ArchiveLimits, check_entries, open_zip, read_member
 from .camera import RIG_VIEW_NAMES, Camera, intrinsics_from_fov, opengl_to_opencv
 from .config import DepthEncoding
 from .errors import (
     EmptyDepthError,
     InputTooLargeError,
     InsufficientViewsError,
-    InvalidArchiveError,
     InvalidImageError,
     InvalidInputError,
     InvalidTransformsError,
@@ -33,7 +34,6 @@ from .errors import (
     MissingViewError,
     ResolutionMismatchError,
     UnknownViewError,
-    UnsafeArchiveError,
 )
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -52,6 +52,16 @@ class BundleLimits:
     max_zip_ratio: float = C.MAX_ZIP_RATIO
     max_zip_entries: int = C.MAX_ZIP_ENTRIES
     max_views: int = C.MAX_VIEWS
+    max_total_pixels: int = C.MAX_TOTAL_PIXELS
+    """Decoded pixels of every image of the bundle together (a view that many frames share counts each time)."""
+
+    def archive(self) -> ArchiveLimits:
+        return ArchiveLimits(
+            max_entries=self.max_zip_entries,
+            max_member_bytes=self.max_file_bytes,
+            max_total_bytes=self.max_archive_bytes,
+            max_ratio=self.max_zip_ratio,
+        )
 
 
 @dataclass
@@ -133,41 +143,13 @@ def _open_folder(root: Path, limits: BundleLimits) -> _Files:
 
 
 def _open_zip(path_or_bytes, limits: BundleLimits, source: str) -> _Files:
-    try:
-        zf = zipfile.ZipFile(path_or_bytes if not isinstance(path_or_bytes, bytes) else io.BytesIO(path_or_bytes))
-        infos = zf.infolist()
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise InvalidArchiveError(f"the bundle is not a readable ZIP archive: {e}", details={"file": source}) from None
-    if len(infos) > limits.max_zip_entries:
-        raise InputTooLargeError(
-            f"the archive has {len(infos)} entries; the limit is {limits.max_zip_entries}",
-            details={"entries": len(infos)},
-        )
-    total = 0
+    zf, infos = open_zip(path_or_bytes, source)
+    check_entries(infos, limits.archive())  # before anything is inflated
     entries: dict[str, object] = {}
     for info in infos:
-        name = info.filename.replace("\\", "/")
         if info.is_dir():
             continue
-        norm = posixpath.normpath(name)
-        if name.startswith("/") or norm.startswith("..") or "/../" in f"/{name}" or (len(name) > 1 and name[1] == ":"):
-            raise UnsafeArchiveError(f"archive entry {name!r} escapes the bundle folder", details={"file": name})
-        if info.file_size > limits.max_file_bytes:
-            raise InputTooLargeError(
-                f"{name} expands to {info.file_size} bytes; the limit is {limits.max_file_bytes}",
-                details={"file": name, "bytes": info.file_size},
-            )
-        ratio = info.file_size / max(info.compress_size, 1)
-        if ratio > limits.max_zip_ratio and info.file_size > 1024 * 1024:
-            raise UnsafeArchiveError(
-                f"{name} expands {ratio:.0f}x; the limit is {limits.max_zip_ratio:.0f}x",
-                details={"file": name, "ratio": ratio},
-            )
-        total += info.file_size
-        if total > limits.max_archive_bytes:
-            raise InputTooLargeError(
-                f"the archive expands to more than {limits.max_archive_bytes} bytes", details={"bytes": total}
-            )
+        norm = posixpath.normpath(info.filename.replace("\\", "/"))
         parts = norm.split("/")
         if parts[0] == "__MACOSX" or any(p.startswith(".") for p in parts):
             continue
@@ -180,17 +162,7 @@ def _open_zip(path_or_bytes, limits: BundleLimits, source: str) -> _Files:
         if any(p.startswith(top + d) for p in entries for d in (VIEWS_DIR, TRANSFORMS_FILE)):
             entries = {p[len(top) :]: i for p, i in entries.items()}
 
-    def reader(info):
-        try:
-            with zf.open(info) as f:
-                data = f.read(limits.max_file_bytes + 1)
-        except (zipfile.BadZipFile, OSError, EOFError, zipfile.LargeZipFile) as e:
-            raise InvalidArchiveError(f"cannot read {info.filename} from the archive: {e}", details={"file": info.filename}) from None
-        if len(data) > limits.max_file_bytes:
-            raise InputTooLargeError(f"{info.filename} is over the size limit", details={"file": info.filename})
-        return data
-
-    return _Files(entries, reader, source)
+    return _Files(entries, lambda info: read_member(zf, info, limits.max_file_bytes), source)
 
 
 def _open_bundle(src, limits: BundleLimits) -> _Files:
@@ -210,11 +182,33 @@ def _open_bundle(src, limits: BundleLimits) -> _Files:
 # ---------------------------------------------------------------- images
 
 
-def decode_image(data: bytes, where: str, limits: BundleLimits) -> np.ndarray:
-    """Decode PNG/JPEG bytes to an array: (H, W) for grey, (H, W, 3|4) for colour; uint8 or uint16."""
+class PixelBudget:
+    """Running count of the pixels a bundle decodes, charged from each image's header before it is decoded."""
+
+    def __init__(self, limit: int):
+        self.limit = int(limit)
+        self.used = 0
+
+    def charge(self, pixels: int, where: str) -> None:
+        self.used += int(pixels)
+        if self.used > self.limit:
+            raise InputTooLargeError(
+                f"decoding {where} would bring the bundle to {self.used} pixels; the limit is {self.limit} "
+                "(every image counts, and a file that several frames name counts once per frame)",
+                details={"file": where, "pixels": self.used, "limit": self.limit},
+            )
+
+
+def decode_image(data: bytes, where: str, limits: BundleLimits, budget: PixelBudget | None = None) -> np.ndarray:
+    """Decode PNG/JPEG bytes to an array: (H, W) for grey, (H, W, 3|4) for colour; uint8 or uint16.
+
+    The header is read first: the per-image limit and ``budget`` are checked before any pixel is decoded.
+    """
     try:
         im = Image.open(io.BytesIO(data))
         w, h = im.size
+        if w <= 0 or h <= 0:
+            raise InvalidImageError(f"{where} is {w}x{h} pixels", details={"file": where})
         if w * h > limits.max_image_pixels:
             raise InputTooLargeError(
                 f"{where} is {w}x{h} pixels; the limit is {limits.max_image_pixels} pixels",
@@ -222,12 +216,29 @@ def decode_image(data: bytes, where: str, limits: BundleLimits) -> np.ndarray:
             )
         if im.format not in ("PNG", "JPEG"):
             raise InvalidImageError(f"{where} is {im.format}, not PNG or JPEG", details={"file": where})
+        if budget is not None:
+            budget.charge(w * h, where)
         im.load()
     except InputTooLargeError:
         raise
+    except Image.DecompressionBombError:  # Pillow's own pixel guard fires while it reads the header
+        raise InputTooLargeError(
+            f"{where} declares more pixels than the limit of {limits.max_image_pixels}", details={"file": where}
+        ) from None
     except InvalidImageError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        EOFError,
+        MemoryError,
+        zlib.error,
+        struct.error,
+        IndexError,
+        TypeError,
+    ) as e:
         raise InvalidImageError(f"{where} is not a readable image: {e}", details={"file": where}) from None
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         return np.asarray(im, dtype=np.uint16 if im.mode != "I" else np.int32).astype(np.float32)
@@ -258,18 +269,50 @@ def _depth_channel(arr: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- transforms.json
 
 
-def _num(v, where: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+#: Bounds of transforms.json numbers (every one must also be finite): (low, high), inclusive.
+TRANSFORMS_BOUNDS: dict[str, tuple[float, float]] = {
+    "camera_angle_x": (1e-3, math.pi - 1e-3),  # radians
+    "camera_angle_y": (1e-3, math.pi - 1e-3),
+    "fl_x": (1e-3, 1e6),  # pixels
+    "fl_y": (1e-3, 1e6),
+    "cx": (-1e6, 1e6),
+    "cy": (-1e6, 1e6),
+    "w": (1, 65536),  # pixels
+    "h": (1, 65536),
+}
+#: Largest absolute value of a transform_matrix entry or a depth_encoding number.
+MAX_ABS_TRANSFORMS_VALUE = 1e9
+
+
+def _num(v, where: str, low: float = -MAX_ABS_TRANSFORMS_VALUE, high: float = MAX_ABS_TRANSFORMS_VALUE) -> float:
+    """A finite number in [low, high]; an int too large for a float is refused like any other out-of-range value."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise InvalidTransformsError(f"{where} must be a number", details={"field": where})
+    if isinstance(v, int) and not -1e300 < v < 1e300:  # float(v) would raise OverflowError
+        raise InvalidTransformsError(f"{where} is out of range [{low:g}, {high:g}]", details={"field": where})
+    f = float(v)
+    if not math.isfinite(f):
         raise InvalidTransformsError(f"{where} must be a finite number", details={"field": where})
-    return float(v)
+    if not low <= f <= high:
+        raise InvalidTransformsError(
+            f"{where} = {f:g} is out of range [{low:g}, {high:g}]", details={"field": where, "low": low, "high": high}
+        )
+    return f
+
+
+def parse_json_document(data: bytes, what: str, error_cls=InvalidTransformsError):
+    """JSON text -> value; bad UTF-8, bad syntax and nesting past Python's recursion limit raise ``error_cls``."""
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise error_cls(f"{what} is not valid JSON: {e}", details={"file": what}) from None
+    except RecursionError:
+        raise error_cls(f"{what} is nested too deeply", details={"file": what}) from None
 
 
 def parse_transforms(data: bytes) -> dict:
     """Validate transforms.json (NeRF convention) and return its parsed content."""
-    try:
-        d = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidTransformsError(f"transforms.json is not valid JSON: {e}", details={"file": TRANSFORMS_FILE}) from None
+    d = parse_json_document(data, TRANSFORMS_FILE)
     if not isinstance(d, dict):
         raise InvalidTransformsError("transforms.json must be a JSON object", details={"file": TRANSFORMS_FILE})
     frames = d.get("frames")
@@ -279,11 +322,16 @@ def parse_transforms(data: bytes) -> dict:
         raise InvalidTransformsError(
             "transforms.json needs 'camera_angle_x', or 'fl_x', 'cx' and 'cy'", details={"field": "camera_angle_x"}
         )
-    for k in ("camera_angle_x", "fl_x", "fl_y", "cx", "cy", "w", "h"):
+    for k, (low, high) in TRANSFORMS_BOUNDS.items():
         if k in d:
-            _num(d[k], k)
-    if "camera_angle_x" in d and not (0.0 < d["camera_angle_x"] < math.pi):
-        raise InvalidTransformsError("camera_angle_x must be in (0, pi) radians", details={"field": "camera_angle_x"})
+            _num(d[k], k, low, high)
+    for k in ("w", "h"):
+        if k in d and float(d[k]) != int(d[k]):
+            raise InvalidTransformsError(f"{k} must be a whole number of pixels", details={"field": k})
+    if isinstance(d.get("depth_encoding"), dict):
+        for k, v in d["depth_encoding"].items():
+            if k != "kind":
+                _num(v, f"depth_encoding.{k}")
     for i, fr in enumerate(frames):
         where = f"frames[{i}]"
         if not isinstance(fr, dict):
@@ -295,7 +343,9 @@ def parse_transforms(data: bytes) -> dict:
         m = fr.get("transform_matrix")
         try:
             M = np.asarray(m, dtype=np.float64)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # ragged, non-numeric, an int too large for a float
+            M = None
+        if M is not None and M.size and np.abs(M).max(initial=0.0) > MAX_ABS_TRANSFORMS_VALUE:
             M = None
         if M is None or M.shape not in ((4, 4), (3, 4)) or not np.isfinite(M).all():
             raise InvalidTransformsError(
@@ -352,16 +402,17 @@ def load_bundle(src: str | Path | bytes, limits: BundleLimits | None = None) -> 
     """
     limits = limits or BundleLimits()
     files = _open_bundle(src, limits)
+    budget = PixelBudget(limits.max_total_pixels)
     if files.has(TRANSFORMS_FILE):
-        fs = _load_posed(files, limits)
+        fs = _load_posed(files, limits, budget)
     else:
-        fs = _load_rig(files, limits)
+        fs = _load_rig(files, limits, budget)
     fs.source = files.source
     _check_consistency(fs)
     return fs
 
 
-def _load_rig(files: _Files, limits: BundleLimits) -> FrameSet:
+def _load_rig(files: _Files, limits: BundleLimits, budget: PixelBudget) -> FrameSet:
     view_files = [p for p in files.listdir(VIEWS_DIR)]
     if not view_files:
         raise MissingViewError(
@@ -395,15 +446,17 @@ def _load_rig(files: _Files, limits: BundleLimits) -> FrameSet:
     for n in RIG_VIEW_NAMES:
         if n not in depth_files:
             raise MissingDepthError(f"view {n!r} has no depth render {DEPTH_DIR}/{n}.png", details={"view": n})
-        views.append(_read_view(files, n, by_name[n], depth_files[n], limits))
+        views.append(_read_view(files, n, by_name[n], depth_files[n], limits, budget))
     return FrameSet(views=views, depth_encoding=None, cameras_given=False)
 
 
-def _load_posed(files: _Files, limits: BundleLimits) -> FrameSet:
+def _load_posed(files: _Files, limits: BundleLimits, budget: PixelBudget) -> FrameSet:
     d = parse_transforms(files.read(TRANSFORMS_FILE))
     frames = d["frames"]
     if len(frames) > limits.max_views:
-        raise InputTooLargeError(f"{len(frames)} views; the limit is {limits.max_views}", details={"views": len(frames)})
+        raise InputTooLargeError(
+            f"{len(frames)} views; the limit is {limits.max_views}", details={"views": len(frames)}
+        )
     views: list[View] = []
     names_seen: set[str] = set()
     for i, fr in enumerate(frames):
@@ -417,7 +470,7 @@ def _load_posed(files: _Files, limits: BundleLimits) -> FrameSet:
         else:
             cand = [f"{DEPTH_DIR}/{posixpath.basename(rgb_path)}"] + [f"{DEPTH_DIR}/{name}{s}" for s in IMAGE_SUFFIXES]
             depth_path = next((c for c in cand if files.has(c)), None)
-        view = _read_view(files, name, rgb_path, depth_path, limits)
+        view = _read_view(files, name, rgb_path, depth_path, limits, budget)
         w, h = view.size
         K = _intrinsics(d, w, h, None, None)
         M = np.eye(4)
@@ -428,15 +481,19 @@ def _load_posed(files: _Files, limits: BundleLimits) -> FrameSet:
     enc = DepthEncoding.from_dict(d["depth_encoding"]) if "depth_encoding" in d else None
     fs = FrameSet(views=views, depth_encoding=enc, cameras_given=True)
     if not any(v.depth_raw is not None or v.alpha is not None for v in views):
-        raise MissingDepthError("no view has a depth render or an alpha mask; at least one is needed to find the object")
+        raise MissingDepthError(
+            "no view has a depth render or an alpha mask; at least one is needed to find the object"
+        )
     return fs
 
 
-def _read_view(files: _Files, name: str, rgb_path: str, depth_path: str | None, limits: BundleLimits) -> View:
-    rgb, alpha = _split_rgb(decode_image(files.read(rgb_path), rgb_path, limits), rgb_path)
+def _read_view(
+    files: _Files, name: str, rgb_path: str, depth_path: str | None, limits: BundleLimits, budget: PixelBudget
+) -> View:
+    rgb, alpha = _split_rgb(decode_image(files.read(rgb_path), rgb_path, limits, budget), rgb_path)
     depth = None
     if depth_path is not None:
-        depth = _depth_channel(decode_image(files.read(depth_path), depth_path, limits))
+        depth = _depth_channel(decode_image(files.read(depth_path), depth_path, limits, budget))
     return View(name=name, rgb=rgb, alpha=alpha, depth_raw=depth)
 
 

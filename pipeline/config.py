@@ -6,6 +6,7 @@ Every field states its unit. Configs are frozen; derive variants with
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
@@ -48,8 +49,10 @@ class DepthEncoding:
             )
         try:
             enc = cls(**{k: (float(v) if k != "kind" else v) for k, v in d.items()})
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:
             raise InvalidInputError(f"{where}: {e}", code="INVALID_TRANSFORMS", details={"field": where}) from None
+        if not all(math.isfinite(v) for v in (enc.near, enc.far, enc.max_value, enc.background)):
+            raise InvalidInputError(f"{where} needs finite numbers", code="INVALID_TRANSFORMS", details={"field": where})
         if not (enc.far > enc.near >= 0.0) or enc.max_value <= 0:
             raise InvalidInputError(
                 f"{where} needs far > near >= 0 and max_value > 0", code="INVALID_TRANSFORMS", details={"field": where}

@@ -15,6 +15,9 @@ MAX_ARCHIVE_UNCOMPRESSED_BYTES = 1024 * 1024 * 1024
 MAX_ZIP_RATIO = 200.0
 #: Largest accepted number of entries in a ZIP bundle.
 MAX_ZIP_ENTRIES = 2048
+#: Largest total of decoded pixels of one bundle (photos and depth renders together; the sneaker
+#: has 31.5 M: six 2048^2 photos and six 1024^2 depth renders). Bounds the memory of a decode.
+MAX_TOTAL_PIXELS = 96 * 1024 * 1024
 #: Largest accepted number of views.
 MAX_VIEWS = 256
 #: Smallest number of foreground depth pixels for a view to count as non-empty.

@@ -29,6 +29,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
+from pipeline import constants as C
+from pipeline.archive import ArchiveLimits, check_entries, open_zip, read_member
 from pipeline.bundle import VIEWS_DIR, load_bundle
 from pipeline.config import get_preset
 from pipeline.errors import (
@@ -103,11 +105,17 @@ def split_archive(data: bytes, *, max_items: int, max_unpacked: int) -> list[tup
     Raises BATCH_TOO_LARGE above ``max_items`` (before anything is decompressed),
     INPUT_TOO_LARGE above ``max_unpacked`` bytes, INVALID_ARCHIVE when it holds no bundle.
     """
-    try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
-        infos = [i for i in zf.infolist() if not i.is_dir() and not i.filename.startswith(("__MACOSX/", "."))]
-    except zipfile.BadZipFile as e:
-        raise InvalidArchiveError(f"the archive is not a readable ZIP: {e}") from None
+    zf, all_infos = open_zip(data, "archive")
+    # Sizes, ratios, count and names of every entry, before anything is inflated.
+    check_entries(
+        all_infos,
+        ArchiveLimits(
+            max_entries=C.MAX_ZIP_ENTRIES * max(1, max_items),
+            max_member_bytes=max_unpacked,
+            max_total_bytes=max_unpacked,
+        ),
+    )
+    infos = [i for i in all_infos if not i.is_dir() and not i.filename.startswith(("__MACOSX/", "."))]
     nested = [i for i in infos if i.filename.lower().endswith(".zip")]
     folders: dict[str, list[zipfile.ZipInfo]] = {}
     if not nested:
@@ -134,13 +142,13 @@ def split_archive(data: bytes, *, max_items: int, max_unpacked: int) -> list[tup
         )
     taken: set[str] = set()
     if nested:
-        return [(_item_name(i.filename, taken), zf.read(i)) for i in nested]
+        return [(_item_name(i.filename, taken), read_member(zf, i, max_unpacked)) for i in nested]
     out = []
     for top, members in sorted(folders.items()):
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as dst:
             for i in members:
-                dst.writestr(i.filename[len(top) + 1 :], zf.read(i))
+                dst.writestr(i.filename[len(top) + 1 :], read_member(zf, i, max_unpacked))
         out.append((_item_name(top, taken), buf.getvalue()))
     return out
 

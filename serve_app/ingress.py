@@ -25,13 +25,13 @@ from fastapi import Body, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.background import BackgroundTask
-from starlette.middleware.base import BaseHTTPMiddleware
 
 from deployments import constants as DC
 from pipeline import __version__
-from pipeline.bundle import DEPTH_DIR, TRANSFORMS_FILE, VIEWS_DIR, load_bundle
+from pipeline.archive import check_entries, open_zip, read_member
+from pipeline.bundle import DEPTH_DIR, TRANSFORMS_FILE, VIEWS_DIR, BundleLimits, load_bundle
 from pipeline.config import get_preset
-from pipeline.errors import InputTooLargeError, InvalidArchiveError, InvalidInputError, UnsupportedMediaError
+from pipeline.errors import InputTooLargeError, InvalidInputError, UnsupportedMediaError
 
 from . import errors as E
 from .batches import router as batches_router
@@ -51,9 +51,10 @@ from .jobs import (
     new_job_id,
     write_artifacts,
 )
+from .limits import BodyLimitMiddleware
 from .logging import configure_json_logging, job_logger
 from .metrics import ServiceMetrics
-from .middleware import add_exception_handling, error_response
+from .middleware import add_exception_handling
 from .scheduler import JobScheduler, model_deployment_name
 from .schemas import CancelAccepted, CancelRequest, ErrorBody, JobAccepted, JobList, JobView, job_view, links_for
 from .store import iter_file, make_store
@@ -82,24 +83,8 @@ app = FastAPI(
 add_exception_handling(app)
 
 
-class UploadLimitMiddleware(BaseHTTPMiddleware):
-    """413 before the body is parsed when Content-Length is over the limit."""
-
-    async def dispatch(self, request: Request, call_next):
-        limit = getattr(request.app.state, "max_upload_bytes", None)
-        length = request.headers.get("content-length")
-        if limit and request.method == "POST" and length and length.isdigit() and int(length) > limit:
-            return error_response(
-                request,
-                InputTooLargeError.code,
-                f"the request body is {length} bytes; the limit is {limit}",
-                {"bytes": int(length), "limit": limit},
-                413,
-            )
-        return await call_next(request)
-
-
-app.add_middleware(UploadLimitMiddleware)
+# A running byte count over every request body (chunked ones too): 413 past max_upload_bytes.
+app.add_middleware(BodyLimitMiddleware, limit_of=lambda scope: getattr(app.state, "max_upload_bytes", None))
 app.include_router(experiments_router)
 app.include_router(batches_router)
 
@@ -163,6 +148,29 @@ def _zip_artifacts(store, rec: JobRecord) -> str:
 
 def _sse(event: str, data: dict) -> str:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def _add_to_zip(data: bytes, name: str, content: bytes) -> bytes:
+    """Copy a bundle ZIP with ``name`` added (or replaced) next to its multi_views/ folder.
+
+    Every entry is checked (count, names, sizes, ratio) before anything is inflated, and each
+    member inflates through a capped read, so a bomb or a corrupt member is refused here.
+    Defined above the deployment class: ``@serve.ingress`` pickles the routes when the class is
+    defined, and a helper defined below it was missing from their globals (a NameError, a 500).
+    """
+    src, infos = open_zip(data, "bundle")
+    limits = BundleLimits()
+    check_entries(infos, limits.archive())
+    tops = {i.filename.split("/")[0] for i in infos}
+    nested = len(tops) == 1 and all("/" in i.filename for i in infos)
+    target = f"{tops.pop()}/{name}" if nested else name
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as out:
+        for info in infos:
+            if info.filename != target:
+                out.writestr(info, read_member(src, info, limits.max_file_bytes))
+        out.writestr(target, content)
+    return buf.getvalue()
 
 
 # ---------------------------------------------------------------- the deployment
@@ -507,22 +515,3 @@ class Ingress:
         if not self.scheduler.recovered:
             raise E.NotReadyError("the job scheduler is still recovering jobs")
         return {"ready": True, "models": sorted(self.handles), "time": time.time()}
-
-
-def _add_to_zip(data: bytes, name: str, content: bytes) -> bytes:
-    """Copy a bundle ZIP with ``name`` added (or replaced) next to its multi_views/ folder."""
-    try:
-        src = zipfile.ZipFile(io.BytesIO(data))
-        infos = src.infolist()
-    except zipfile.BadZipFile as e:
-        raise InvalidArchiveError(f"the bundle is not a readable ZIP archive: {e}") from None
-    tops = {i.filename.split("/")[0] for i in infos}
-    nested = len(tops) == 1 and all("/" in i.filename for i in infos)
-    target = f"{tops.pop()}/{name}" if nested else name
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as out:
-        for info in infos:
-            if info.filename != target:
-                out.writestr(info, src.read(info))
-        out.writestr(target, content)
-    return buf.getvalue()

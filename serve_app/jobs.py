@@ -165,7 +165,8 @@ class JobRecord(BaseModel):
     def cancel_token_valid(self, token: str | None) -> bool:
         if self.cancel_token is None or (self.cancel_token_expires_at or 0) < time.time():
             return False
-        return token is None or secrets.compare_digest(token, self.cancel_token)
+        # Bytes: compare_digest refuses a str with non-ASCII characters (a TypeError, a 500).
+        return token is None or secrets.compare_digest(token.encode(), self.cancel_token.encode())
 
 
 class JobBook:

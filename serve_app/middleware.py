@@ -7,9 +7,13 @@ Every error response has one shape::
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
+import zipfile
+import zlib
 
+import PIL.Image
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -27,6 +31,8 @@ REQUEST_ID_HEADER = "x-request-id"
 #: Code -> HTTP status. Codes not listed fall back by class: InvalidInputError -> 422, else 500.
 STATUS_BY_CODE: dict[str, int] = {
     "INVALID_REQUEST": 422,
+    "MALFORMED_REQUEST": 400,
+    "MALFORMED_INPUT": 422,
     "INPUT_TOO_LARGE": 413,
     "UNSUPPORTED_MEDIA_TYPE": 415,
     "INVALID_PATH": 400,
@@ -99,6 +105,55 @@ class SetRequestIdMiddleware(BaseHTTPMiddleware):
         return response
 
 
+#: Statuses Starlette/FastAPI raise themselves -> stable codes (a multipart body without a boundary is a 400).
+HTTP_STATUS_CODES: dict[int, str] = {
+    400: "MALFORMED_REQUEST",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    413: "INPUT_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+}
+
+#: Decode and parse errors that escape a route's own checks: the one place that turns them into
+#: 422 MALFORMED_INPUT instead of a 500 (each route still raises its specific code where it can).
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    zlib.error,
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    UnicodeError,
+    RecursionError,
+    OverflowError,
+    json.JSONDecodeError,
+    PIL.UnidentifiedImageError,
+    PIL.Image.DecompressionBombError,
+    EOFError,
+)
+
+
+def _recon_error_in(exc: BaseException | None, depth: int = 0) -> ReconError | None:
+    """The ReconError ``exc`` is, or holds (exception groups, causes), if any."""
+    if exc is None or depth > 8:
+        return None
+    if isinstance(exc, ReconError):
+        return exc
+    for inner in getattr(exc, "exceptions", ()) or ():
+        found = _recon_error_in(inner, depth + 1)
+        if found is not None:
+            return found
+    return _recon_error_in(exc.__cause__ or exc.__context__, depth + 1)
+
+
+async def _malformed(request: Request, exc: Exception):
+    logger.warning("malformed input: %s: %s", type(exc).__name__, exc, extra={"request_id": request_id_of(request)})
+    return error_response(
+        request,
+        "MALFORMED_INPUT",
+        f"the request could not be decoded ({type(exc).__name__}); check its files and JSON",
+        {"error": f"{type(exc).__name__}: {exc}"[:300]},
+        422,
+    )
+
+
 def add_exception_handling(app: FastAPI) -> None:
     """Install the request-id middleware and the handlers that render every error in one shape."""
     app.add_middleware(SetRequestIdMiddleware)
@@ -123,8 +178,16 @@ def add_exception_handling(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "HTTP_ERROR")
-        return error_response(request, code, str(exc.detail), {}, exc.status_code)
+        cause = exc.__cause__
+        inner = _recon_error_in(cause)
+        if inner is not None:  # raised while FastAPI parsed the body (e.g. the byte budget)
+            return await _recon(request, inner)
+        code = HTTP_STATUS_CODES.get(exc.status_code, "HTTP_ERROR")
+        details = {"cause": f"{type(cause).__name__}: {cause}"[:300]} if cause is not None else {}
+        return error_response(request, code, str(exc.detail), details, exc.status_code)
+
+    for exc_cls in DECODE_ERRORS:
+        app.add_exception_handler(exc_cls, _malformed)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

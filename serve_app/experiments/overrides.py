@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from typing import Any
 
@@ -44,6 +45,38 @@ SLUG_LABELS: dict[str, str] = {
 }
 
 INVALID_OVERRIDES = "INVALID_OVERRIDES"
+
+#: Upper bounds of the parameters that size a run's memory or time (inclusive). A 100000^3 grid
+#: or a 65536^2 texture would drive a replica out of memory (and be retried); the bounds sit
+#: at twice the `quality` preset or more. Tuple fields bound each element.
+OVERRIDE_MAX: dict[str, float] = {
+    "camera.carve_resolution": 256,
+    "fusion.resolution": 512,
+    "fusion.smooth_iterations": 500,
+    "fusion.target_faces": 500_000,
+    "texture.size": 8192,
+    "texture.padding_px": 64,
+    "texture.xatlas_timeout_s": 3600,
+    "camera_refine.level_image_sizes": 4096,
+    "camera_refine.iterations": 2000,
+    "photo_refine.pass_image_sizes": 4096,
+    "photo_refine.search_steps": 64,
+    "photo_refine.patch_radius": 16,
+    "refine.iterations": 5000,
+    "refine.resolution": 4096,
+    "refine.time_budget_s": 7200,
+    "refine.convergence_window": 1000,
+    "refine.visibility_interval": 1000,
+    "refine.smoothing_steps": 100,
+    "refine.coarse_resolution": 4096,
+    "refine.coarse_iterations": 5000,
+    "refine.supersample": 4,
+    "max_working_resolution": 4096,
+}
+#: Bound of every other numeric parameter (weights, rates, tolerances): finite and at most this.
+OVERRIDE_DEFAULT_MAX = 1e6
+#: Longest tuple parameter (pass sizes, levels).
+OVERRIDE_MAX_ITEMS = 8
 
 
 class InvalidOverridesError(InvalidInputError):
@@ -96,6 +129,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise bad
         args = typing.get_args(hint)
         inner = args[0] if args else Any
+        if len(value) > OVERRIDE_MAX_ITEMS:
+            raise InvalidOverridesError(
+                f"override {key!r} has {len(value)} items; at most {OVERRIDE_MAX_ITEMS}",
+                details={"key": key, "limit": OVERRIDE_MAX_ITEMS},
+            )
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, inner, key) for v in value)
         if len(args) != len(value):
@@ -108,16 +146,29 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
-        return value
+        return _bounded(value, key)
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
-        return float(value)
+        if isinstance(value, int) and abs(value) > 1e300:  # float() would overflow
+            return _bounded(math.inf, key)
+        return float(_bounded(float(value), key))
     if hint is str:
         if not isinstance(value, str):
             raise bad
         return value
     return value  # a hint we do not know how to check (Any, unions): the dataclass takes it as is
+
+
+def _bounded(value: int | float, key: str) -> int | float:
+    """``value`` when finite and within [0, the key's bound]; InvalidOverridesError naming the bound otherwise."""
+    high = OVERRIDE_MAX.get(canonical_key(key), OVERRIDE_DEFAULT_MAX)
+    if not math.isfinite(value) or not 0 <= value <= high:
+        raise InvalidOverridesError(
+            f"override {key!r} = {value!r} is out of range: it must be finite, in [0, {high:g}]",
+            details={"key": key, "value": repr(value)[:100], "low": 0, "high": high},
+        )
+    return value
 
 
 def parse_overrides_json(text: str | None) -> dict | None:
@@ -126,7 +177,7 @@ def parse_overrides_json(text: str | None) -> dict | None:
         return None
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # bad syntax, or nested past the recursion limit
         raise InvalidOverridesError("overrides must be a JSON object", details={"key": "overrides"}) from None
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,9 +99,13 @@ def parse_spec_text(text: str | bytes) -> dict:
             raise _bad("the experiment spec is not UTF-8 text", "spec") from None
     try:
         doc = json.loads(text)
+    except RecursionError:
+        raise _bad("the experiment spec is nested too deeply", "spec") from None
     except ValueError:
         try:
             doc = yaml.safe_load(text)
+        except RecursionError:
+            raise _bad("the experiment spec is nested too deeply", "spec") from None
         except yaml.YAMLError as e:
             raise _bad(f"the experiment spec is neither JSON nor YAML: {str(e).splitlines()[0]}", "spec") from None
     if not isinstance(doc, dict):
@@ -180,6 +185,8 @@ def expand_spec(
     has_grid_axes = any(k in doc for k in ("grid", "models", "model", "presets", "preset"))
     if not isinstance(explicit, list):
         raise _bad("runs must be a list of {model, preset, overrides, dataset}", "runs")
+    if len(explicit) > max_runs:
+        raise _bad(f"the spec lists {len(explicit)} runs; the limit is {max_runs}", "runs", limit=max_runs)
     if not explicit and not has_grid_axes:
         raise _bad("the spec has no runs: give 'models'/'presets'/'grid' and/or 'runs'", "runs")
 
@@ -222,6 +229,11 @@ def expand_spec(
                 checked_overrides({k: v}, "grid")
             axes.append((str(k), values))
         checked_overrides({k: v[0] for k, v in axes}, "grid")  # aliases that collide across axes
+        planned = len(models) * len(presets) * math.prod(len(v) for _, v in axes)
+        if planned > max_runs:  # before the product is built: a wide grid would take minutes to expand
+            raise _bad(
+                f"the grid expands to {planned} runs; the limit is {max_runs}", "grid", runs=planned, limit=max_runs
+            )
         for m, p in itertools.product(models, presets):
             for values in itertools.product(*(v for _, v in axes)):
                 combos.append(
@@ -236,6 +248,11 @@ def expand_spec(
             raise _bad(
                 f"unknown key {sorted(extra)[0]!r} in a run; valid: {sorted(_RUN_KEYS)}", f"{key}.{sorted(extra)[0]}"
             )
+        if "name" in r and not (isinstance(r["name"], str) and _NAME_RE.match(r["name"])):
+            raise _bad("a run's name must be 1-64 letters, digits, '.', '_' or '-'", f"{key}.name")
+        for k in ("model", "preset"):
+            if k in r and not isinstance(r[k], str):
+                raise _bad(f"a run's {k} must be a string", f"{key}.{k}")
         ds = r.get("dataset")
         if ds is not None:
             if has_upload:
