@@ -24,7 +24,7 @@ import time
 import uuid
 import zipfile
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
@@ -42,6 +42,7 @@ from pipeline.errors import (
 )
 
 from . import errors as E
+from .auth import Principal, can_access, principal_of
 from .experiments.overrides import parse_overrides_json, validate_overrides
 from .experiments.service import check_queue_room, enqueue_job
 from .jobs import TERMINAL, JobRecord, write_artifacts
@@ -81,6 +82,7 @@ class BatchRecord(BaseModel):
     preset: str
     overrides: dict = Field(default_factory=dict)
     items: list[BatchItem]
+    owner: str | None = Field(None, description="Name of the API key that submitted the batch.")
 
 
 def batch_key(batch_id: str) -> str:
@@ -180,8 +182,11 @@ class BatchService:
                     continue
                 self.batches[rec.batch_id] = rec
 
-    def get(self, batch_id: str) -> BatchRecord:
+    def get(self, batch_id: str, principal: Principal | None = None) -> BatchRecord:
+        """The batch; another key's batch is as unknown as a missing one (404)."""
         rec = self.batches.get(batch_id) if _BATCH_ID_RE.match(batch_id) else None
+        if rec is not None and principal is not None and not can_access(principal, rec.owner):
+            rec = None
         if rec is None:
             raise BatchNotFoundError(f"no batch {batch_id!r}", details={"batch_id": batch_id})
         return rec
@@ -245,6 +250,7 @@ def _svc() -> BatchService:
 
 @router.post("/batches", status_code=202, responses=_ERRORS)
 async def submit_batch(
+    request: Request,
     bundles: list[UploadFile] | None = File(None, description="Bundle ZIPs, one per item."),
     archive: UploadFile | None = File(None, description="One ZIP holding bundles (nested ZIPs or folders)."),
     model: str = Form("fusion", description="Model of every item."),
@@ -302,9 +308,10 @@ async def submit_batch(
                 raise cls(f"item {name!r}: {e.message}", code=e.code, details={**e.details, "item": name}) from None
 
     batch_id = f"batch-{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:8]}"
-    rec = BatchRecord(batch_id=batch_id, model=models[0], preset=preset, overrides=checked, items=[])
+    owner = principal_of(request).name
+    rec = BatchRecord(batch_id=batch_id, model=models[0], preset=preset, overrides=checked, items=[], owner=owner)
     for i, (name, data) in enumerate(items):
-        job_id = await enqueue_job(ingress, data, model=models[0], preset=preset, overrides=checked)
+        job_id = await enqueue_job(ingress, data, model=models[0], preset=preset, overrides=checked, owner=owner)
         rec.items.append(BatchItem(index=i, name=name, job_id=job_id))
     await asyncio.to_thread(ingress.store.put, batch_key(batch_id), rec.model_dump_json(indent=1).encode())
     svc.batches[batch_id] = rec
@@ -313,9 +320,9 @@ async def submit_batch(
 
 
 @router.get("/batches/{batch_id}", responses=_ERRORS)
-async def get_batch(batch_id: str):
+async def get_batch(request: Request, batch_id: str):
     svc = _svc()
-    return svc.view(svc.get(batch_id))
+    return svc.view(svc.get(batch_id, principal_of(request)))
 
 
 def _zip_batch(svc: BatchService, rec: BatchRecord, view: dict) -> str:
@@ -333,10 +340,10 @@ def _zip_batch(svc: BatchService, rec: BatchRecord, view: dict) -> str:
 
 
 @router.get("/batches/{batch_id}/download", responses={200: {"content": {"application/zip": {}}}, **_ERRORS})
-async def download_batch(batch_id: str):
+async def download_batch(request: Request, batch_id: str):
     """Every item's files as ``<item>/<model>/<file>`` and the batch view as ``batch.json``."""
     svc = _svc()
-    rec = svc.get(batch_id)
+    rec = svc.get(batch_id, principal_of(request))
     view = svc.view(rec)
     if view["status"] in ("queued", "running"):
         raise BatchNotReadyError(

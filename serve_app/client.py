@@ -25,6 +25,9 @@ import httpx
 
 DEFAULT_URL = os.environ.get("RECON3D_URL", "http://127.0.0.1:8000")
 TERMINAL = ("succeeded", "failed", "canceled")
+#: Environment variable of the API key the client sends (``--api-key`` overrides it).
+API_KEY_ENV = "RECON3D_API_KEY"
+_API_KEY_HELP = f"API key sent as a Bearer token (default ${API_KEY_ENV})"
 
 
 class ServiceError(RuntimeError):
@@ -66,9 +69,12 @@ def zip_folder(folder: str | Path) -> bytes:
 
 
 class Recon3DClient:
-    def __init__(self, url: str = DEFAULT_URL, *, timeout: float = 60.0):
+    def __init__(self, url: str = DEFAULT_URL, *, timeout: float = 60.0, api_key: str | None = None):
+        """``api_key``: the Bearer key (default $RECON3D_API_KEY; none for a keyless local service)."""
         self.url = url.rstrip("/")
-        self.http = httpx.Client(base_url=self.url, timeout=timeout)
+        key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(base_url=self.url, timeout=timeout, headers=headers)
 
     def close(self) -> None:
         self.http.close()
@@ -256,8 +262,9 @@ def submit_main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait", action="store_true", help="follow progress until the job ends")
     p.add_argument("--out", default=None, help="with --wait: download the results into this folder")
     p.add_argument("--webhook-url", default=None)
+    p.add_argument("--api-key", default=None, help=_API_KEY_HELP)
     args = p.parse_args(argv)
-    with Recon3DClient(args.url) as c:
+    with Recon3DClient(args.url, api_key=args.api_key) as c:
         try:
             job_id = c.submit(args.bundle, model=args.model, preset=args.preset, webhook_url=args.webhook_url)
         except ServiceError as e:
@@ -303,6 +310,7 @@ def experiment_main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     url_p = argparse.ArgumentParser(add_help=False)
     url_p.add_argument("--url", default=DEFAULT_URL, help=f"service URL (default {DEFAULT_URL}, or $RECON3D_URL)")
+    url_p.add_argument("--api-key", default=None, help=_API_KEY_HELP)
     if argv[:1] == ["show"]:
         p = argparse.ArgumentParser(prog="recon3d experiment show", parents=[url_p])
         p.add_argument("experiment_id")
@@ -324,7 +332,7 @@ def experiment_main(argv: list[str] | None = None) -> int:
         args = p.parse_args(argv)
     from serve_app.experiments.results import format_table
 
-    with Recon3DClient(args.url) as c:
+    with Recon3DClient(args.url, api_key=args.api_key) as c:
         try:
             if argv[:1] == ["show"]:
                 if args.csv:

@@ -12,7 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from deployments import constants as DC
 
+from .auth import AuthSettings
 from .experiments.settings import BatchSettings, ExperimentsSettings
+from .webhooks import WebhookSettings
 
 #: Models the API knows. A known model that this app does not serve answers 503 MODEL_UNAVAILABLE.
 KNOWN_MODELS: tuple[str, ...] = ("fusion", "nvdiffrec")
@@ -158,6 +160,12 @@ class AppArgs(BaseModel):
     batches: BatchSettings = Field(default_factory=BatchSettings, description="Many bundles per request.")
     ingress_resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources of the ingress replica (pin it to a node group)."
+    )
+    webhooks: WebhookSettings = Field(
+        default_factory=WebhookSettings, description="Webhook address checks, deadline, size cap (webhooks.py)."
+    )
+    auth: AuthSettings = Field(
+        default_factory=AuthSettings, description="API keys (serve_app/auth.py); none = keyless on loopback only."
     )
     drain_timeout_s: float = Field(
         DC.DRAIN_TIMEOUT_S,

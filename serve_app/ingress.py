@@ -34,6 +34,16 @@ from pipeline.config import get_preset
 from pipeline.errors import InputTooLargeError, InvalidInputError, UnsupportedMediaError
 
 from . import errors as E
+from .auth import (
+    AuthMiddleware,
+    bearer_key,
+    can_access,
+    check_bind,
+    load_keys,
+    principal_of,
+    serve_http_host,
+    webhook_secret,
+)
 from .batches import router as batches_router
 from .batches import start_batches
 from .config import KNOWN_MODELS, AppArgs
@@ -58,6 +68,7 @@ from .middleware import add_exception_handling
 from .scheduler import JobScheduler, model_deployment_name
 from .schemas import CancelAccepted, CancelRequest, ErrorBody, JobAccepted, JobList, JobView, job_view, links_for
 from .store import iter_file, make_store
+from .webhooks import check_webhook_url
 
 #: Seconds the confirm token of a two-step cancel stays valid.
 CANCEL_CONFIRM_TTL_S = 300.0
@@ -85,6 +96,11 @@ add_exception_handling(app)
 
 # A running byte count over every request body (chunked ones too): 413 past max_upload_bytes.
 app.add_middleware(BodyLimitMiddleware, limit_of=lambda scope: getattr(app.state, "max_upload_bytes", None))
+# Outermost: a request without a valid key is answered 401 before its body is read.
+app.add_middleware(
+    AuthMiddleware,
+    state_of=lambda: (getattr(app.state, "api_keys", None), getattr(app.state, "open_paths", [])),
+)
 app.include_router(experiments_router)
 app.include_router(batches_router)
 
@@ -183,6 +199,10 @@ class Ingress:
     async def __init__(self, args: dict, model_handles: dict):
         self.args = AppArgs.model_validate(args)
         configure_json_logging()
+        keys = load_keys(self.args.auth)
+        check_bind(await asyncio.to_thread(serve_http_host), keys)  # no keys: loopback only, or refuse
+        app.state.api_keys = keys
+        app.state.open_paths = list(self.args.auth.open_paths)
         app.state.max_upload_bytes = self.args.max_upload_bytes
         self.store = make_store(self.args.store)
         self.book = JobBook(self.store)
@@ -195,9 +215,9 @@ class Ingress:
 
     # ------------------------------------------------------------ helpers
 
-    def _job(self, job_id: str) -> JobRecord:
+    def _job(self, job_id: str, request: Request) -> JobRecord:
         rec = self.book.get(job_id) if _JOB_ID_RE.match(job_id) else None
-        if rec is None:
+        if rec is None or not can_access(principal_of(request), rec.owner):  # another key's job is unknown
             raise E.JobNotFoundError(f"no job {job_id!r}", details={"job_id": job_id})
         return rec
 
@@ -250,8 +270,11 @@ class Ingress:
         preset = preset or self.args.default_preset
         get_preset(preset)  # UNKNOWN_PRESET (422) lists the valid names
         checked_overrides = validate_overrides(parse_overrides_json(overrides))  # INVALID_OVERRIDES (422)
-        if webhook_url is not None and not re.match(r"^https?://[^\s/]+", webhook_url):
-            raise E.InvalidRequestError("webhook_url must be an http(s) URL", details={"field": "webhook_url"})
+        webhook = None
+        if webhook_url is not None:  # 422 for a bad URL or an address inside the network (SSRF)
+            await check_webhook_url(webhook_url, self.args.webhooks)
+            key = bearer_key(request) if app.state.api_keys else None
+            webhook = WebhookState(url=webhook_url, secret=webhook_secret(key) if key else None)
         queued = self.scheduler.queued_count()
         if queued >= self.args.max_queued_jobs:
             raise E.QueueFullError(
@@ -313,10 +336,11 @@ class Ingress:
             models=models,
             preset=preset,
             runs={m: ModelRun() for m in models},
-            webhook=WebhookState(url=webhook_url) if webhook_url else None,
+            webhook=webhook,
             upload_bytes=len(data),
             overrides=checked_overrides,
             request_id=rid,
+            owner=principal_of(request).name,
         )
         await asyncio.to_thread(self.store.put, input_key(job_id), data)
         await self.scheduler.submit(rec)
@@ -331,13 +355,15 @@ class Ingress:
     @app.get("/jobs", response_model=JobList)
     async def list_jobs(
         self,
+        request: Request,
         status: str | None = Query(None, description="queued, running, succeeded, failed or canceled."),
         limit: int = Query(50, ge=1, le=MAX_PAGE),
         offset: int = Query(0, ge=0),
     ):
         if status is not None and status not in {"queued", "running", *TERMINAL}:
             raise E.InvalidRequestError(f"unknown status filter {status!r}", details={"field": "status"})
-        recs = self.book.list(status)
+        who = principal_of(request)
+        recs = [r for r in self.book.list(status) if can_access(who, r.owner)]
         page = recs[offset : offset + limit]
         nxt = offset + limit if offset + limit < len(recs) else None
         return JobList(
@@ -345,13 +371,13 @@ class Ingress:
         )
 
     @app.get("/jobs/{job_id}", response_model=JobView, responses=_ERRORS)
-    async def get_job(self, job_id: str):
-        return self._view(self._job(job_id))
+    async def get_job(self, request: Request, job_id: str):
+        return self._view(self._job(job_id, request))
 
     @app.get("/jobs/{job_id}/events", responses=_ERRORS)
-    async def job_events(self, job_id: str):
+    async def job_events(self, request: Request, job_id: str):
         """Server-Sent Events: `progress` on every change, then one `end` with the full job at a terminal state."""
-        self._job(job_id)
+        self._job(job_id, request)
 
         async def stream():
             last = None
@@ -388,8 +414,8 @@ class Ingress:
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.get("/jobs/{job_id}/download", responses={200: {"content": {"application/zip": {}}}, **_ERRORS})
-    async def download(self, job_id: str):
-        rec = self._job(job_id)
+    async def download(self, request: Request, job_id: str):
+        rec = self._job(job_id, request)
         self._artifacts_available(rec)
         path = await asyncio.to_thread(_zip_artifacts, self.store, rec)
         return StreamingResponse(
@@ -401,9 +427,13 @@ class Ingress:
 
     @app.get("/jobs/{job_id}/files/{path:path}", responses=_ERRORS)
     async def get_file(
-        self, job_id: str, path: str, redirect: bool = Query(False, description="307 to a presigned URL (S3).")
+        self,
+        request: Request,
+        job_id: str,
+        path: str,
+        redirect: bool = Query(False, description="307 to a presigned URL (S3)."),
     ):
-        rec = self._job(job_id)
+        rec = self._job(job_id, request)
         norm = posixpath.normpath(path) if path else ""
         if not path or "\\" in path or path.startswith("/") or norm != path or ".." in path.split("/"):
             raise E.InvalidPathError(f"file path {path!r} is not a plain relative path", details={"path": path})
@@ -427,9 +457,9 @@ class Ingress:
         return StreamingResponse(self.store.iter_bytes(key), media_type=media, headers={"Content-Length": str(size)})
 
     @app.post("/jobs/{job_id}/cancel", status_code=202, response_model=CancelAccepted, responses=_ERRORS)
-    async def cancel_job(self, job_id: str, body: CancelRequest | None = Body(None)):
+    async def cancel_job(self, request: Request, job_id: str, body: CancelRequest | None = Body(None)):
         """Two steps: the first call answers 409 CANCEL_CONFIRMATION_REQUIRED with a token; repeat with {"confirm": true}."""
-        rec = self._job(job_id)
+        rec = self._job(job_id, request)
         if rec.terminal:
             raise E.JobFinishedError(f"job {job_id} is already {rec.status}", details={"status": rec.status})
         body = body or CancelRequest()
@@ -454,8 +484,8 @@ class Ingress:
         )
 
     @app.delete("/jobs/{job_id}", status_code=204, responses=_ERRORS)
-    async def delete_job(self, job_id: str):
-        rec = self._job(job_id)
+    async def delete_job(self, request: Request, job_id: str):
+        rec = self._job(job_id, request)
         if not rec.terminal:
             raise E.JobNotReadyError(
                 f"job {job_id} is {rec.status}; cancel it first (POST /jobs/{job_id}/cancel)",

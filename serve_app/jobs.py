@@ -86,6 +86,9 @@ class ModelRun(BaseModel):
 
 class WebhookState(BaseModel):
     url: str
+    secret: str | None = Field(
+        None, description="HMAC secret of the signature (derived from the submitting key); None = the service's."
+    )
     delivered: bool = False
     attempts: int = 0
     last_error: str | None = None
@@ -114,6 +117,7 @@ class JobRecord(BaseModel):
     expired: bool = False
     upload_bytes: int = 0
     request_id: str | None = None
+    owner: str | None = Field(None, description="Name of the API key that submitted the job (serve_app/auth.py).")
     overrides: dict = Field(
         default_factory=dict, description="Config parameters over the preset (serve_app.experiments.overrides)."
     )

@@ -31,11 +31,13 @@ REQUEST_ID_HEADER = "x-request-id"
 #: Code -> HTTP status. Codes not listed fall back by class: InvalidInputError -> 422, else 500.
 STATUS_BY_CODE: dict[str, int] = {
     "INVALID_REQUEST": 422,
+    "WEBHOOK_URL_REFUSED": 422,
     "MALFORMED_REQUEST": 400,
     "MALFORMED_INPUT": 422,
     "INPUT_TOO_LARGE": 413,
     "UNSUPPORTED_MEDIA_TYPE": 415,
     "INVALID_PATH": 400,
+    "UNAUTHORIZED": 401,
     "JOB_NOT_FOUND": 404,
     "FILE_NOT_FOUND": 404,
     "NOT_FOUND": 404,

@@ -54,6 +54,7 @@ from .jobs import (
 )
 from .logging import job_logger
 from .store import Store
+from .webhooks import WebhookRefusedError, deliver, service_secret
 
 logger = logging.getLogger("recon3d.scheduler")
 
@@ -568,20 +569,26 @@ class JobScheduler:
             "links": {"self": f"/jobs/{rec.job_id}", "download": f"/jobs/{rec.job_id}/download"},
         }
         delay = self.args.webhook_backoff_s
-        async with httpx.AsyncClient(timeout=DC.WEBHOOK_TIMEOUT_S) as client:
-            while wh.attempts < self.args.webhook_attempts and not wh.delivered:
-                wh.attempts += 1
-                try:
-                    r = await client.post(wh.url, json=body, headers={"x-recon3d-event": "job." + rec.status})
-                    if r.status_code < 300:
-                        wh.delivered = True
-                        wh.last_error = None
-                        break
-                    wh.last_error = f"HTTP {r.status_code}"
-                except httpx.HTTPError as e:
-                    wh.last_error = f"{type(e).__name__}: {e}"
-                await asyncio.sleep(delay)
-                delay *= 2
+        raw = json.dumps(body, separators=(",", ":")).encode()  # signed exactly as sent
+        secret = wh.secret or await asyncio.to_thread(service_secret, self.args.webhooks, self.store)
+        while wh.attempts < self.args.webhook_attempts and not wh.delivered:
+            wh.attempts += 1
+            try:
+                status = await deliver(
+                    wh.url, raw, {"x-recon3d-event": "job." + rec.status}, secret, self.args.webhooks
+                )
+                if status < 300:
+                    wh.delivered = True
+                    wh.last_error = None
+                    break
+                wh.last_error = f"HTTP {status}"
+            except WebhookRefusedError as e:  # the name now resolves inside the network: never retried
+                wh.last_error = e.message
+                break
+            except (httpx.HTTPError, TimeoutError, OSError) as e:
+                wh.last_error = f"{type(e).__name__}: {e}"
+            await asyncio.sleep(delay)
+            delay *= 2
         job_logger(rec.job_id).info("webhook", extra={"status": "delivered" if wh.delivered else "undelivered"})
         if rec.job_id in self.book.jobs:
             await self.book.save(rec)

@@ -51,6 +51,7 @@ def app_args(store_dir: Path) -> dict:
         "fanout_num_cpus": 0.5,
         "preview_views": 2,
         "webhook_backoff_s": 0.2,
+        "webhooks": {"allow_hosts": ["127.0.0.1"]},  # the test receiver listens on loopback
         "ingress_num_cpus": 0,
     }
 

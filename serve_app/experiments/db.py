@@ -136,9 +136,9 @@ class ExperimentsDB:
             try:
                 cur.execute(
                     "INSERT INTO experiments (experiment_id, name, description, status, spec_json, bundle_key,"
-                    " git_commit, created_at) VALUES (:experiment_id, :name, :description, :status, :spec_json,"
-                    " :bundle_key, :git_commit, :created_at)",
-                    exp,
+                    " git_commit, created_at, owner) VALUES (:experiment_id, :name, :description, :status,"
+                    " :spec_json, :bundle_key, :git_commit, :created_at, :owner)",
+                    {"owner": None, **exp},
                 )
                 cur.executemany(
                     "INSERT INTO runs (experiment_id, run_index, slug, dataset, model, preset, overrides_json,"
@@ -186,11 +186,18 @@ class ExperimentsDB:
             row = self._conn.execute("SELECT * FROM experiments WHERE experiment_id = ?", (experiment_id,)).fetchone()
         return dict(row) if row is not None else None
 
-    def experiments(self, limit: int = 50, offset: int = 0) -> list[dict]:
+    def experiments(self, limit: int = 50, offset: int = 0, *, owner: str | None = None) -> list[dict]:
+        """Newest first; ``owner`` keeps only that key's experiments (None: all of them)."""
         with self._lock:
-            rows = self._conn.execute(
-                "SELECT * FROM experiments ORDER BY created_at DESC LIMIT ? OFFSET ?", (limit, offset)
-            ).fetchall()
+            if owner is None:
+                rows = self._conn.execute(
+                    "SELECT * FROM experiments ORDER BY created_at DESC LIMIT ? OFFSET ?", (limit, offset)
+                ).fetchall()
+            else:
+                rows = self._conn.execute(
+                    "SELECT * FROM experiments WHERE owner = ? ORDER BY created_at DESC LIMIT ? OFFSET ?",
+                    (owner, limit, offset),
+                ).fetchall()
         return [dict(r) for r in rows]
 
     def runs(self, experiment_id: str) -> list[dict]:

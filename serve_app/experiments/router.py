@@ -24,6 +24,7 @@ from starlette.background import BackgroundTask
 from pipeline.errors import UnsupportedMediaError
 
 from .. import errors as E
+from ..auth import principal_of
 from ..config import KNOWN_MODELS
 from ..schemas import ErrorBody
 from ..store import STREAM_CHUNK_BYTES
@@ -126,15 +127,16 @@ async def submit_experiment(request: Request):
         max_runs=svc.settings.max_runs,
         has_upload=upload is not None,
     )
-    body = await svc.submit(spec, upload)
+    body = await svc.submit(spec, upload, owner=principal_of(request).name)
     body["links"] = _links(body["experiment_id"])
     return JSONResponse(body, status_code=202, headers={"Location": body["links"]["self"]})
 
 
 @router.get("/experiments")
-async def list_experiments(limit: int = Query(50, ge=1, le=200), offset: int = Query(0, ge=0)):
+async def list_experiments(request: Request, limit: int = Query(50, ge=1, le=200), offset: int = Query(0, ge=0)):
     svc = _svc()
-    exps = await asyncio.to_thread(svc.db.experiments, limit, offset)
+    who = principal_of(request)
+    exps = await asyncio.to_thread(svc.db.experiments, limit, offset, owner=None if who.admin else who.name)
     items = []
     for exp in exps:
         runs = await asyncio.to_thread(svc.db.runs, exp["experiment_id"])
@@ -155,7 +157,7 @@ async def compare_experiments(
         raise E.InvalidRequestError(f"ids must name 1 to {MAX_COMPARE} experiments", details={"field": "ids"})
     rows, summaries = [], []
     for experiment_id in names:
-        exp, runs = await svc.experiment(experiment_id)
+        exp, runs = await svc.experiment(experiment_id, principal_of(request))
         table = table_rows(runs)
         rows += table
         done = [r for r in table if r["psnr"] is not None]
@@ -179,7 +181,7 @@ async def get_experiment(
     request: Request, experiment_id: str, format: str | None = Query(None, description="json or csv.")
 ):
     svc = _svc()
-    exp, runs = await svc.experiment(experiment_id)
+    exp, runs = await svc.experiment(experiment_id, principal_of(request))
     rows = table_rows(runs)
     if _wants_csv(request, format):
         return PlainTextResponse(
@@ -191,9 +193,9 @@ async def get_experiment(
 
 
 @router.get("/experiments/{experiment_id}/plot.png", responses={200: {"content": {"image/png": {}}}, **_ERRORS})
-async def experiment_plot(experiment_id: str):
+async def experiment_plot(request: Request, experiment_id: str):
     svc = _svc()
-    exp, runs = await svc.experiment(experiment_id)
+    exp, runs = await svc.experiment(experiment_id, principal_of(request))
     png = await asyncio.to_thread(
         plot_png, table_rows(runs), title=f"{exp['name']} ({experiment_id}): PSNR vs model time"
     )
@@ -219,9 +221,9 @@ def _iter_file(path: str):
 
 
 @router.get("/experiments/{experiment_id}/download", responses={200: {"content": {"application/zip": {}}}, **_ERRORS})
-async def download_experiment(experiment_id: str):
+async def download_experiment(request: Request, experiment_id: str):
     svc = _svc()
-    exp, runs = await svc.experiment(experiment_id)
+    exp, runs = await svc.experiment(experiment_id, principal_of(request))
     path = await asyncio.to_thread(_zip_experiment, svc, exp, table_rows(runs))
     return StreamingResponse(
         _iter_file(path),

@@ -31,6 +31,7 @@ from pipeline.bundle import load_bundle
 from pipeline.errors import ReconError
 
 from .. import errors as E
+from ..auth import Principal, can_access
 from ..jobs import TERMINAL, JobRecord, ModelRun, artifacts_prefix, input_key, new_job_id
 from ..store import Store
 from .db import SNAPSHOT_KEY, ExperimentsDB, dumps, restore_snapshot
@@ -105,7 +106,9 @@ def default_db_path(args) -> Path:
     return Path(tempfile.gettempdir()) / "recon3d" / "experiments.sqlite"
 
 
-async def enqueue_job(ingress, data: bytes, *, model: str, preset: str, overrides: dict | None = None) -> str:
+async def enqueue_job(
+    ingress, data: bytes, *, model: str, preset: str, overrides: dict | None = None, owner: str | None = None
+) -> str:
     """Store ``data`` (a bundle ZIP) as a new job's input and queue it; returns the job id."""
     job_id = new_job_id()
     rec = JobRecord(
@@ -115,6 +118,7 @@ async def enqueue_job(ingress, data: bytes, *, model: str, preset: str, override
         runs={model: ModelRun()},
         upload_bytes=len(data),
         overrides=dict(overrides or {}),
+        owner=owner,
     )
     await asyncio.to_thread(ingress.store.put, input_key(job_id), data)
     await ingress.scheduler.submit(rec)
@@ -185,7 +189,7 @@ class ExperimentService:
 
     # ------------------------------------------------------------ submission
 
-    async def submit(self, spec: ExperimentSpec, upload: bytes | None) -> dict:
+    async def submit(self, spec: ExperimentSpec, upload: bytes | None, owner: str | None = None) -> dict:
         """Validate the bundles, store them, create one job per run and the database rows."""
         ingress = self.ingress
         check_queue_room(ingress, len(spec.runs))
@@ -219,7 +223,7 @@ class ExperimentService:
         rows = []
         for run in spec.runs:
             job_id = await enqueue_job(
-                ingress, inputs[run.dataset], model=run.model, preset=run.preset, overrides=run.overrides
+                ingress, inputs[run.dataset], model=run.model, preset=run.preset, overrides=run.overrides, owner=owner
             )
             rows.append(
                 {
@@ -244,6 +248,7 @@ class ExperimentService:
             "bundle_key": bundle_key,
             "git_commit": self.commit,
             "created_at": now,
+            "owner": owner,
         }
         await asyncio.to_thread(self.db.create_experiment, exp, rows)
         for row in rows:
@@ -399,8 +404,11 @@ class ExperimentService:
 
     # ------------------------------------------------------------ reads
 
-    async def experiment(self, experiment_id: str) -> tuple[dict, list[dict]]:
+    async def experiment(self, experiment_id: str, principal: Principal | None = None) -> tuple[dict, list[dict]]:
+        """The experiment and its runs; another key's experiment is as unknown as a missing one (404)."""
         exp = await asyncio.to_thread(self.db.experiment, experiment_id) if valid_experiment_id(experiment_id) else None
+        if exp is not None and principal is not None and not can_access(principal, exp.get("owner")):
+            exp = None
         if exp is None:
             raise ExperimentNotFoundError(f"no experiment {experiment_id!r}", details={"experiment_id": experiment_id})
         return exp, await asyncio.to_thread(self.db.runs, experiment_id)
