@@ -263,7 +263,7 @@ def _split_rgb(arr: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray | No
 def _depth_channel(arr: np.ndarray) -> np.ndarray:
     """Depth stored as grey, grey+alpha or replicated RGB(A): take the first channel."""
     a = arr if arr.ndim == 2 else arr[..., 0]
-    return a.astype(np.float32)
+    return a.astype(np.float32, copy=False)  # decode_image returns a fresh array: no second copy
 
 
 # ---------------------------------------------------------------- transforms.json

@@ -10,7 +10,6 @@ replica (``num_replicas=1``); every state change is written through to the store
 """
 
 import asyncio
-import io
 import json
 import mimetypes
 import os
@@ -28,10 +27,9 @@ from starlette.background import BackgroundTask
 
 from deployments import constants as DC
 from pipeline import __version__
-from pipeline.archive import check_entries, open_zip, read_member
 from pipeline.bundle import DEPTH_DIR, TRANSFORMS_FILE, VIEWS_DIR, BundleLimits, load_bundle
 from pipeline.config import get_preset
-from pipeline.errors import InputTooLargeError, InvalidInputError, UnsupportedMediaError
+from pipeline.errors import InvalidInputError, UnsupportedMediaError
 
 from . import errors as E
 from .auth import (
@@ -68,6 +66,7 @@ from .middleware import add_exception_handling
 from .scheduler import JobScheduler, model_deployment_name
 from .schemas import CancelAccepted, CancelRequest, ErrorBody, JobAccepted, JobList, JobView, job_view, links_for
 from .store import iter_file, make_store
+from .uploads import UploadBudget, add_member, read_small, spool, temp_path, unlink_quietly
 from .webhooks import check_webhook_url
 
 #: Seconds the confirm token of a two-step cancel stays valid.
@@ -122,22 +121,6 @@ def _check_magic(data: bytes, magics: tuple[bytes, ...], what: str, name: str) -
         raise UnsupportedMediaError(f"{name} is not {what}", details={"file": name, "expected": what})
 
 
-async def _read_upload(f: UploadFile, budget: list[int]) -> bytes:
-    data = await f.read()
-    budget[0] -= len(data)
-    if budget[0] < 0:
-        raise InputTooLargeError("the uploaded files exceed the upload size limit", details={"file": f.filename})
-    return data
-
-
-def _zip_files(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:  # PNG/JPEG are compressed already
-        for k, v in files.items():
-            zf.writestr(k, v)
-    return buf.getvalue()
-
-
 def parse_models(spec: str) -> list[str]:
     """'fusion' or 'fusion,nvdiffrec' -> unique names in order; unknown names raise (422)."""
     names = list(dict.fromkeys(s.strip() for s in (spec or "").split(",") if s.strip()))
@@ -164,29 +147,6 @@ def _zip_artifacts(store, rec: JobRecord) -> str:
 
 def _sse(event: str, data: dict) -> str:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
-
-
-def _add_to_zip(data: bytes, name: str, content: bytes) -> bytes:
-    """Copy a bundle ZIP with ``name`` added (or replaced) next to its multi_views/ folder.
-
-    Every entry is checked (count, names, sizes, ratio) before anything is inflated, and each
-    member inflates through a capped read, so a bomb or a corrupt member is refused here.
-    Defined above the deployment class: ``@serve.ingress`` pickles the routes when the class is
-    defined, and a helper defined below it was missing from their globals (a NameError, a 500).
-    """
-    src, infos = open_zip(data, "bundle")
-    limits = BundleLimits()
-    check_entries(infos, limits.archive())
-    tops = {i.filename.split("/")[0] for i in infos}
-    nested = len(tops) == 1 and all("/" in i.filename for i in infos)
-    target = f"{tops.pop()}/{name}" if nested else name
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as out:
-        for info in infos:
-            if info.filename != target:
-                out.writestr(info, read_member(src, info, limits.max_file_bytes))
-        out.writestr(target, content)
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------- the deployment
@@ -243,6 +203,49 @@ class Ingress:
                 details={"status": rec.status},
             )
 
+    async def _assemble_bundle(self, bundle, views, depth_renders, transforms, temps: list[str]) -> str:
+        """Path of a temporary bundle ZIP built from the upload's parts (each counted against the budget)."""
+        budget = UploadBudget(self.args.max_upload_bytes)
+        cap = BundleLimits().max_file_bytes
+        if bundle is not None:
+            path = await asyncio.to_thread(spool, bundle.file, budget, bundle.filename)
+            temps.append(path)
+            with open(path, "rb") as fh:
+                _check_magic(fh.read(8), _ZIP_MAGIC, "a ZIP archive", bundle.filename or "bundle")
+            if transforms is not None:  # add (or replace) transforms.json at the bundle root
+                tdata = await asyncio.to_thread(read_small, transforms.file, budget, transforms.filename, cap)
+                path = await asyncio.to_thread(add_member, path, TRANSFORMS_FILE, tdata)
+                temps.append(path)
+            return path
+        path = temp_path()
+        temps.append(path)
+        seen: set[str] = set()
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:  # PNG/JPEG are compressed already
+            for field, folder, uploads in (
+                ("views", VIEWS_DIR, views),
+                ("depth_renders", DEPTH_DIR, depth_renders or []),
+            ):
+                for f in uploads:
+                    name = _safe_name(f.filename, field)
+                    content = await asyncio.to_thread(read_small, f.file, budget, name, cap)
+                    _check_magic(content, _IMAGE_MAGIC, "a PNG or JPEG image", name)
+                    key = f"{folder}/{name}"
+                    if key in seen:
+                        raise E.InvalidRequestError(
+                            f"{field} has {name!r} twice", details={"field": field, "file": name}
+                        )
+                    seen.add(key)
+                    await asyncio.to_thread(zf.writestr, key, content)
+                    del content
+            if transforms is not None:
+                tdata = await asyncio.to_thread(read_small, transforms.file, budget, transforms.filename, cap)
+                if not tdata.lstrip()[:1] == b"{":
+                    raise UnsupportedMediaError(
+                        "transforms is not a JSON object", details={"file": transforms.filename}
+                    )
+                await asyncio.to_thread(zf.writestr, TRANSFORMS_FILE, tdata)
+        return path
+
     # ------------------------------------------------------------ jobs
 
     @app.post("/jobs", status_code=202, response_model=JobAccepted, responses=_ERRORS)
@@ -283,66 +286,40 @@ class Ingress:
                 details={"queued": queued},
             )
 
-        budget = [self.args.max_upload_bytes]
         if bundle is not None and (views or depth_renders):
             raise E.InvalidRequestError(
                 "send either `bundle` or `views` + `depth_renders`, not both", details={"field": "bundle"}
             )
-        if bundle is not None:
-            data = await _read_upload(bundle, budget)
-            _check_magic(data, _ZIP_MAGIC, "a ZIP archive", bundle.filename or "bundle")
-            if transforms is not None:  # add (or replace) transforms.json at the bundle root
-                tdata = await _read_upload(transforms, budget)
-                data = await asyncio.to_thread(_add_to_zip, data, TRANSFORMS_FILE, tdata)
-        elif views:
-            files: dict[str, bytes] = {}
-            for field, folder, uploads in (
-                ("views", VIEWS_DIR, views),
-                ("depth_renders", DEPTH_DIR, depth_renders or []),
-            ):
-                for f in uploads:
-                    name = _safe_name(f.filename, field)
-                    content = await _read_upload(f, budget)
-                    _check_magic(content, _IMAGE_MAGIC, "a PNG or JPEG image", name)
-                    key = f"{folder}/{name}"
-                    if key in files:
-                        raise E.InvalidRequestError(
-                            f"{field} has {name!r} twice", details={"field": field, "file": name}
-                        )
-                    files[key] = content
-            if transforms is not None:
-                tdata = await _read_upload(transforms, budget)
-                if not tdata.lstrip()[:1] == b"{":
-                    raise UnsupportedMediaError(
-                        "transforms is not a JSON object", details={"file": transforms.filename}
-                    )
-                files[TRANSFORMS_FILE] = tdata
-            data = await asyncio.to_thread(_zip_files, files)
-        else:
+        if bundle is None and not views:
             raise E.InvalidRequestError(
                 "no input: send `views` + `depth_renders` files, or one `bundle` ZIP", details={"field": "views"}
             )
-        if self.args.validate_pixels:
-            fs = await asyncio.to_thread(load_bundle, data)
-            n_views = len(fs.views)
-            del fs
-        else:
-            n_views = None
+        temps: list[str] = []  # the bundle is assembled on disk (serve_app/uploads.py), never whole in memory
+        try:
+            path = await self._assemble_bundle(bundle, views, depth_renders, transforms, temps)
+            if self.args.validate_pixels:
+                fs = await asyncio.to_thread(load_bundle, path)
+                n_views = len(fs.views)
+                del fs
+            else:
+                n_views = None
 
-        rid = getattr(request.state, "request_id", None)
-        job_id = new_job_id()
-        rec = JobRecord(
-            job_id=job_id,
-            models=models,
-            preset=preset,
-            runs={m: ModelRun() for m in models},
-            webhook=webhook,
-            upload_bytes=len(data),
-            overrides=checked_overrides,
-            request_id=rid,
-            owner=principal_of(request).name,
-        )
-        await asyncio.to_thread(self.store.put, input_key(job_id), data)
+            rid = getattr(request.state, "request_id", None)
+            job_id = new_job_id()
+            rec = JobRecord(
+                job_id=job_id,
+                models=models,
+                preset=preset,
+                runs={m: ModelRun() for m in models},
+                webhook=webhook,
+                upload_bytes=os.path.getsize(path),
+                overrides=checked_overrides,
+                request_id=rid,
+                owner=principal_of(request).name,
+            )
+            await asyncio.to_thread(self.store.put_file, input_key(job_id), path)
+        finally:
+            unlink_quietly(*temps)
         await self.scheduler.submit(rec)
         self.metrics.submitted.inc()
         job_logger(job_id).info(

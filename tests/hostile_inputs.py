@@ -108,3 +108,26 @@ def many_frames_one_png(frames: int = 24, size: int = 2048) -> bytes:
     return make_zip(
         {"img/a.png": png(size, size), "depth/a.png": png(size, size, "L", 200), TRANSFORMS: json.dumps(t).encode()}
     )
+
+
+def png16(width: int, height: int, value: int = 40000) -> bytes:
+    """A 16-bit grey PNG (decodes to float32 depth: the most bytes per pixel the reader keeps)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((height, width), value, np.uint16)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def largest_allowed_bundle(pixel_budget: int, size: int = 2048) -> bytes:
+    """The posed bundle closest under ``pixel_budget`` decoded pixels: frames of an RGB photo and a
+    16-bit depth render, every frame naming the same two small-on-disk files."""
+    per_frame = 2 * size * size
+    frames = pixel_budget // per_frame
+    eye = [[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 2.5], [0, 0, 0, 1.0]]
+    t = {
+        "camera_angle_x": 0.9,
+        "frames": [
+            {"file_path": "img/a.png", "depth_path": "depth/a.png", "transform_matrix": eye} for _ in range(frames)
+        ],
+    }
+    files = {"img/a.png": png(size, size), "depth/a.png": png16(size, size), TRANSFORMS: json.dumps(t).encode()}
+    return make_zip(files)

@@ -26,6 +26,8 @@ from pipeline.synthetic import write_bundle  # noqa: E402
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
 MAX_UPLOAD = 4 * 1024 * 1024
+#: Largest rise of the ingress's resident memory while it takes the worst allowed request (docs/API.md).
+MEMORY_BOUND_BYTES = 640 * 2**20
 #: Seconds any hostile request may take (the slowest decode a limit allows is well under it).
 REQUEST_DEADLINE_S = 30.0
 
@@ -440,3 +442,58 @@ def test_fuzzed_bundles_never_500(client, bundle):
             continue
         code = r.json()["error"]["code"]
         assert code in DOCUMENTED and DOCUMENTED[code] == r.status_code, r.text[:300]
+
+
+# ---------------------------------------------------------------- memory of the worst allowed request
+
+
+def _ingress_process():
+    """The ingress replica among this test's own Ray processes (the local Ray is a child of pytest)."""
+    import psutil
+
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "ServeReplica:recon3d:ingress" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:
+            continue
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _peak_rss_during(proc, call) -> tuple[int, int, object]:
+    """(RSS before, peak RSS while ``call()`` runs, its result), sampled every 10 ms."""
+    import threading
+
+    base = proc.memory_info().rss
+    peak = [base]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.01)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        result = call()
+    finally:
+        done.set()
+        t.join()
+    return base, peak[0], result
+
+
+def test_worst_allowed_request_memory(client):
+    """The largest bundle the limits accept (decoded pixels just under the budget) raises the ingress's
+    resident memory by less than MEMORY_BOUND_BYTES (docs/API.md states the measured number)."""
+    from pipeline.constants import MAX_TOTAL_PIXELS
+
+    proc = _ingress_process()
+    data = H.largest_allowed_bundle(MAX_TOTAL_PIXELS, size=4096)  # 3 frames: exactly the budget, the largest images
+    assert len(data) < MAX_UPLOAD
+    base, peak, r = _peak_rss_during(proc, lambda: post_bundle(client, data))
+    assert r.status_code == 202, r.text
+    print(f"\ningress RSS {base / 2**20:.0f} MiB -> peak {peak / 2**20:.0f} MiB (+{(peak - base) / 2**20:.0f} MiB)")
+    assert peak - base < MEMORY_BOUND_BYTES
