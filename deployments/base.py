@@ -156,6 +156,8 @@ class ModelServer:
 
     def __init__(self, cfg: ModelDeploymentConfig, *, runner: Runner | None = None):
         self.cfg = cfg
+        #: Compute slots (created on the replica's event loop at the first request).
+        self._compute_slots: asyncio.Semaphore | None = None
         self.store = make_store(cfg.store)
         self.runner = runner or resolve_runner(cfg.model.runner)
         self.device = cfg.model.device
@@ -206,7 +208,17 @@ class ModelServer:
                 events.put_nowait, {"type": "progress", "stage": stage, "fraction": float(fraction)}
             )
 
-        work = asyncio.ensure_future(asyncio.to_thread(self._run_sync, req, progress, cancel))
+        # One compute slot per ongoing request, held until the worker THREAD ends, not the request:
+        # Serve frees a canceled request at once, while its thread computes on to its next checkpoint.
+        if self._compute_slots is None:
+            self._compute_slots = asyncio.Semaphore(self.cfg.model.max_ongoing_requests)
+        await self._compute_slots.acquire()
+        try:
+            work = asyncio.ensure_future(asyncio.to_thread(self._run_sync, req, progress, cancel))
+        except BaseException:
+            self._compute_slots.release()
+            raise
+        work.add_done_callback(lambda _: self._compute_slots.release())
         try:
             # First event at once: the caller learns a replica took the job (it may have waited for a scale-up).
             yield {"type": "progress", "stage": "started", "fraction": 0.0}
@@ -223,6 +235,7 @@ class ModelServer:
             yield work.result()
         finally:
             # The caller went away (or Serve canceled the request): stop the thread at its next checkpoint.
+            # The next request of this replica waits for the compute slot, i.e. for this thread to end.
             cancel.stop.set()
 
     async def info(self) -> dict:

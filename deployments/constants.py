@@ -28,6 +28,9 @@ CANCEL_POLL_INTERVAL_S = 0.5
 PROGRESS_PERSIST_INTERVAL_S = 2.0
 #: Seconds a canceled or timed-out run may take to reach its next cancel checkpoint before the job is closed anyway.
 CANCEL_GRACE_S = 60.0
+#: Seconds the scheduler waits for a canceled run's model to stop before it cancels the handle call
+#: and ends the run as canceled (a cancel reaches a terminal state within this, well under 30 s).
+CANCEL_STOP_S = 20.0
 #: Seconds between Server-Sent Events keep-alive comments.
 SSE_KEEPALIVE_S = 15.0
 #: Seconds one webhook delivery may take.

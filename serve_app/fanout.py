@@ -13,6 +13,7 @@ put in the object store once and shared by all tasks).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -140,8 +141,27 @@ def _error_text(e: BaseException) -> str:
     return str(cause if cause is not None else e).strip().splitlines()[-1][:500]
 
 
-async def run_fanout(
+async def run_fanout(**kw) -> FanoutResult:
+    """Metrics per view and previews in parallel, then quality.json (see :func:`_fanout`).
+
+    When the caller is canceled (the job was canceled or timed out), every task it started is
+    ``ray.cancel``-ed, so no fan-out keeps computing for a job that has ended.
+    """
+    refs: list = []
+    try:
+        return await _fanout(refs=refs, **kw)
+    except asyncio.CancelledError:
+        for ref in refs:
+            try:
+                ray.cancel(ref, recursive=True)
+            except Exception:  # already finished, or freed
+                pass
+        raise
+
+
+async def _fanout(
     *,
+    refs: list,
     job_id: str,
     store: Store,
     input_key: str,
@@ -160,6 +180,7 @@ async def run_fanout(
         frames, names_ref = prepare_frames_task.options(name=f"{job_id}:prepare_frames", **opts).remote(
             store, input_key, preset, result.get("cameras")
         )
+        refs += [mesh, frames, names_ref]
         names: list[str] = await names_ref
     except Exception as e:
         out.error = {
@@ -178,6 +199,7 @@ async def run_fanout(
         for i in range(n_previews)
     ]
     preview_refs.append(turntable_task.options(name=f"{job_id}:turntable", **opts).remote(mesh, store, prefix))
+    refs += [*metric_refs.values(), *preview_refs]
 
     per_view: list[dict] = []
     failed: list[dict] = []
@@ -194,6 +216,7 @@ async def run_fanout(
     quality_ref = quality_task.options(name=f"{job_id}:quality", **opts).remote(
         per_view, failed, mesh, frames, result, store, prefix
     )
+    refs += [*tail, quality_ref]
     for ref in [*preview_refs, *tail]:
         try:
             out.files.extend(await ref)

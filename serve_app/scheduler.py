@@ -100,6 +100,10 @@ class JobScheduler:
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
         self._running: dict[tuple[str, str], asyncio.Task] = {}
+        #: (job, model) -> the timeout of the run's handle call (a cancel shortens it to CANCEL_STOP_S).
+        self._deadlines: dict[tuple[str, str], asyncio.Timeout] = {}
+        #: (job, model) -> the run's fan-out (a cancel cancels it, which ray.cancel()s its tasks).
+        self._fanouts: dict[tuple[str, str], asyncio.Future] = {}
         self.recovered = False
         self.owner_id = uuid.uuid4().hex
         self.draining = False
@@ -322,6 +326,16 @@ class JobScheduler:
                 run.error = ErrorInfo(code=E.CANCELED, message="canceled before it started")
         if any(r.status == "running" for r in rec.runs.values()):
             await asyncio.to_thread(self.store.put, cancel_key(rec.job_id), b"canceled")
+            loop = asyncio.get_running_loop()
+            for m in rec.models:
+                # The model stops at its next checkpoint (seconds); past CANCEL_STOP_S the scheduler
+                # stops waiting, cancels the handle call and ends the run as canceled.
+                cm = self._deadlines.get((rec.job_id, m))
+                if cm is not None and (cm.when() is None or cm.when() > loop.time() + DC.CANCEL_STOP_S):
+                    cm.reschedule(loop.time() + DC.CANCEL_STOP_S)
+                fan = self._fanouts.get((rec.job_id, m))
+                if fan is not None:
+                    fan.cancel()  # ray.cancel()s its tasks (serve_app/fanout.py)
         rec.refresh_summary()
         if rec.terminal:
             await self._finish(rec)
@@ -414,7 +428,8 @@ class JobScheduler:
         final: dict | None = None
         gen = self.handles[model].options(stream=True).run.remote(req.to_dict())
         try:
-            async with asyncio.timeout(self.args.job_timeout_s + DC.CANCEL_GRACE_S):
+            async with asyncio.timeout(self.args.job_timeout_s + DC.CANCEL_GRACE_S) as deadline:
+                self._deadlines[(rec.job_id, model)] = deadline
                 async for ev in gen:
                     if ev.get("type") == "progress":
                         run.stage = ev["stage"]
@@ -429,6 +444,11 @@ class JobScheduler:
                 "type": "error",
                 "error": {"code": E.JOB_TIMEOUT, "message": "the model did not stop at its deadline"},
             }
+            if rec.cancel_requested:
+                final["error"] = {
+                    "code": E.CANCELED,
+                    "message": f"canceled; the model did not stop within {DC.CANCEL_STOP_S:g} s, its call was canceled",
+                }
         except asyncio.CancelledError:
             # Drain (redeploy): stop the model at its next cancel checkpoint and leave the job queued.
             gen.cancel()
@@ -456,6 +476,9 @@ class JobScheduler:
                 "error": {"code": "MODEL_FAILED", "message": f"the model replica failed: {type(e).__name__}"},
             }
 
+        finally:
+            self._deadlines.pop((rec.job_id, model), None)
+
         if final is None:
             final = {"type": "error", "error": {"code": "MODEL_FAILED", "message": "the model returned no result"}}
         if final["type"] == "error":
@@ -473,7 +496,17 @@ class JobScheduler:
                 run.quality = result["quality"]
             run.progress = max(run.progress, 100.0 * share)
             if self.args.fanout and not rec.cancel_requested:
-                await self._fanout(rec, model, result)
+                fan = asyncio.ensure_future(self._fanout(rec, model, result))
+                self._fanouts[(rec.job_id, model)] = fan
+                try:
+                    await fan
+                except asyncio.CancelledError:
+                    if asyncio.current_task().cancelling() or not rec.cancel_requested:
+                        raise  # a drain, not this job's cancel
+                    run.status = "canceled"
+                    run.error = ErrorInfo(code=E.CANCELED, message="canceled during metrics and previews")
+                finally:
+                    self._fanouts.pop((rec.job_id, model), None)
             elif rec.cancel_requested:
                 run.status = "canceled"
             if run.status == "running":

@@ -497,3 +497,37 @@ def test_worst_allowed_request_memory(client):
     assert r.status_code == 202, r.text
     print(f"\ningress RSS {base / 2**20:.0f} MiB -> peak {peak / 2**20:.0f} MiB (+{(peak - base) / 2**20:.0f} MiB)")
     assert peak - base < MEMORY_BOUND_BYTES
+
+
+# ---------------------------------------------------------------- cancel ends the job, the replica stays serial
+
+
+def test_cancel_of_a_stuck_model_is_terminal_within_30s_and_the_replica_takes_the_next_job(client, bundle):
+    """A model between checkpoints (25 s without looking at the flag): the cancel still ends the job
+    as canceled within CANCEL_STOP_S (< 30 s), and the next job runs once the stuck thread stopped."""
+    from test_service_runners import STUBBORN_S, with_behaviour
+
+    r = post_bundle(client, with_behaviour(bundle, "stubborn"))
+    assert r.status_code == 202, r.text
+    stuck = r.json()["job_id"]
+    deadline = time.monotonic() + 60
+    while client.get(f"/jobs/{stuck}").json()["stage"] != "reconstruct_geometry":
+        assert time.monotonic() < deadline, "the stubborn job never started"
+        time.sleep(0.2)
+    started = time.monotonic()
+    token = client.post(f"/jobs/{stuck}/cancel").json()["error"]["details"]["confirm_token"]
+    assert client.post(f"/jobs/{stuck}/cancel", json={"confirm": True, "token": token}).status_code == 202
+    t_cancel = time.monotonic()
+    while (job := client.get(f"/jobs/{stuck}").json())["status"] != "canceled":
+        assert time.monotonic() - t_cancel < 30, job
+        time.sleep(0.2)
+    assert job["models"]["fusion"]["error"]["code"] == "CANCELED"
+
+    nxt = post_bundle(client, bundle).json()["job_id"]
+    while (job := client.get(f"/jobs/{nxt}").json())["status"] not in ("succeeded", "failed", "canceled"):
+        assert time.monotonic() - t_cancel < 90, job
+        time.sleep(0.2)
+    assert job["status"] == "succeeded", job
+    # The next job ran only after the stuck thread reached its end (~STUBBORN_S after it started):
+    # the replica held its slot instead of computing two jobs at once.
+    assert time.monotonic() - started >= STUBBORN_S - 2

@@ -8,6 +8,8 @@ Imported by Ray workers (tests/ is on their PYTHONPATH), so it stays free of pyt
 * ``quick``   — (default) writes the ground-truth box (vertex colours), in ~0.5 s;
 * ``slow``    — like quick after ~40 s of cancellable "work" (for cancel/restart tests);
 * ``hang``    — cancellable work for 120 s (for the job timeout);
+* ``stubborn`` — 25 s of work that never looks at the cancel flag, then quick (a model stuck
+  between checkpoints: the scheduler must end a cancel without it, the replica must wait for it);
 * ``fail``    — raises ReconstructionFailedError (MODEL_FAILED);
 * ``oom``     — raises MemoryError (MODEL_OOM);
 * ``badmesh`` — writes a small sphere far from the object (quality.json status failure).
@@ -30,6 +32,8 @@ from pipeline.mesh import TexturedMesh
 from pipeline.synthetic import checker_texture, make_shape
 
 BEHAVIOUR_FILE = "behaviour.txt"
+#: Seconds the ``stubborn`` behaviour works without a cancel checkpoint.
+STUBBORN_S = 25.0
 
 
 def with_behaviour(zip_bytes: bytes, behaviour: str) -> bytes:
@@ -89,6 +93,8 @@ def behaviour_runner(src, out_dir, *, model="fusion", preset="fast", progress=No
         raise ReconstructionFailedError("fusion produced no surface", details={"stage": "reconstruct_geometry"})
     if b == "oom":
         raise MemoryError("cannot allocate 12 GiB for the TSDF volume")
+    if b == "stubborn":
+        _work(STUBBORN_S, progress, None)
     _work({"slow": 40.0, "hang": 120.0}.get(b, 0.3), progress, should_cancel)
     mesh = make_shape("box")
     if b == "badmesh":
