@@ -18,6 +18,8 @@ MAX_QUEUED_JOBS = 100
 JOB_TIMEOUT_S = 3600.0
 #: Seconds artifacts are kept after a job reaches a terminal state (then 410 JOB_EXPIRED).
 ARTIFACT_TTL_S = 7 * 24 * 3600.0
+#: Seconds a job record outlives its expired artifacts (serve_app/retention.py).
+RECORD_TTL_S = 30 * 24 * 3600.0
 #: Seconds between sweeps for expired artifacts.
 SWEEP_INTERVAL_S = 300.0
 #: Seconds the Retry-After header of a 429 suggests.

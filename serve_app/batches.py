@@ -45,7 +45,8 @@ from . import errors as E
 from .auth import Principal, can_access, principal_of
 from .experiments.overrides import parse_overrides_json, validate_overrides
 from .experiments.service import check_queue_room, enqueue_job
-from .jobs import TERMINAL, JobRecord, write_artifacts
+from .jobs import TERMINAL, JobRecord, new_job_id, write_artifacts
+from .quotas import check_quota
 from .schemas import ErrorBody
 from .store import iter_file
 
@@ -299,6 +300,13 @@ async def submit_batch(
             split_archive, data, max_items=limit, max_unpacked=ARCHIVE_EXPANSION_LIMIT * ingress.args.max_upload_bytes
         )
     check_queue_room(ingress, len(items))
+    check_quota(
+        ingress.args.quotas,
+        ingress.book,
+        principal_of(request),
+        jobs=len(items),
+        new_bytes=sum(len(d) for _, d in items),
+    )
     if ingress.args.validate_pixels:
         for name, data in items:
             try:
@@ -310,10 +318,13 @@ async def submit_batch(
     batch_id = f"batch-{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:8]}"
     owner = principal_of(request).name
     rec = BatchRecord(batch_id=batch_id, model=models[0], preset=preset, overrides=checked, items=[], owner=owner)
-    for i, (name, data) in enumerate(items):
-        job_id = await enqueue_job(ingress, data, model=models[0], preset=preset, overrides=checked, owner=owner)
-        rec.items.append(BatchItem(index=i, name=name, job_id=job_id))
+    rec.items = [BatchItem(index=i, name=name, job_id=new_job_id()) for i, (name, _) in enumerate(items)]
+    # The batch record first: a crash while its jobs are queued leaves a batch that names them, not orphans.
     await asyncio.to_thread(ingress.store.put, batch_key(batch_id), rec.model_dump_json(indent=1).encode())
+    for item, (_, data) in zip(rec.items, items, strict=True):
+        await enqueue_job(
+            ingress, data, model=models[0], preset=preset, overrides=checked, owner=owner, job_id=item.job_id
+        )
     svc.batches[batch_id] = rec
     body = svc.view(rec)
     return JSONResponse(body, status_code=202, headers={"Location": body["links"]["self"]})

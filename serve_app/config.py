@@ -14,6 +14,7 @@ from deployments import constants as DC
 
 from .auth import AuthSettings
 from .experiments.settings import BatchSettings, ExperimentsSettings
+from .quotas import QuotaSettings
 from .webhooks import WebhookSettings
 
 #: Models the API knows. A known model that this app does not serve answers 503 MODEL_UNAVAILABLE.
@@ -138,6 +139,11 @@ class AppArgs(BaseModel):
     max_queued_jobs: int = Field(DC.MAX_QUEUED_JOBS, ge=1, description="Queued jobs before 429 QUEUE_FULL.")
     job_timeout_s: float = Field(DC.JOB_TIMEOUT_S, gt=0, description="Wall-clock limit of one model run, seconds.")
     artifact_ttl_s: float = Field(DC.ARTIFACT_TTL_S, gt=0, description="Seconds artifacts are kept after a job ends.")
+    record_ttl_s: float = Field(
+        DC.RECORD_TTL_S,
+        gt=0,
+        description="Seconds a job's record is kept after its artifacts expired (410 JOB_EXPIRED until then, 404 after).",
+    )
     max_attempts: int = Field(
         2, ge=1, description="Runs of a job at most; a job interrupted by a restart is retried while attempts remain."
     )
@@ -163,6 +169,9 @@ class AppArgs(BaseModel):
     )
     webhooks: WebhookSettings = Field(
         default_factory=WebhookSettings, description="Webhook address checks, deadline, size cap (webhooks.py)."
+    )
+    quotas: QuotaSettings = Field(
+        default_factory=QuotaSettings, description="Per-key quotas of queued jobs and stored bytes (quotas.py)."
     )
     auth: AuthSettings = Field(
         default_factory=AuthSettings, description="API keys (serve_app/auth.py); none = keyless on loopback only."

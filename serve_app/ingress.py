@@ -63,6 +63,7 @@ from .limits import BodyLimitMiddleware
 from .logging import configure_json_logging, job_logger
 from .metrics import ServiceMetrics
 from .middleware import add_exception_handling
+from .quotas import check_quota
 from .scheduler import JobScheduler, model_deployment_name
 from .schemas import CancelAccepted, CancelRequest, ErrorBody, JobAccepted, JobList, JobView, job_view, links_for
 from .store import iter_file, make_store
@@ -294,9 +295,12 @@ class Ingress:
             raise E.InvalidRequestError(
                 "no input: send `views` + `depth_renders` files, or one `bundle` ZIP", details={"field": "views"}
             )
+        who = principal_of(request)
+        check_quota(self.args.quotas, self.book, who, jobs=1)
         temps: list[str] = []  # the bundle is assembled on disk (serve_app/uploads.py), never whole in memory
         try:
             path = await self._assemble_bundle(bundle, views, depth_renders, transforms, temps)
+            check_quota(self.args.quotas, self.book, who, new_bytes=os.path.getsize(path))
             if self.args.validate_pixels:
                 fs = await asyncio.to_thread(load_bundle, path)
                 n_views = len(fs.views)

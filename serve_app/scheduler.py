@@ -44,6 +44,7 @@ from . import errors as E
 from .config import AppArgs
 from .fanout import run_fanout
 from .jobs import (
+    JOBS_PREFIX,
     ErrorInfo,
     JobBook,
     JobRecord,
@@ -53,6 +54,7 @@ from .jobs import (
     job_key,
 )
 from .logging import job_logger
+from .retention import orphan_job_ids, record_due
 from .store import Store
 from .webhooks import WebhookRefusedError, deliver, service_secret
 
@@ -206,6 +208,11 @@ class JobScheduler:
     async def recover(self) -> None:
         """Rebuild the queues from the store after a (re)start."""
         recs = await asyncio.to_thread(self.book.load_all)
+        # What a crash left: job folders whose record was never written (serve_app/retention.py).
+        keys = await asyncio.to_thread(self.store.list, JOBS_PREFIX)
+        for orphan in orphan_job_ids(keys, set(self.book.jobs), prefix=JOBS_PREFIX):
+            await asyncio.to_thread(self.store.delete_prefix, job_key(orphan))
+            logger.info("deleted the files of job %s, which has no record (an interrupted submission)", orphan)
         requeued = interrupted = 0
         for rec in recs:
             if rec.terminal:
@@ -638,6 +645,10 @@ class JobScheduler:
                 await self.book.save(rec)
                 job_logger(rec.job_id).info("artifacts expired")
                 n += 1
+            elif record_due(rec, now, self.args.record_ttl_s):
+                await asyncio.to_thread(self.store.delete_prefix, job_key(rec.job_id))
+                self.book.remove(rec.job_id)
+                job_logger(rec.job_id).info("record expired")
         return n
 
     async def _sweeper(self) -> None:

@@ -111,7 +111,7 @@ from pipeline.synthetic import write_bundle  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
+def service(tmp_path_factory, bundle):
     d = tmp_path_factory.mktemp("auth")
     keys = d / "api-keys"
     keys.write_text("\n".join([entry_for("alice", ALICE), entry_for("bob", BOB), entry_for("root", ROOT, "admin")]))
@@ -124,6 +124,7 @@ def service(tmp_path_factory):
         "webhook_backoff_s": 0.2,
         "auth": {"api_keys_env": None, "api_keys_file": str(keys)},
         "webhooks": {"allow_hosts": ["127.0.0.1"], "deadline_s": 5, "max_response_bytes": 1024},
+        "quotas": {"max_stored_bytes_per_key": 20 * len(bundle)},
     }
     with serve_app(args) as (url, _):
         yield url
@@ -277,3 +278,58 @@ def test_webhook_is_signed_with_the_keys_secret(service, bundle):
     assert verify(webhook_secret(ALICE), headers[TIMESTAMP_HEADER], body, headers[SIGNATURE_HEADER])
     assert not verify(webhook_secret(BOB), headers[TIMESTAMP_HEADER], body, headers[SIGNATURE_HEADER])
     assert headers["Host"].startswith("127.0.0.1:") and job["status"] == "succeeded"
+
+
+def test_storage_quota_per_key(service, bundle):
+    """21 bundles in one batch would pass bob's quota of 20 bundles' bytes: 413 before anything is queued."""
+    bob = client(service, BOB)
+    before = bob.get("/jobs").json()["total"]
+    files = [("bundles", (f"b{i}.zip", bundle)) for i in range(21)]
+    r = bob.post("/batches", files=files)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "QUOTA_STORAGE", r.text
+    assert r.json()["error"]["details"]["limit"] == 20 * len(bundle)
+    assert bob.get("/jobs").json()["total"] == before
+
+
+def test_quota_rules_without_a_service():
+    from types import SimpleNamespace
+
+    from serve_app.quotas import QuotaSettings, check_quota, usage
+
+    def job(owner, status, nbytes, expired=False):
+        return SimpleNamespace(owner=owner, status=status, upload_bytes=nbytes, expired=expired)
+
+    book = SimpleNamespace(
+        jobs={
+            "1": job("alice", "queued", 100),
+            "2": job("alice", "queued", 100),
+            "3": job("alice", "succeeded", 100, expired=True),
+            "4": job("bob", "queued", 500),
+        }
+    )
+    assert usage(book, "alice") == (2, 200)
+    q = QuotaSettings(max_queued_jobs_per_key=3, max_stored_bytes_per_key=300)
+    check_quota(q, book, Principal("alice"), jobs=1, new_bytes=100)
+    with pytest.raises(Exception, match="queued") as e:
+        check_quota(q, book, Principal("alice"), jobs=2)
+    assert e.value.code == "QUOTA_QUEUED_JOBS"
+    with pytest.raises(Exception) as e:
+        check_quota(q, book, Principal("alice"), new_bytes=101)
+    assert e.value.code == "QUOTA_STORAGE"
+    check_quota(q, book, Principal("root", admin=True), jobs=50, new_bytes=10**9)  # admins are exempt
+
+
+def test_retention_rules():
+    from types import SimpleNamespace
+
+    from serve_app.retention import ORPHAN_GRACE_S, orphan_job_ids, record_due
+
+    now = 1_800_000_000.0
+    old = f"{int((now - ORPHAN_GRACE_S - 5) * 1000):013d}-aaaaaaaaaa"
+    young = f"{int((now - 10) * 1000):013d}-bbbbbbbbbb"
+    known = f"{int((now - 9999) * 1000):013d}-cccccccccc"
+    keys = [f"jobs/{old}/input/bundle.zip", f"jobs/{young}/input/bundle.zip", f"jobs/{known}/job.json", "jobs/x"]
+    assert orphan_job_ids(keys, {known}, now=now) == [old]
+    rec = SimpleNamespace(expired=True, expires_at=now - 100)
+    assert record_due(rec, now, 50) and not record_due(rec, now, 200)
+    assert not record_due(SimpleNamespace(expired=False, expires_at=now - 100), now, 50)

@@ -26,6 +26,7 @@ from pipeline.errors import UnsupportedMediaError
 from .. import errors as E
 from ..auth import principal_of
 from ..config import KNOWN_MODELS
+from ..quotas import check_quota
 from ..schemas import ErrorBody
 from ..store import STREAM_CHUNK_BYTES
 from .results import plot_png, rows_to_csv, table_rows
@@ -127,7 +128,15 @@ async def submit_experiment(request: Request):
         max_runs=svc.settings.max_runs,
         has_upload=upload is not None,
     )
-    body = await svc.submit(spec, upload, owner=principal_of(request).name)
+    who = principal_of(request)
+    check_quota(  # each run stores its own copy of an uploaded bundle
+        svc.ingress.args.quotas,
+        svc.ingress.book,
+        who,
+        jobs=len(spec.runs),
+        new_bytes=len(upload or b"") * len(spec.runs),
+    )
+    body = await svc.submit(spec, upload, owner=who.name)
     body["links"] = _links(body["experiment_id"])
     return JSONResponse(body, status_code=202, headers={"Location": body["links"]["self"]})
 

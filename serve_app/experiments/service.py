@@ -107,10 +107,20 @@ def default_db_path(args) -> Path:
 
 
 async def enqueue_job(
-    ingress, data: bytes, *, model: str, preset: str, overrides: dict | None = None, owner: str | None = None
+    ingress,
+    data: bytes,
+    *,
+    model: str,
+    preset: str,
+    overrides: dict | None = None,
+    owner: str | None = None,
+    job_id: str | None = None,
 ) -> str:
-    """Store ``data`` (a bundle ZIP) as a new job's input and queue it; returns the job id."""
-    job_id = new_job_id()
+    """Store ``data`` (a bundle ZIP) as a new job's input and queue it; returns the job id.
+
+    ``job_id``: an id the caller made (new_job_id) so that its own record could name the job first.
+    """
+    job_id = job_id or new_job_id()
     rec = JobRecord(
         job_id=job_id,
         models=[model],
@@ -222,9 +232,7 @@ class ExperimentService:
         now = time.time()
         rows = []
         for run in spec.runs:
-            job_id = await enqueue_job(
-                ingress, inputs[run.dataset], model=run.model, preset=run.preset, overrides=run.overrides, owner=owner
-            )
+            job_id = new_job_id()  # the experiment's rows are written before any job is queued
             rows.append(
                 {
                     "experiment_id": experiment_id,
@@ -251,6 +259,16 @@ class ExperimentService:
             "owner": owner,
         }
         await asyncio.to_thread(self.db.create_experiment, exp, rows)
+        for run, row in zip(spec.runs, rows, strict=True):
+            await enqueue_job(
+                ingress,
+                inputs[run.dataset],
+                model=run.model,
+                preset=run.preset,
+                overrides=run.overrides,
+                owner=owner,
+                job_id=row["job_id"],
+            )
         for row in rows:
             self.watched[row["job_id"]] = (experiment_id, row["run_index"])
         await self._snapshot()
