@@ -42,6 +42,11 @@ def input_key(job_id: str) -> str:
     return job_key(job_id, "input", "bundle.zip")
 
 
+def job_input_key(rec: JobRecord) -> str:
+    """Store key of the job's upload: its own, or the one copy an experiment's runs share."""
+    return rec.input_ref or input_key(rec.job_id)
+
+
 def cancel_key(job_id: str) -> str:
     return job_key(job_id, "cancel")
 
@@ -118,6 +123,9 @@ class JobRecord(BaseModel):
     upload_bytes: int = 0
     request_id: str | None = None
     owner: str | None = Field(None, description="Name of the API key that submitted the job (serve_app/auth.py).")
+    input_ref: str | None = Field(
+        None, description="Store key of a shared upload (an experiment's one copy); None = the job's own."
+    )
     overrides: dict = Field(
         default_factory=dict, description="Config parameters over the preset (serve_app.experiments.overrides)."
     )

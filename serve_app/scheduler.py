@@ -50,7 +50,7 @@ from .jobs import (
     JobRecord,
     artifacts_prefix,
     cancel_key,
-    input_key,
+    job_input_key,
     job_key,
 )
 from .logging import job_logger
@@ -423,7 +423,7 @@ class JobScheduler:
             job_id=rec.job_id,
             model=model,
             preset=rec.preset,
-            input_key=input_key(rec.job_id),
+            input_key=job_input_key(rec),
             output_prefix=prefix,
             cancel_key=cancel_key(rec.job_id),
             deadline=time.time() + self.args.job_timeout_s,
@@ -571,7 +571,7 @@ class JobScheduler:
         fo = await run_fanout(
             job_id=rec.job_id,
             store=self.store,
-            input_key=input_key(rec.job_id),
+            input_key=job_input_key(rec),
             prefix=artifacts_prefix(rec.job_id, model),
             preset=rec.preset,
             result=result,

@@ -60,6 +60,7 @@ DOCUMENTED = {
     "BATCH_TOO_LARGE": 413,
     "EXPERIMENT_NOT_FOUND": 404,
     "BATCH_NOT_FOUND": 404,
+    "WEBHOOK_URL_REFUSED": 422,
 }
 
 
@@ -265,6 +266,11 @@ FORM_CASES = [
     ("unknown_model", _form(model="nerf"), 422, "UNKNOWN_MODEL"),
     ("unknown_preset", _form(preset="ultra"), 422, "UNKNOWN_PRESET"),
     ("webhook_not_http", _form(webhook_url="file:///etc/passwd"), 422, "INVALID_REQUEST"),
+    ("webhook_loopback", _form(webhook_url="http://127.0.0.1:8000/jobs"), 422, "WEBHOOK_URL_REFUSED"),
+    ("webhook_metadata", _form(webhook_url="http://169.254.169.254/latest/meta-data/"), 422, "WEBHOOK_URL_REFUSED"),
+    ("webhook_localhost_name", _form(webhook_url="http://localhost/x"), 422, "WEBHOOK_URL_REFUSED"),
+    ("webhook_private", _form(webhook_url="https://10.1.2.3/hook"), 422, "WEBHOOK_URL_REFUSED"),
+    ("webhook_credentials", _form(webhook_url="http://user:pw@example.org/"), 422, "INVALID_REQUEST"),
     (
         "no_boundary",
         lambda c, b: c.post("/jobs", content=b"--x\r\n\r\n", headers={"content-type": "multipart/form-data"}),
@@ -531,3 +537,27 @@ def test_cancel_of_a_stuck_model_is_terminal_within_30s_and_the_replica_takes_th
     # The next job ran only after the stuck thread reached its end (~STUBBORN_S after it started):
     # the replica held its slot instead of computing two jobs at once.
     assert time.monotonic() - started >= STUBBORN_S - 2
+
+
+def test_fuzzed_multipart_bodies_never_500(client, bundle):
+    """Random damage to a valid multipart body (framing, headers, field values): only documented codes."""
+    good = httpx.Request(
+        "POST",
+        "http://x/jobs",
+        files={"bundle": ("b.zip", bundle, "application/zip")},
+        data={"model": "fusion", "overrides": '{"faces": 5000}'},
+    )
+    body = good.read()
+    ctype = good.headers["content-type"]
+    head = body[:400]  # the part headers and field values live at the start and end of the body
+    rng = random.Random(19)
+    for i in range(20):
+        raw = bytearray(body)
+        for _ in range(rng.randint(1, 6)):
+            k = rng.randrange(len(head)) if i % 2 else len(raw) - 1 - rng.randrange(min(len(raw), 300))
+            raw[k] = rng.randrange(256)
+        r = client.post("/jobs", content=bytes(raw), headers={"content-type": ctype})
+        if r.status_code == 202:
+            continue
+        code = r.json()["error"]["code"]
+        assert code in DOCUMENTED and DOCUMENTED[code] == r.status_code, r.text[:300]

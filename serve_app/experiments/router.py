@@ -129,12 +129,12 @@ async def submit_experiment(request: Request):
         has_upload=upload is not None,
     )
     who = principal_of(request)
-    check_quota(  # each run stores its own copy of an uploaded bundle
+    check_quota(  # the runs share one stored copy of an uploaded bundle
         svc.ingress.args.quotas,
         svc.ingress.book,
         who,
         jobs=len(spec.runs),
-        new_bytes=len(upload or b"") * len(spec.runs),
+        new_bytes=len(upload or b""),
     )
     body = await svc.submit(spec, upload, owner=who.name)
     body["links"] = _links(body["experiment_id"])

@@ -115,10 +115,12 @@ async def enqueue_job(
     overrides: dict | None = None,
     owner: str | None = None,
     job_id: str | None = None,
+    input_ref: str | None = None,
 ) -> str:
     """Store ``data`` (a bundle ZIP) as a new job's input and queue it; returns the job id.
 
     ``job_id``: an id the caller made (new_job_id) so that its own record could name the job first.
+    ``input_ref``: the store key of a copy of ``data`` the job shares (nothing is stored for it).
     """
     job_id = job_id or new_job_id()
     rec = JobRecord(
@@ -129,8 +131,10 @@ async def enqueue_job(
         upload_bytes=len(data),
         overrides=dict(overrides or {}),
         owner=owner,
+        input_ref=input_ref,
     )
-    await asyncio.to_thread(ingress.store.put, input_key(job_id), data)
+    if input_ref is None:
+        await asyncio.to_thread(ingress.store.put, input_key(job_id), data)
     await ingress.scheduler.submit(rec)
     if getattr(ingress, "metrics", None) is not None:
         ingress.metrics.submitted.inc()
@@ -228,7 +232,13 @@ class ExperimentService:
         bundle_key = None
         if upload is not None:
             bundle_key = experiment_key(experiment_id, "input", "bundle.zip")
-            await asyncio.to_thread(self.store.put, bundle_key, upload)
+        # One copy of each dataset's bundle, shared by every run on it (not one per run).
+        shared = {
+            ds: bundle_key if ds == UPLOAD_DATASET else experiment_key(experiment_id, "input", f"dataset-{i}.zip")
+            for i, ds in enumerate(inputs)
+        }
+        for ds, key in shared.items():
+            await asyncio.to_thread(self.store.put, key, inputs[ds])
         now = time.time()
         rows = []
         for run in spec.runs:
@@ -259,15 +269,20 @@ class ExperimentService:
             "owner": owner,
         }
         await asyncio.to_thread(self.db.create_experiment, exp, rows)
+        counted: set[str] = set()
         for run, row in zip(spec.runs, rows, strict=True):
+            # Quotas count a shared copy once: on the first job that uses it.
+            data = inputs[run.dataset] if run.dataset not in counted else b""
+            counted.add(run.dataset)
             await enqueue_job(
                 ingress,
-                inputs[run.dataset],
+                data,
                 model=run.model,
                 preset=run.preset,
                 overrides=run.overrides,
                 owner=owner,
                 job_id=row["job_id"],
+                input_ref=shared[run.dataset],
             )
         for row in rows:
             self.watched[row["job_id"]] = (experiment_id, row["run_index"])
