@@ -107,6 +107,26 @@ def check_entries(infos: list[zipfile.ZipInfo], limits: ArchiveLimits) -> int:
     return total
 
 
+def copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dst, max_bytes: int, chunk: int = 1 << 20) -> int:
+    """Inflate one member into the open binary file ``dst`` in chunks, never past ``max_bytes``; returns its size."""
+    n = 0
+    try:
+        with zf.open(info) as f:
+            while block := f.read(chunk):
+                n += len(block)
+                if n > max_bytes:
+                    raise InputTooLargeError(
+                        f"{info.filename} inflates past {max_bytes} bytes",
+                        details={"file": info.filename, "limit": max_bytes},
+                    )
+                dst.write(block)
+    except ZIP_READ_ERRORS as e:
+        raise InvalidArchiveError(
+            f"cannot read {info.filename} from the archive: {e}", details={"file": info.filename}
+        ) from None
+    return n
+
+
 def read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, max_bytes: int) -> bytes:
     """Inflate one member, never more than ``max_bytes`` (+1 to detect a lying directory).
 

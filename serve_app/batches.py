@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
 from pipeline import constants as C
-from pipeline.archive import ArchiveLimits, check_entries, open_zip, read_member
+from pipeline.archive import ArchiveLimits, check_entries, copy_member, open_zip, read_member
 from pipeline.bundle import VIEWS_DIR, load_bundle
 from pipeline.config import get_preset
 from pipeline.errors import (
@@ -49,6 +49,7 @@ from .jobs import TERMINAL, JobRecord, new_job_id, write_artifacts
 from .quotas import check_quota
 from .schemas import ErrorBody
 from .store import iter_file
+from .uploads import UploadBudget, spool, temp_path, unlink_quietly
 
 BATCHES_PREFIX = "batches"
 _BATCH_ID_RE = re.compile(r"^batch-[0-9]{13}-[0-9a-f]{8}$")
@@ -101,12 +102,14 @@ def _item_name(raw: str, taken: set[str]) -> str:
     return name
 
 
-def split_archive(data: bytes, *, max_items: int, max_unpacked: int) -> list[tuple[str, bytes]]:
-    """(name, bundle ZIP bytes) of each bundle in an archive of bundles.
+def split_archive(data, *, max_items: int, max_unpacked: int, to_files: bool = False) -> list[tuple[str, bytes]]:
+    """(name, bundle ZIP bytes) of each bundle in an archive of bundles (bytes or a binary file).
 
     A bundle is a nested ``*.zip`` entry, or a top-level folder holding ``multi_views/``.
     Raises BATCH_TOO_LARGE above ``max_items`` (before anything is decompressed),
     INPUT_TOO_LARGE above ``max_unpacked`` bytes, INVALID_ARCHIVE when it holds no bundle.
+    ``to_files``: each item is written to a temporary file instead, and its path is returned in
+    place of the bytes (the caller unlinks them); nothing is held in memory but one chunk.
     """
     zf, all_infos = open_zip(data, "archive")
     # Sizes, ratios, count and names of every entry, before anything is inflated.
@@ -144,6 +147,8 @@ def split_archive(data: bytes, *, max_items: int, max_unpacked: int) -> list[tup
             details={"bytes": unpacked, "limit": max_unpacked},
         )
     taken: set[str] = set()
+    if to_files:
+        return _split_to_files(zf, nested, folders, taken, max_unpacked)
     if nested:
         return [(_item_name(i.filename, taken), read_member(zf, i, max_unpacked)) for i in nested]
     out = []
@@ -153,6 +158,27 @@ def split_archive(data: bytes, *, max_items: int, max_unpacked: int) -> list[tup
             for i in members:
                 dst.writestr(i.filename[len(top) + 1 :], read_member(zf, i, max_unpacked))
         out.append((_item_name(top, taken), buf.getvalue()))
+    return out
+
+
+def _split_to_files(zf, nested, folders, taken: set[str], max_unpacked: int) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    try:
+        for i in nested:
+            path = temp_path()
+            out.append((_item_name(i.filename, taken), path))
+            with open(path, "wb") as dst:
+                copy_member(zf, i, dst, max_unpacked)
+        for top, members in sorted(folders.items()):
+            path = temp_path()
+            out.append((_item_name(top, taken), path))
+            with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
+                for i in members:
+                    with dst.open(i.filename[len(top) + 1 :], "w", force_zip64=True) as f:
+                        copy_member(zf, i, f, max_unpacked)
+    except BaseException:
+        unlink_quietly(*(p for _, p in out))
+        raise
     return out
 
 
@@ -279,7 +305,16 @@ async def submit_batch(
     get_preset(preset)
     checked = validate_overrides(parse_overrides_json(overrides))
 
-    items: list[tuple[str, bytes]] = []
+    items: list[tuple[str, str]] = []  # (item name, path of its bundle ZIP on disk)
+    try:
+        return await _submit_items(request, svc, bundles, archive, limit, models[0], preset, checked, items)
+    finally:
+        unlink_quietly(*(p for _, p in items))
+
+
+async def _submit_items(request, svc, bundles, archive, limit, model, preset, checked, items) -> JSONResponse:
+    """Spool the bundles to temporary files (``items`` collects them), check them, record, queue."""
+    ingress = svc.ingress
     if bundles:
         if len(bundles) > limit:
             raise BatchTooLargeError(
@@ -287,17 +322,23 @@ async def submit_batch(
                 details={"items": len(bundles), "limit": limit},
             )
         taken: set[str] = set()
+        budget = UploadBudget(ingress.args.max_upload_bytes)
         for f in bundles:
-            data = await f.read()
-            if not data.startswith(_ZIP_MAGIC):
-                raise UnsupportedMediaError(f"{f.filename} is not a ZIP archive", details={"file": f.filename})
-            items.append((_item_name(f.filename or "item", taken), data))
+            path = await asyncio.to_thread(spool, f.file, budget, f.filename)
+            items.append((_item_name(f.filename or "item", taken), path))
+            with open(path, "rb") as fh:
+                if not fh.read(4).startswith(_ZIP_MAGIC):
+                    raise UnsupportedMediaError(f"{f.filename} is not a ZIP archive", details={"file": f.filename})
     else:
-        data = await archive.read()
-        if not data.startswith(_ZIP_MAGIC):
+        if not (await archive.read(4)).startswith(_ZIP_MAGIC):
             raise UnsupportedMediaError("archive is not a ZIP archive", details={"file": archive.filename})
-        items = await asyncio.to_thread(
-            split_archive, data, max_items=limit, max_unpacked=ARCHIVE_EXPANSION_LIMIT * ingress.args.max_upload_bytes
+        await archive.seek(0)
+        items += await asyncio.to_thread(
+            split_archive,
+            archive.file,
+            max_items=limit,
+            max_unpacked=ARCHIVE_EXPANSION_LIMIT * ingress.args.max_upload_bytes,
+            to_files=True,
         )
     check_queue_room(ingress, len(items))
     check_quota(
@@ -305,7 +346,7 @@ async def submit_batch(
         ingress.book,
         principal_of(request),
         jobs=len(items),
-        new_bytes=sum(len(d) for _, d in items),
+        new_bytes=sum(os.path.getsize(p) for _, p in items),
     )
     if ingress.args.validate_pixels:
         for name, data in items:
@@ -317,14 +358,12 @@ async def submit_batch(
 
     batch_id = f"batch-{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:8]}"
     owner = principal_of(request).name
-    rec = BatchRecord(batch_id=batch_id, model=models[0], preset=preset, overrides=checked, items=[], owner=owner)
+    rec = BatchRecord(batch_id=batch_id, model=model, preset=preset, overrides=checked, items=[], owner=owner)
     rec.items = [BatchItem(index=i, name=name, job_id=new_job_id()) for i, (name, _) in enumerate(items)]
     # The batch record first: a crash while its jobs are queued leaves a batch that names them, not orphans.
     await asyncio.to_thread(ingress.store.put, batch_key(batch_id), rec.model_dump_json(indent=1).encode())
     for item, (_, data) in zip(rec.items, items, strict=True):
-        await enqueue_job(
-            ingress, data, model=models[0], preset=preset, overrides=checked, owner=owner, job_id=item.job_id
-        )
+        await enqueue_job(ingress, data, model=model, preset=preset, overrides=checked, owner=owner, job_id=item.job_id)
     svc.batches[batch_id] = rec
     body = svc.view(rec)
     return JSONResponse(body, status_code=202, headers={"Location": body["links"]["self"]})

@@ -108,7 +108,7 @@ def default_db_path(args) -> Path:
 
 async def enqueue_job(
     ingress,
-    data: bytes,
+    data: bytes | str,
     *,
     model: str,
     preset: str,
@@ -121,6 +121,7 @@ async def enqueue_job(
 
     ``job_id``: an id the caller made (new_job_id) so that its own record could name the job first.
     ``input_ref``: the store key of a copy of ``data`` the job shares (nothing is stored for it).
+    ``data`` may be the path of a bundle ZIP on disk (stored by a streamed copy).
     """
     job_id = job_id or new_job_id()
     rec = JobRecord(
@@ -128,13 +129,14 @@ async def enqueue_job(
         models=[model],
         preset=preset,
         runs={model: ModelRun()},
-        upload_bytes=len(data),
+        upload_bytes=os.path.getsize(data) if isinstance(data, str) else len(data),
         overrides=dict(overrides or {}),
         owner=owner,
         input_ref=input_ref,
     )
     if input_ref is None:
-        await asyncio.to_thread(ingress.store.put, input_key(job_id), data)
+        put = ingress.store.put_file if isinstance(data, str) else ingress.store.put
+        await asyncio.to_thread(put, input_key(job_id), data)
     await ingress.scheduler.submit(rec)
     if getattr(ingress, "metrics", None) is not None:
         ingress.metrics.submitted.inc()
