@@ -7,6 +7,7 @@ import http.server
 import json
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -333,3 +334,30 @@ def test_retention_rules():
     rec = SimpleNamespace(expired=True, expires_at=now - 100)
     assert record_due(rec, now, 50) and not record_due(rec, now, 200)
     assert not record_due(SimpleNamespace(expired=False, expires_at=now - 100), now, 50)
+
+
+def test_shipped_configs_bind_safely():
+    """The README's `serve run serve_config.yaml` binds loopback (keyless is allowed there); the
+    Kubernetes config binds every interface and so must come with keys (it reads them from a secret)."""
+    import importlib.util
+
+    import yaml
+
+    from serve_app.auth import is_loopback
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("render_rayservice", repo / "cluster" / "render_rayservice.py")
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    SERVE_CONFIG, OVERRIDES, serve_config_v2 = render.SERVE_CONFIG, render.OVERRIDES, render.serve_config_v2
+    from serve_app.config import AppArgs
+
+    local = yaml.safe_load(SERVE_CONFIG.read_text())
+    assert is_loopback(local["http_options"]["host"])
+    check_bind(local["http_options"]["host"], {})
+    args = AppArgs.model_validate(local["applications"][0]["args"])
+    assert args.auth.api_keys_env == "RECON3D_API_KEYS"
+    cluster = serve_config_v2(SERVE_CONFIG.read_text(), OVERRIDES.read_text())
+    assert not is_loopback(cluster["http_options"]["host"])
+    with pytest.raises(AuthConfigError):
+        check_bind(cluster["http_options"]["host"], {})
