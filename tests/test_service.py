@@ -23,9 +23,9 @@ from ray import serve  # noqa: E402
 from serve_harness import BEHAVIOUR_MODEL, serve_app  # noqa: E402
 from test_service_runners import with_behaviour  # noqa: E402
 
+from deployments.store import LocalStore  # noqa: E402
 from pipeline.synthetic import write_bundle  # noqa: E402
 from serve_app.jobs import JobRecord, ModelRun, record_key  # noqa: E402
-from serve_app.store import LocalStore  # noqa: E402
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 

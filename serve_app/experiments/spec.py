@@ -31,8 +31,7 @@ import yaml
 
 from pipeline.config import PRESETS
 from pipeline.errors import InvalidInputError
-
-from .overrides import InvalidOverridesError, run_slug, validate_overrides
+from pipeline.overrides import InvalidOverridesError, run_slug, validate_overrides
 
 INVALID_EXPERIMENT = "INVALID_EXPERIMENT"
 #: Name of the dataset of an uploaded bundle.
