@@ -4,7 +4,8 @@
 service runs the same parts as Ray tasks (``serve_app/fanout.py``), one per view and one per
 preview camera, and assembles them with the same functions:
 
-    frames_for_result ─┬─ view_metrics(i) ... ──> quality_document ──> quality.json
+    published_mesh, frames_for_result
+                       ┬─ view_metrics(i) ... ──> quality_document ──> quality.json
                        └──────────────────────────> contact_sheet_png ──> previews/contact_sheet.png
     preview_pngs(i) ... , turntable_gif         ──> previews/
 
@@ -17,6 +18,7 @@ their path relative to the output folder; the caller writes them (to disk or to 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -26,6 +28,8 @@ from .mesh import TexturedMesh
 from .result import QualitySummary, ReconstructionResult
 
 QUALITY_FILE = "quality.json"
+#: Files of a model's output that the mesh loader needs.
+MESH_FILES = ("mesh.obj", "material.mtl", "texture_kd.png")
 PREVIEWS_DIR = "previews"
 #: Resolution of the per-index preview PNGs, pixels.
 PREVIEW_RESOLUTION = 512
@@ -41,6 +45,21 @@ class EvaluationOutput:
     error: dict | None = None
     """The quality report's error ({code, message}) when its status is failure."""
     warnings: list[str] = field(default_factory=list)
+
+
+def published_mesh(read: Callable[[str], bytes]) -> TexturedMesh:
+    """The mesh as the run published it (``read(name)`` gives each of :data:`MESH_FILES`).
+
+    Evaluation scores the delivered files, not the in-memory mesh: an OBJ keeps 7 significant
+    digits, which moves depth errors in the 8th; reading it back keeps the CLI and the service
+    on the same numbers.
+    """
+    from .export import load_mesh
+
+    with tempfile.TemporaryDirectory(prefix="recon3d-mesh-") as tmp:
+        for name in MESH_FILES:
+            (Path(tmp) / name).write_bytes(read(name))
+        return load_mesh(Path(tmp) / "mesh.obj")
 
 
 def evaluation_config(result: ReconstructionResult) -> ReconstructConfig:
@@ -81,7 +100,7 @@ def quality_document(
         model=result.model,
         preset=result.preset,
         timings=dict(result.timings_s),
-        camera_estimate=frames.camera_estimate,
+        camera_estimate=result.camera_estimate or frames.camera_estimate,  # the run's, not the re-read's
     )
     doc = json.loads(report.model_dump_json())
     doc["failed_views"] = failed_views

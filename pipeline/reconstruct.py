@@ -232,9 +232,10 @@ def _evaluate(
     stages: StageRunner, output: ModelOutput, result: ReconstructionResult, *, evaluate: bool, previews: bool
 ):
     """The evaluation path (:func:`pipeline.evaluation.evaluate_result`) in this process, as two timed stages."""
-    from .evaluation import QUALITY_FILE, evaluate_result, preview_index, write_files
+    from .evaluation import QUALITY_FILE, evaluate_result, preview_index, published_mesh, write_files
 
-    ev = evaluate_result(output.mesh, output.frames, result, quality=evaluate, previews=previews, run=stages.run)
+    mesh = published_mesh(lambda name: (stages.out_dir / name).read_bytes())
+    ev = evaluate_result(mesh, output.frames, result, quality=evaluate, previews=previews, run=stages.run)
     write_files(ev.files, stages.out_dir)
     if evaluate:
         result.quality = ev.quality

@@ -17,9 +17,7 @@ shared by all tasks).
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import ray
 
@@ -28,9 +26,6 @@ from deployments.store import Store
 from pipeline import evaluation as EV
 from pipeline.config import ReconstructConfig
 from pipeline.result import QualitySummary, ReconstructionResult
-
-#: Files of a model's output that the mesh loader needs.
-MESH_FILES = ("mesh.obj", "material.mtl", "texture_kd.png")
 
 
 @dataclass
@@ -56,12 +51,7 @@ def _put(store: Store, prefix: str, files: dict[str, bytes]) -> list[str]:
 @ray.remote
 def load_mesh_task(store: Store, prefix: str):
     """The model's mesh as a TexturedMesh (read back from the store)."""
-    from pipeline.export import load_mesh
-
-    with tempfile.TemporaryDirectory(prefix="recon3d-mesh-") as tmp:
-        for name in MESH_FILES:
-            (Path(tmp) / name).write_bytes(store.get(f"{prefix}/{name}"))
-        return load_mesh(Path(tmp) / "mesh.obj")
+    return EV.published_mesh(lambda name: store.get(f"{prefix}/{name}"))
 
 
 @ray.remote(num_returns=2)
