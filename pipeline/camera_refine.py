@@ -33,18 +33,18 @@ import torch
 from .camera import Camera
 from .config import CameraRefineConfig
 from .frames import PosedFrames, PosedView
-from .photo_refine import (
+from .render import Backend
+from .view_sampling import (
     MIN_VIEW_COS,
     RAY_OFFSET_PX,
-    _edge_fade,
-    _outside_mask,
-    _project,
-    _sample,
+    edge_fade,
+    outside_mask,
     prepare_pass_views,
+    project,
+    sample_image,
     vertex_normals_torch,
     vertex_visibility,
 )
-from .render import Backend
 
 #: camera_estimate methods that mean the cameras came with the bundle (never refined).
 GIVEN_CAMERA_METHODS = ("given",)
@@ -129,8 +129,8 @@ def refine_cameras(
         for n in range(N):
             ray = pv.centers[n] - v
             cos = (nrm * ray).sum(-1) * ray.square().sum(-1).rsqrt()
-            uv, _ = _project(pv, n, v)
-            weights[n] = vis[n] * (cos > MIN_VIEW_COS) * cos.clamp(min=0).pow(cfg.angle_power) * _edge_fade(pv, n, uv)
+            uv, _ = project(pv, n, v)
+            weights[n] = vis[n] * (cos > MIN_VIEW_COS) * cos.clamp(min=0).pow(cfg.angle_power) * edge_fade(pv, n, uv)
         multi = (weights > 0).sum(0) >= 2
         wv = weights[:, multi]
         pts = v[multi]
@@ -145,12 +145,12 @@ def refine_cameras(
             ws = wv.sum(0).clamp(min=1e-12)
             sil = 0.0
             for n in range(N):
-                uv, _ = _project(pv_it, n, pts)
-                col = _sample(pv.images[n], uv, w_img, h_img)
+                uv, _ = project(pv_it, n, pts)
+                col = sample_image(pv.images[n], uv, w_img, h_img)
                 s1 = s1 + wv[n][:, None] * col
                 s2 = s2 + wv[n] * col.square().sum(-1)
-                uv_all, _ = _project(pv_it, n, v)
-                sil = sil + torch.relu(_outside_mask(pv_it, n, uv_all)).square().mean()
+                uv_all, _ = project(pv_it, n, v)
+                sil = sil + torch.relu(outside_mask(pv_it, n, uv_all)).square().mean()
             var = (s2 / ws - (s1 / ws[:, None]).square().sum(-1)).clamp(min=0)
             photo = var.mean()
             prior = cfg.prior_weight * (omega.square().sum() + tau.square().sum()) / N

@@ -143,6 +143,47 @@ def _zip_artifacts(store, rec: JobRecord) -> str:
     return path
 
 
+async def _job_input(views, depth_renders, bundle, transforms, max_upload_bytes: int) -> bytes:
+    """The job's bundle ZIP: the uploaded ``bundle`` (with ``transforms`` added), or ``views`` +
+    ``depth_renders`` (+ ``transforms``) zipped; file names, types and the size budget checked."""
+    budget = [max_upload_bytes]
+    if bundle is not None and (views or depth_renders):
+        raise E.InvalidRequestError(
+            "send either `bundle` or `views` + `depth_renders`, not both", details={"field": "bundle"}
+        )
+    if bundle is not None:
+        data = await _read_upload(bundle, budget)
+        _check_magic(data, _ZIP_MAGIC, "a ZIP archive", bundle.filename or "bundle")
+        if transforms is not None:  # add (or replace) transforms.json at the bundle root
+            tdata = await _read_upload(transforms, budget)
+            data = await asyncio.to_thread(_add_to_zip, data, TRANSFORMS_FILE, tdata)
+    elif views:
+        files: dict[str, bytes] = {}
+        for field, folder, uploads in (
+            ("views", VIEWS_DIR, views),
+            ("depth_renders", DEPTH_DIR, depth_renders or []),
+        ):
+            for f in uploads:
+                name = _safe_name(f.filename, field)
+                content = await _read_upload(f, budget)
+                _check_magic(content, _IMAGE_MAGIC, "a PNG or JPEG image", name)
+                key = f"{folder}/{name}"
+                if key in files:
+                    raise E.InvalidRequestError(f"{field} has {name!r} twice", details={"field": field, "file": name})
+                files[key] = content
+        if transforms is not None:
+            tdata = await _read_upload(transforms, budget)
+            if not tdata.lstrip()[:1] == b"{":
+                raise UnsupportedMediaError("transforms is not a JSON object", details={"file": transforms.filename})
+            files[TRANSFORMS_FILE] = tdata
+        data = await asyncio.to_thread(_zip_files, files)
+    else:
+        raise E.InvalidRequestError(
+            "no input: send `views` + `depth_renders` files, or one `bundle` ZIP", details={"field": "views"}
+        )
+    return data
+
+
 def _sse(event: str, data: dict) -> str:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
@@ -225,45 +266,7 @@ class Ingress:
             raise E.InvalidRequestError("webhook_url must be an http(s) URL", details={"field": "webhook_url"})
         self.submitter.check_queue_room()
 
-        budget = [self.args.max_upload_bytes]
-        if bundle is not None and (views or depth_renders):
-            raise E.InvalidRequestError(
-                "send either `bundle` or `views` + `depth_renders`, not both", details={"field": "bundle"}
-            )
-        if bundle is not None:
-            data = await _read_upload(bundle, budget)
-            _check_magic(data, _ZIP_MAGIC, "a ZIP archive", bundle.filename or "bundle")
-            if transforms is not None:  # add (or replace) transforms.json at the bundle root
-                tdata = await _read_upload(transforms, budget)
-                data = await asyncio.to_thread(_add_to_zip, data, TRANSFORMS_FILE, tdata)
-        elif views:
-            files: dict[str, bytes] = {}
-            for field, folder, uploads in (
-                ("views", VIEWS_DIR, views),
-                ("depth_renders", DEPTH_DIR, depth_renders or []),
-            ):
-                for f in uploads:
-                    name = _safe_name(f.filename, field)
-                    content = await _read_upload(f, budget)
-                    _check_magic(content, _IMAGE_MAGIC, "a PNG or JPEG image", name)
-                    key = f"{folder}/{name}"
-                    if key in files:
-                        raise E.InvalidRequestError(
-                            f"{field} has {name!r} twice", details={"field": field, "file": name}
-                        )
-                    files[key] = content
-            if transforms is not None:
-                tdata = await _read_upload(transforms, budget)
-                if not tdata.lstrip()[:1] == b"{":
-                    raise UnsupportedMediaError(
-                        "transforms is not a JSON object", details={"file": transforms.filename}
-                    )
-                files[TRANSFORMS_FILE] = tdata
-            data = await asyncio.to_thread(_zip_files, files)
-        else:
-            raise E.InvalidRequestError(
-                "no input: send `views` + `depth_renders` files, or one `bundle` ZIP", details={"field": "views"}
-            )
+        data = await _job_input(views, depth_renders, bundle, transforms, self.args.max_upload_bytes)
         if self.args.validate_pixels:
             fs = await asyncio.to_thread(load_bundle, data)
             n_views = len(fs.views)

@@ -114,9 +114,7 @@ class JobRecord(BaseModel):
     expired: bool = False
     upload_bytes: int = 0
     request_id: str | None = None
-    overrides: dict = Field(
-        default_factory=dict, description="Config parameters over the preset (pipeline.overrides)."
-    )
+    overrides: dict = Field(default_factory=dict, description="Config parameters over the preset (pipeline.overrides).")
 
     @property
     def terminal(self) -> bool:

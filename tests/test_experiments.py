@@ -158,7 +158,6 @@ from serve_app.client import experiment_main  # noqa: E402
 TERMINAL = {"succeeded", "failed", "canceled"}
 
 
-
 def _dataset(root: Path, name: str, behaviour: str, *, gt: bool) -> None:
     folder = write_bundle(root / name, "box", resolution=128, with_transforms=True)
     (folder / "behaviour.txt").write_text(behaviour)

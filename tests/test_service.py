@@ -37,7 +37,6 @@ MAX_UPLOAD = 3 * 1024 * 1024
 MAX_QUEUED = 3
 
 
-
 def app_args(store_dir: Path) -> dict:
     return {
         "store": {"kind": "local", "path": str(store_dir)},

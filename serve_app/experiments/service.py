@@ -105,6 +105,22 @@ def default_db_path(args) -> Path:
     return Path(tempfile.gettempdir()) / "recon3d" / "experiments.sqlite"
 
 
+def _run_row(experiment_id: str, run, job_id: str, now: float) -> dict:
+    """The database row of one queued run."""
+    return {
+        "experiment_id": experiment_id,
+        "run_index": run.index,
+        "slug": run.slug,
+        "dataset": run.dataset,
+        "model": run.model,
+        "preset": run.preset,
+        "overrides_json": dumps(run.overrides),
+        "job_id": job_id,
+        "status": "queued",
+        "created_at": now,
+    }
+
+
 class ExperimentService:
     """Submission, watching and results of experiments (one per ingress replica)."""
 
@@ -159,6 +175,37 @@ class ExperimentService:
         """Validate the bundles, store them, create one job per run and the database rows."""
         self.jobs.check_queue_room(len(spec.runs))
         experiment_id = new_experiment_id()
+        inputs = await self._inputs(spec, upload)
+        bundle_key = None
+        if upload is not None:
+            bundle_key = experiment_key(experiment_id, "input", "bundle.zip")
+            await asyncio.to_thread(self.store.put, bundle_key, upload)
+        now = time.time()
+        rows = []
+        for run in spec.runs:
+            job_id = await self.jobs.enqueue(
+                inputs[run.dataset], models=[run.model], preset=run.preset, overrides=run.overrides
+            )
+            rows.append(_run_row(experiment_id, run, job_id, now))
+        exp = {
+            "experiment_id": experiment_id,
+            "name": spec.name,
+            "description": spec.description,
+            "status": "running",
+            "spec_json": dumps(spec.raw),
+            "bundle_key": bundle_key,
+            "git_commit": self.commit,
+            "created_at": now,
+        }
+        await asyncio.to_thread(self.db.create_experiment, exp, rows)
+        for row in rows:
+            self.watched[row["job_id"]] = (experiment_id, row["run_index"])
+        await self._snapshot()
+        logger.info("experiment %s queued: %d runs", experiment_id, len(rows))
+        return {"experiment_id": experiment_id, "status": "running", "runs": len(rows)}
+
+    async def _inputs(self, spec: ExperimentSpec, upload: bytes | None) -> dict[str, bytes]:
+        """Dataset name -> bundle ZIP bytes of every dataset the runs use, validated when configured."""
         inputs: dict[str, bytes] = {}
         if upload is not None:
             inputs[UPLOAD_DATASET] = upload
@@ -180,46 +227,7 @@ class ExperimentService:
                             **e.details,
                         },
                     ) from None
-        bundle_key = None
-        if upload is not None:
-            bundle_key = experiment_key(experiment_id, "input", "bundle.zip")
-            await asyncio.to_thread(self.store.put, bundle_key, upload)
-        now = time.time()
-        rows = []
-        for run in spec.runs:
-            job_id = await self.jobs.enqueue(
-                inputs[run.dataset], models=[run.model], preset=run.preset, overrides=run.overrides
-            )
-            rows.append(
-                {
-                    "experiment_id": experiment_id,
-                    "run_index": run.index,
-                    "slug": run.slug,
-                    "dataset": run.dataset,
-                    "model": run.model,
-                    "preset": run.preset,
-                    "overrides_json": dumps(run.overrides),
-                    "job_id": job_id,
-                    "status": "queued",
-                    "created_at": now,
-                }
-            )
-        exp = {
-            "experiment_id": experiment_id,
-            "name": spec.name,
-            "description": spec.description,
-            "status": "running",
-            "spec_json": dumps(spec.raw),
-            "bundle_key": bundle_key,
-            "git_commit": self.commit,
-            "created_at": now,
-        }
-        await asyncio.to_thread(self.db.create_experiment, exp, rows)
-        for row in rows:
-            self.watched[row["job_id"]] = (experiment_id, row["run_index"])
-        await self._snapshot()
-        logger.info("experiment %s queued: %d runs", experiment_id, len(rows))
-        return {"experiment_id": experiment_id, "status": "running", "runs": len(rows)}
+        return inputs
 
     # ------------------------------------------------------------ watcher
 
