@@ -185,9 +185,7 @@ def _open_zip(path_or_bytes, limits: BundleLimits, source: str) -> _Files:
             with zf.open(info) as f:
                 data = f.read(limits.max_file_bytes + 1)
         except (zipfile.BadZipFile, OSError, EOFError, zipfile.LargeZipFile) as e:
-            raise InvalidArchiveError(
-                f"cannot read {info.filename} from the archive: {e}", details={"file": info.filename}
-            ) from None
+            raise InvalidArchiveError(f"cannot read {info.filename} from the archive: {e}", details={"file": info.filename}) from None
         if len(data) > limits.max_file_bytes:
             raise InputTooLargeError(f"{info.filename} is over the size limit", details={"file": info.filename})
         return data
@@ -271,9 +269,7 @@ def parse_transforms(data: bytes) -> dict:
     try:
         d = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidTransformsError(
-            f"transforms.json is not valid JSON: {e}", details={"file": TRANSFORMS_FILE}
-        ) from None
+        raise InvalidTransformsError(f"transforms.json is not valid JSON: {e}", details={"file": TRANSFORMS_FILE}) from None
     if not isinstance(d, dict):
         raise InvalidTransformsError("transforms.json must be a JSON object", details={"file": TRANSFORMS_FILE})
     frames = d.get("frames")
@@ -407,9 +403,7 @@ def _load_posed(files: _Files, limits: BundleLimits) -> FrameSet:
     d = parse_transforms(files.read(TRANSFORMS_FILE))
     frames = d["frames"]
     if len(frames) > limits.max_views:
-        raise InputTooLargeError(
-            f"{len(frames)} views; the limit is {limits.max_views}", details={"views": len(frames)}
-        )
+        raise InputTooLargeError(f"{len(frames)} views; the limit is {limits.max_views}", details={"views": len(frames)})
     views: list[View] = []
     names_seen: set[str] = set()
     for i, fr in enumerate(frames):
@@ -434,9 +428,7 @@ def _load_posed(files: _Files, limits: BundleLimits) -> FrameSet:
     enc = DepthEncoding.from_dict(d["depth_encoding"]) if "depth_encoding" in d else None
     fs = FrameSet(views=views, depth_encoding=enc, cameras_given=True)
     if not any(v.depth_raw is not None or v.alpha is not None for v in views):
-        raise MissingDepthError(
-            "no view has a depth render or an alpha mask; at least one is needed to find the object"
-        )
+        raise MissingDepthError("no view has a depth render or an alpha mask; at least one is needed to find the object")
     return fs
 
 

