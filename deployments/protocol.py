@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["QUALITY_FAILED"]  # re-exported: quality.json's failure code, owned by pipeline.quality
-
-from pipeline.errors import CanceledError, ModelOOMError, ReconstructionFailedError
+from pipeline.errors import CanceledError, ModelOOMError, ReconstructionFailedError, is_oom
 from pipeline.quality import QUALITY_FAILED
 from pipeline.result import ReconstructionResult
+
+# Re-exported: quality.json's failure code (owned by pipeline.quality) and the one out-of-memory test (pipeline.errors).
+__all__ = ["QUALITY_FAILED", "is_oom"]
 
 # ---------------------------------------------------------------- job error codes (one place)
 # The library's own codes are its error classes' (``code``); the service's are defined here.
@@ -45,13 +46,6 @@ REPLICA_LOST = "REPLICA_LOST"
 STALE_ATTEMPT = "STALE_ATTEMPT"
 #: The model is known but not served (any more).
 MODEL_UNAVAILABLE = "MODEL_UNAVAILABLE"
-
-
-def is_oom(e: BaseException) -> bool:
-    """Whether ``e`` means out of memory: MemoryError, ModelOOMError, torch's OutOfMemoryError or its message."""
-    if isinstance(e, (MemoryError, ModelOOMError)):
-        return True
-    return type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
 
 
 # ---------------------------------------------------------------- request

@@ -38,7 +38,7 @@ from .camera import Camera
 from .config import RefineConfig
 from .depth_calibration import HULL_FIT_METHOD
 from .diffrender import make_diff_renderer, silhouette_loss
-from .errors import CanceledError, ConvergenceError, InvalidInputError, ModelOOMError
+from .errors import CanceledError, ConvergenceError, InvalidInputError, ModelOOMError, is_oom
 from .frames import PosedFrames
 from .masks import mask_box, signed_distance_px
 from .mesh import TexturedMesh, graph_laplacian, weld_vertices
@@ -320,10 +320,6 @@ def _resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
-
-
 def refine_mesh(
     mesh: TexturedMesh,
     frames: PosedFrames,
@@ -415,7 +411,7 @@ def _refine_with_retry(mesh, frames, cfg: RefineConfig, dev, progress, should_ca
     try:
         return _refine(mesh, frames, cfg, dev, progress, should_cancel, oom_retry=False)
     except Exception as e:
-        if not _is_oom(e):
+        if not is_oom(e):
             raise
         half = cfg.resolution // 2
         if dev.type == "cuda":
@@ -428,7 +424,7 @@ def _refine_with_retry(mesh, frames, cfg: RefineConfig, dev, progress, should_ca
     try:
         return _refine(mesh, frames, replace(cfg, resolution=half), dev, progress, should_cancel, oom_retry=True)
     except Exception as e:
-        if not _is_oom(e):
+        if not is_oom(e):
             raise
         if dev.type == "cuda":
             torch.cuda.empty_cache()

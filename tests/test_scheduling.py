@@ -221,6 +221,18 @@ def test_queued_jobs_can_be_canceled_before_they_start(tmp_path):
     assert s.queue_position(rec.job_id) is None
 
 
+def test_one_out_of_memory_rule_for_the_library_and_the_server():
+    import torch
+
+    from deployments import protocol
+    from pipeline.errors import ModelOOMError, ReconstructionFailedError, is_oom
+
+    assert protocol.is_oom is is_oom
+    assert is_oom(MemoryError()) and is_oom(ModelOOMError("x")) and is_oom(torch.cuda.OutOfMemoryError("CUDA"))
+    assert is_oom(RuntimeError("CUDA error: out of memory"))
+    assert not is_oom(ReconstructionFailedError("fusion produced no surface")) and not is_oom(ValueError("x"))
+
+
 # ---------------------------------------------------------------- queues
 
 
