@@ -95,6 +95,14 @@ def build_parser(extra=()) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, *, extra=()) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not extra and argv[:1] in (["submit"], ["experiment"]):
+        # An install whose `recon3d` script predates serve_app.cli:main lands here.
+        print(
+            f"error: `recon3d {argv[0]}` talks to the service: run `python -m serve_app.cli {argv[0]} ...` "
+            "(or reinstall the package to update the `recon3d` script)",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID_INPUT
     args = build_parser(extra).parse_args(argv)
     try:
         return int(args.func(args) or 0)
