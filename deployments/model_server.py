@@ -226,8 +226,8 @@ class ModelServer:
             raise CanceledError("the job was canceled")
         if isinstance(returned, ReconstructionResult):
             result = returned
-        elif returned:
-            result = ReconstructionResult.from_dict(returned)
+        elif returned:  # a custom runner's dict: the request names what it may leave out
+            result = ReconstructionResult.from_dict({"model": req.model, "preset": req.preset, **returned})
         else:
             result = ReconstructionResult.read(out / "result.json")
         if not result.config:

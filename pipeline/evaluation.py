@@ -48,7 +48,8 @@ class EvaluationOutput:
 
 
 def published_mesh(read: Callable[[str], bytes]) -> TexturedMesh:
-    """The mesh as the run published it (``read(name)`` gives each of :data:`MESH_FILES`).
+    """The mesh as the run published it (``read(name)`` gives each of :data:`MESH_FILES`; the
+    material and texture may be absent (KeyError / FileNotFoundError) for a vertex-coloured mesh).
 
     Evaluation scores the delivered files, not the in-memory mesh: an OBJ keeps 7 significant
     digits, which moves depth errors in the 8th; reading it back keeps the CLI and the service
@@ -58,7 +59,13 @@ def published_mesh(read: Callable[[str], bytes]) -> TexturedMesh:
 
     with tempfile.TemporaryDirectory(prefix="recon3d-mesh-") as tmp:
         for name in MESH_FILES:
-            (Path(tmp) / name).write_bytes(read(name))
+            try:
+                data = read(name)
+            except (KeyError, FileNotFoundError):
+                if name == MESH_FILES[0]:
+                    raise
+                continue
+            (Path(tmp) / name).write_bytes(data)
         return load_mesh(Path(tmp) / "mesh.obj")
 
 
