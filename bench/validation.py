@@ -17,6 +17,8 @@ prints one table:
 - ``o3dF``, ``o3dP``, ``o3dR``: Open3D's ``UniformTSDFVolume`` (voxel 1/256 of the scene cube) on
   the same depth PNGs decoded with the bundle's documented cameras and encoding (transforms.json,
   else the default rig and encoding);
+- ``clip%``: the share of foreground depth pixels the bundle's encoding clips at ``far`` (no depth
+  there; the default ``far`` = 2.5 is the rig's centre, so every surface behind it is clipped);
 - ``enc far``: the depth encoding's ``far`` the reconstruction used (min-max over views), ``s``: wall time.
 
 A row that fails prints its error instead of numbers. Rows go to ``rows.json`` and ``rows.csv``
@@ -59,6 +61,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("o3dF", "o3d_f_score", ".3f"),
     ("o3dP", "o3d_precision", ".3f"),
     ("o3dR", "o3d_recall", ".3f"),
+    ("clip%", "clipped_pct", ".1f"),
     ("enc far", "enc_far", ""),
     ("s", "seconds", ".1f"),
 )
@@ -321,6 +324,15 @@ def ensure_set(
     return manifest
 
 
+def add_clipped(rows: list[dict], manifest: dict) -> None:
+    """Copy each bundle's clipped share of foreground depth (manifest.json, percent) into its row."""
+    by_name = {o["name"]: o for o in manifest["objects"]}
+    for r in rows:
+        v = by_name.get(r["object"], {}).get("variants", {}).get(r["variant"])
+        if v is not None:
+            r["clipped_pct"] = 100.0 * v["clipped_fraction"]
+
+
 def _split(text: str | None, allowed, what: str) -> list[str]:
     if not text:
         return list(allowed)
@@ -351,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = _split(args.variants, VARIANTS, "variants")
     dres = args.depth_res or args.res
     set_root = args.out / f"set_r{args.res}_d{dres}"
-    ensure_set(set_root, objects, args.res, dres, args.step, args.rebuild)
+    manifest = ensure_set(set_root, objects, args.res, dres, args.step, args.rebuild)
     run_root = args.out / f"runs_{args.preset}_r{args.res}"
     tasks = [
         (o, v, set_root / o / v, run_root / o / v, args.preset, args.samples, not args.no_open3d)
@@ -370,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             row = run_row(*t)
             _report(row)
             rows.append(row)
+    add_clipped(rows, manifest)
     table = format_table(rows)
     head = (
         f"fusion, preset {args.preset}, {args.res} px photos / {dres} px depth, {len(objects)} objects x "

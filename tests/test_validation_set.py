@@ -145,3 +145,27 @@ def test_orbit_cameras_are_held_out(vset):
         assert cam.width == RES
     meta = json.loads((root / "manifest.json").read_text())
     assert meta["resolution"] == RES
+
+
+def _bench_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "validation.py"
+    spec = importlib.util.spec_from_file_location("bench_validation", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_turns_a_failure_into_an_error_row(tmp_path):
+    bench = _bench_module()
+    row = bench.run_row("ghost", "rig", tmp_path / "no-such-bundle", tmp_path / "out", "fast", 1000, False)
+    assert row["object"] == "ghost"
+    assert "BUNDLE_NOT_FOUND" in row["error"]
+    good = {"object": "crate", "variant": "posed", "f_score": 0.5, "components": 3, "enc_far": "2.500"}
+    table = bench.format_table([good, row])
+    lines = table.splitlines()
+    assert len(lines) == 4
+    assert "| crate | posed | 0.500 |" in lines[2]
+    assert "ERROR" in lines[3] and "ghost" in lines[3]
