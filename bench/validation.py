@@ -21,7 +21,8 @@ prints one table:
   there; the default ``far`` = 2.5 is the rig's centre, so every surface behind it is clipped);
 - ``enc far``: the depth encoding's ``far`` the reconstruction used (min-max over views), ``s``: wall time.
 
-A row that fails prints its error instead of numbers. Rows go to ``rows.json`` and ``rows.csv``
+``--shared`` adds spot and box from ../shared/data/objects in the same three variants
+(pipeline.validation_set.write_variants_of_bundle). A row that fails prints its error instead of numbers. Rows go to ``rows.json`` and ``rows.csv``
 beside the outputs, the table to ``table.md``.
 """
 
@@ -43,7 +44,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import DEFAULT_DEPTH_ENCODING, PRESETS  # noqa: E402
 from pipeline.metrics import GEOMETRY_SAMPLES, METRICS_SUPERSAMPLE, geometry_metrics, image_metrics  # noqa: E402
-from pipeline.validation_set import DEFAULT_GRID_STEP, OBJECTS, VARIANTS, load_orbit_cameras, write_validation_set  # noqa: E402
+from pipeline.validation_set import (  # noqa: E402
+    DEFAULT_GRID_STEP,
+    OBJECTS,
+    VARIANTS,
+    load_orbit_cameras,
+    write_validation_set,
+    write_variants_of_bundle,
+)
+
+#: ../shared/data/objects beside the checkout: bundles with gt/mesh.glb that ``--shared`` adds.
+SHARED_OBJECTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "objects"
 
 #: Table columns: (header, row key, format).
 COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -321,7 +332,23 @@ def ensure_set(
         new["objects"] = [have[n] for n in OBJECTS if n in have]
         (root / "manifest.json").write_text(json.dumps(new, indent=1))
         manifest = new
-    return manifest
+    return manifest or {"objects": []}
+
+
+def ensure_shared(root: Path, rebuild: bool) -> list[dict]:
+    """Manifest entries of the three variants of every ../shared/data/objects bundle with a GT mesh."""
+    out = []
+    for src in sorted(p for p in SHARED_OBJECTS.glob("*") if (p / "gt" / "mesh.glb").is_file()):
+        dst = root / f"shared_{src.name}"
+        mpath = dst / "entry.json"
+        if mpath.is_file() and not rebuild:
+            out.append(json.loads(mpath.read_text()))
+            continue
+        entry = write_variants_of_bundle(src, dst)
+        entry["name"] = dst.name
+        mpath.write_text(json.dumps(entry, indent=1))
+        out.append(entry)
+    return out
 
 
 def add_clipped(rows: list[dict], manifest: dict) -> None:
@@ -345,7 +372,7 @@ def _split(text: str | None, allowed, what: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--objects", help=f"comma-separated, default all: {','.join(OBJECTS)}")
+    ap.add_argument("--objects", help=f"comma-separated, 'none' (with --shared), default all: {','.join(OBJECTS)}")
     ap.add_argument("--variants", help=f"comma-separated, default all: {','.join(VARIANTS)}")
     ap.add_argument("--preset", default="fast", choices=sorted(PRESETS))
     ap.add_argument("--res", type=int, default=512, help="photo resolution of the bundles, pixels")
@@ -358,15 +385,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("/tmp/recon3d-bench-validation"))
     ap.add_argument("--rebuild", action="store_true", help="rebuild the bundles even if they exist")
     ap.add_argument("--no-open3d", action="store_true", help="skip the Open3D TSDF columns")
+    ap.add_argument(
+        "--shared", action="store_true", help="add the three variants of each ../shared/data/objects bundle (spot, box)"
+    )
     args = ap.parse_args(argv)
-    objects = _split(args.objects, OBJECTS, "objects")
+    objects = [] if args.objects == "none" else _split(args.objects, OBJECTS, "objects")
     variants = _split(args.variants, VARIANTS, "variants")
     dres = args.depth_res or args.res
     set_root = args.out / f"set_r{args.res}_d{dres}"
     manifest = ensure_set(set_root, objects, args.res, dres, args.step, args.rebuild)
+    if args.shared:
+        shared = ensure_shared(args.out / "shared", args.rebuild)
+        manifest = {**manifest, "objects": manifest["objects"] + shared}
+        objects = objects + [e["name"] for e in shared]
+        set_paths = {e["name"]: args.out / "shared" / e["name"] for e in shared}
+    else:
+        set_paths = {}
     run_root = args.out / f"runs_{args.preset}_r{args.res}"
     tasks = [
-        (o, v, set_root / o / v, run_root / o / v, args.preset, args.samples, not args.no_open3d)
+        (o, v, set_paths.get(o, set_root / o) / v, run_root / o / v, args.preset, args.samples, not args.no_open3d)
         for o in objects
         for v in variants
     ]

@@ -752,3 +752,77 @@ def write_validation_set(
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+def write_variants_of_bundle(
+    src: str | Path, out: str | Path, *, encoding: DepthEncoding = ENCODED_VARIANTS[0], orbit_resolution: int = 512
+) -> dict:
+    """The three variants of an existing default-rig bundle that has ``transforms.json`` and ``gt/mesh.glb``.
+
+    For meshes that come as bundles (../shared/data/objects): ``posed`` is a copy, ``rig`` the copy
+    without ``transforms.json``, ``encoded`` the depth decoded with the stated encoding and written
+    again with ``encoding``; clipped values (at ``max_value``) stay clipped. Each gets
+    ``gt/orbit.json`` at ``orbit_resolution``.
+
+    Raises ValueError when the bundle's cameras are not the default rig: its ``rig`` variant would
+    then not be the same scene.
+    """
+    import shutil
+
+    from .bundle import load_bundle
+    from .depth import decode_depth
+
+    src, out = Path(src), Path(out)
+    fs = load_bundle(src)
+    if not fs.cameras_given or fs.names != list(RIG_VIEW_NAMES):
+        raise ValueError(f"{src} is not a six-view bundle with transforms.json")
+    w, h = fs.views[0].size
+    rig = default_rig(w, h)
+    for v in fs.views:
+        if not (
+            np.allclose(v.camera.cam_to_world, rig[v.name].cam_to_world, atol=1e-6)
+            and np.allclose(v.camera.K, rig[v.name].K)
+        ):
+            raise ValueError(f"view {v.name!r} of {src} is not at the default rig's camera")
+    given = fs.depth_encoding or DEFAULT_DEPTH_ENCODING
+    orbit = cameras_json(orbit_cameras(orbit_resolution, orbit_resolution), RIG_FOV_X_DEG, with_files=False)
+    entry: dict = {
+        "name": src.name,
+        "covers": [],
+        "genus": None,
+        "closed": None,
+        "encoded_encoding": encoding.to_dict(),
+        "variants": {},
+    }
+    for variant in VARIANTS:
+        b = out / variant
+        if b.exists():
+            shutil.rmtree(b)
+        shutil.copytree(src, b, ignore=shutil.ignore_patterns("transforms.json", "depth_renders"))
+        (b / "depth_renders").mkdir()
+        enc = encoding if variant == "encoded" else given
+        clipped = fg = 0
+        for v in fs.views:
+            raw = v.depth_raw
+            z, valid = decode_depth(raw, given)
+            clip = valid & (raw >= given.max_value)
+            if variant == "encoded":
+                values = encode_depth(z, valid, enc, dtype=np.uint16 if enc.max_value > 255 else np.uint8)
+                values[clip] = enc.max_value
+                data = _depth_png(values, enc)
+            else:
+                data = (src / "depth_renders" / f"{v.name}.png").read_bytes()
+            (b / "depth_renders" / f"{v.name}.png").write_bytes(data)
+            clipped += int(clip.sum())
+            fg += int(valid.sum())
+        if variant != "rig":
+            d = json.loads((src / "transforms.json").read_text())
+            d["depth_encoding"] = enc.to_dict()
+            (b / "transforms.json").write_text(json.dumps(d, indent=1))
+        (b / "gt" / "orbit.json").write_text(json.dumps(orbit, indent=1))
+        entry["variants"][variant] = {
+            "path": str(b),
+            "encoding": enc.to_dict(),
+            "clipped_fraction": clipped / max(fg, 1),
+        }
+    return entry

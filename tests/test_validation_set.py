@@ -169,3 +169,42 @@ def test_bench_turns_a_failure_into_an_error_row(tmp_path):
     assert len(lines) == 4
     assert "| crate | posed | 0.500 |" in lines[2]
     assert "ERROR" in lines[3] and "ghost" in lines[3]
+
+
+def test_variants_of_an_existing_bundle(vset, tmp_path):
+    from pipeline.validation_set import ENCODED_VARIANTS, write_variants_of_bundle
+
+    root, _ = vset
+    src = root / "crate" / "posed"
+    enc = ENCODED_VARIANTS[0]
+    entry = write_variants_of_bundle(src, tmp_path / "crate", encoding=enc, orbit_resolution=32)
+    given = load_bundle(src)
+    rig = load_bundle(tmp_path / "crate" / "rig")
+    encoded = load_bundle(tmp_path / "crate" / "encoded")
+    assert not rig.cameras_given and encoded.depth_encoding == enc and encoded.depth_max_value == 65535.0
+    q = (enc.far - enc.near) / enc.max_value  # one 16-bit step: the 8-bit values are re-encoded, not re-rendered
+    for g, r, e in zip(given.views, rig.views, encoded.views, strict=True):
+        np.testing.assert_array_equal(g.depth_raw, r.depth_raw)
+        zg, vg = decode_depth(g.depth_raw, DEFAULT_DEPTH_ENCODING)
+        ze, ve = decode_depth(e.depth_raw, enc)
+        np.testing.assert_array_equal(vg, ve)
+        kept = vg & (g.depth_raw < DEFAULT_DEPTH_ENCODING.max_value)
+        assert np.abs(zg[kept] - ze[kept]).max() <= q
+        # pixels the source clips stay clipped
+        np.testing.assert_array_equal(g.depth_raw[vg] >= 255, e.depth_raw[ve] >= enc.max_value)
+    assert len(load_orbit_cameras(tmp_path / "crate" / "posed" / "gt" / "orbit.json")) == 8
+    assert (tmp_path / "crate" / "encoded" / "gt" / "mesh.glb").is_file()
+    assert set(entry["variants"]) == set(VARIANTS)
+
+
+def test_variants_refuse_a_bundle_off_the_default_rig(tmp_path):
+    import shutil
+
+    from pipeline.synthetic import write_bundle
+    from pipeline.validation_set import write_variants_of_bundle
+
+    src = write_bundle(tmp_path / "b", "sphere", resolution=32, with_transforms=True, fov_x_deg=50.0)
+    (src / "gt").mkdir()
+    with pytest.raises(ValueError, match="default rig"):
+        write_variants_of_bundle(src, tmp_path / "out")
+    shutil.rmtree(tmp_path / "b")
