@@ -334,6 +334,16 @@ def estimate_depth_encodings(
     cands.append(_shared_affine(cands[-1], samples, prior, ones, score))
     cands.append(_per_view(cands[-1], samples, prior, score))
 
+    chosen = _choose(ev, cands, max_value, tol)
+    encodings = [
+        DepthEncoding(near=float(a), far=float(b), max_value=max_value, background=background)
+        for a, b in zip(chosen.near, chosen.far, strict=True)
+    ]
+    return encodings, _report(cands, chosen, prior, prior_source, cameras, tol)
+
+
+def _choose(ev: DepthEvidence, cands: list[_Candidate], max_value: float, tol: float) -> _Candidate:
+    """The prior, unless a later candidate beats the current choice by the margins (in order)."""
     chosen = cands[0]
     for c in cands[1:]:
         gain = chosen.score["misfit"] - c.score["misfit"]
@@ -347,14 +357,15 @@ def estimate_depth_encodings(
         depth = {c.name: _median_depth(ev, c, max_value) for c in feasible}
         nearest = min(depth.values())
         chosen = next(c for c in feasible if depth[c.name] <= nearest + 0.25 * tol)
-    encodings = [
-        DepthEncoding(near=float(a), far=float(b), max_value=max_value, background=background)
-        for a, b in zip(chosen.near, chosen.far, strict=True)
-    ]
+    return chosen
+
+
+def _report(cands, chosen: _Candidate, prior: DepthEncoding, prior_source: str, cameras, tol: float) -> dict:
+    kept = chosen is cands[0]
     uncertain = chosen.score["misfit"] > UNCERTAIN_MISFIT
     report = {
-        "method": prior_source if chosen.name == "prior" else HULL_FIT_METHOD,
-        "source": prior_source if chosen.name == "prior" else "estimated",
+        "method": prior_source if kept else HULL_FIT_METHOD,
+        "source": prior_source if kept else "estimated",
         "choice": chosen.name,
         "prior": prior.to_dict(),
         "tolerance": round(tol, 5),
@@ -363,8 +374,8 @@ def estimate_depth_encodings(
             cam.name: {"near": round(float(a), 4), "far": round(float(b), 4)}
             for cam, a, b in zip(cameras, chosen.near, chosen.far, strict=True)
         },
-        "max_value": max_value,
-        "background": background,
+        "max_value": prior.max_value,
+        "background": prior.background,
         "uncertain": bool(uncertain),
     }
     if uncertain:
@@ -372,7 +383,7 @@ def estimate_depth_encodings(
             f"DEPTH_ENCODING_UNCERTAIN: no candidate encoding explains the depth maps well "
             f"(best misfit {chosen.score['misfit']:.2f} > {UNCERTAIN_MISFIT}); used {chosen.name!r}"
         )
-    return encodings, report
+    return report
 
 
 def _median_depth(ev: DepthEvidence, c: _Candidate, max_value: float) -> float:
