@@ -5,7 +5,8 @@ The service runs as in test_service.py (a private local Ray; the fusion deployme
 pipeline, slow cancellable work, ...). Chromium is Debian's (``apt-get install chromium``);
 without it the browser tests skip with one line, unless ``RECON3D_REQUIRE_BROWSER=1`` (set by
 .ci/run), where a missing browser fails them. Screenshots go to ``$RECON3D_TEST_ARTIFACTS``
-(else a pytest temporary folder, printed in the test output).
+(else a pytest temporary folder, printed in the test output). ``RECON3D_CHROMIUM`` names another
+Chromium executable.
 """
 
 from __future__ import annotations
@@ -60,9 +61,10 @@ def find_browser() -> tuple[str | None, str]:
         import playwright.sync_api  # noqa: F401
     except ImportError:
         return None, "the Python package playwright is not installed (pip install -e '.[dev]')"
-    exe = os.environ.get("RECON3D_CHROMIUM") or next((p for p in CHROMIUM_PATHS if os.access(p, os.X_OK)), None)
+    candidates = [os.environ["RECON3D_CHROMIUM"]] if os.environ.get("RECON3D_CHROMIUM") else CHROMIUM_PATHS
+    exe = next((p for p in candidates if os.access(p, os.X_OK)), None)
     if exe is None:
-        return None, "no Chromium (apt-get install -y --no-install-recommends chromium)"
+        return None, f"no Chromium at {', '.join(candidates)} (apt-get install -y --no-install-recommends chromium)"
     return exe, ""
 
 

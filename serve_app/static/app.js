@@ -130,12 +130,10 @@ function askForKey(err) {
     dialog.addEventListener(
       "close",
       () => {
-        if (dialog.returnValue === "save") resolve($("#key-input").value.trim() || null);
-        else {
-          if (dialog.returnValue === "forget") storeKey("");
-          resolve(null);
-        }
+        const key = dialog.returnValue === "save" ? $("#key-input").value.trim() || null : null;
+        if (key || dialog.returnValue === "forget") storeKey(key || "");
         updateKeyButton();
+        resolve(key);
       },
       { once: true },
     );
@@ -444,7 +442,7 @@ async function renderRun(job, model, run) {
   const images = files.filter((f) => f.startsWith("previews/") && /\.(png|gif)$/.test(f)).sort((a, b) => order(a) - order(b) || a.localeCompare(b));
   if (job.expired) previews.append(el("p", {}, "Expired."));
   for (const f of job.expired ? [] : images) {
-    const img = el("img", { alt: f.replace("previews/", "").replace(/[_.]/g, " "), loading: "lazy", "data-file": f });
+    const img = el("img", { alt: f.replace("previews/", "").replace(/[_.]/g, " "), "data-file": f });
     const fig = el("figure", { class: f.includes("contact_sheet") ? "wide" : "" }, img, el("figcaption", {}, f.replace("previews/", "")));
     previews.append(fig);
     blobUrl(link(f).replace(/^\//, ""))
@@ -583,11 +581,7 @@ async function main() {
   setKeyPrompt(askForKey);
   updateKeyButton();
   for (const b of $$("nav [data-tab]")) b.addEventListener("click", () => showTab(b.dataset.tab));
-  $("#key-button").addEventListener("click", async () => {
-    const key = await askForKey(null);
-    if (key) storeKey(key);
-    updateKeyButton();
-  });
+  $("#key-button").addEventListener("click", () => askForKey(null));
   wireDropZones();
   $("#submit-form").addEventListener("submit", submit);
   $("#cancel-button").addEventListener("click", () => askCancel().catch(reportError));
