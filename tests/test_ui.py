@@ -466,3 +466,40 @@ def test_narrow_screen_and_keyboard(artifacts, browser, service):
         page.screenshot(path=str(artifacts / "ui-narrow.png"), full_page=True)
     finally:
         narrow.close()
+
+
+def test_experiments_table_and_plot(tab, client, bundles, artifacts):
+    box = zipfile.ZipFile(bundles["slow"])
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:  # the slow bundle, made quick
+        for info in box.infolist():
+            if info.filename != "behaviour.txt":
+                zf.writestr(info, box.read(info))
+    r = client.post(
+        "/experiments",
+        files={"bundle": ("b.zip", with_behaviour(buf.getvalue(), "quick"), "application/zip")},
+        data={"spec": "name: ui-sweep\npresets: [fast]\ngrid:\n  texture_size: [256, 512]\n"},
+    )
+    assert r.status_code == 202, r.text
+    exp_id = r.json()["experiment_id"]
+    deadline = time.monotonic() + 180
+    while (exp := client.get(f"/experiments/{exp_id}").json())["status"] != "finished":
+        assert time.monotonic() < deadline, exp
+        time.sleep(1)
+    tab.open("/")
+    page = tab.page
+    page.click("nav [data-tab='experiments']")
+    page.wait_for_selector("#experiment-table tbody tr[data-slug]")
+    page.select_option("#experiment-select", exp_id)
+    page.wait_for_function(
+        "n => document.querySelectorAll('#experiment-table tbody tr[data-slug]').length === n", arg=len(exp["runs"])
+    )
+    for row in exp["runs"]:
+        cells = page.locator(f"#experiment-table tr[data-slug='{row['slug']}'] td").all_inner_texts()
+        assert cells[0].startswith(row["status"]) and cells[2] == (f"{row['psnr']:.2f}" if row["psnr"] else "–")
+        assert cells[7] == ("yes" if row["pareto"] else "")
+    page.wait_for_function(
+        "() => { const i = document.querySelector('#experiment-plot'); return i.complete && i.naturalWidth > 0; }"
+    )
+    page.screenshot(path=str(artifacts / "ui-experiments.png"), full_page=True)
+    assert tab.foreign_requests() == []

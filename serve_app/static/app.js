@@ -410,7 +410,7 @@ async function renderRun(job, model, run) {
   $(".wireframe", node).addEventListener("change", (e) => setWireframe(viewer, e.target.checked));
   $(".rotate", node).addEventListener("change", (e) => viewer.toggleAttribute("auto-rotate", e.target.checked));
   $(".reset-view", node).addEventListener("click", () => {
-    viewer.cameraOrbit = "0deg 75deg 105%";
+    viewer.cameraOrbit = "35deg 70deg auto";
     viewer.jumpCameraToGoal();
   });
   viewer.addEventListener("load", () => {
