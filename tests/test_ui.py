@@ -383,26 +383,35 @@ def test_bad_uploads_show_their_codes(tab, client, bundles, artifacts):
 
 
 def test_jobs_list_filter_and_delete(tab, client, bundles):
-    r = client.post(
-        "/jobs",
-        files={"bundle": ("b.zip", with_behaviour(bundles["slow"].read_bytes(), "quick"), "application/zip")},
-        data={"preset": "fast"},
-    )
-    job_id = r.json()["job_id"]
+    data = bundles["slow"].read_bytes()
+    ids = {}
+    for behaviour in ("quick", "fail"):
+        r = client.post(
+            "/jobs",
+            files={"bundle": ("b.zip", with_behaviour(data, behaviour), "application/zip")},
+            data={"preset": "fast"},
+        )
+        ids[behaviour] = r.json()["job_id"]
     deadline = time.monotonic() + 120
-    while client.get(f"/jobs/{job_id}").json()["status"] not in ("succeeded", "failed") and time.monotonic() < deadline:
-        time.sleep(0.5)
+    for job_id in ids.values():
+        while client.get(f"/jobs/{job_id}").json()["status"] not in ("succeeded", "failed"):
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+    job_id, failed_id = ids["quick"], ids["fail"]
     tab.open("/")
     page = tab.page
     page.click("nav [data-tab='jobs']")
+    rows_js = """([want, gone, status]) => {
+        const rs = [...document.querySelectorAll('#jobs-table tbody tr[data-job]')];
+        return rs.some(r => r.dataset.job === want) && !rs.some(r => r.dataset.job === gone)
+               && rs.every(r => !status || r.dataset.status === status); }"""
+    page.wait_for_function(rows_js, arg=[failed_id, "", ""])  # all: both jobs
     page.select_option("#jobs-filter", "succeeded")
-    row = page.locator(f"#jobs-table tr[data-job='{job_id}']")
-    row.wait_for()
-    statuses = set(page.eval_on_selector_all("#jobs-table tbody tr[data-job]", "rs => rs.map(r => r.dataset.status)"))
-    assert statuses == {"succeeded"}
-    page.select_option("#jobs-filter", "canceled")
-    page.wait_for_function("id => !document.querySelector(`#jobs-table tr[data-job='${id}']`)", arg=job_id)
+    page.wait_for_function(rows_js, arg=[job_id, failed_id, "succeeded"])
+    page.select_option("#jobs-filter", "failed")
+    page.wait_for_function(rows_js, arg=[failed_id, job_id, "failed"])
     page.select_option("#jobs-filter", "")
+    row = page.locator(f"#jobs-table tr[data-job='{job_id}']")
     row.wait_for()
     row.get_by_role("button", name="Delete").click()
     row.get_by_role("button", name="Confirm delete").click()  # two clicks: nothing goes on one

@@ -465,9 +465,13 @@ async function renderRun(job, model, run) {
 
 // ---------------------------------------------------------------- jobs list
 
+let jobsLoad = 0;
+
 async function loadJobs() {
   const status = $("#jobs-filter").value;
+  const mine = ++jobsLoad;
   const page = await apiJson(`jobs?limit=100${status ? `&status=${status}` : ""}`);
+  if (mine !== jobsLoad) return; // a newer filter's answer wins
   const body = $("#jobs-table tbody");
   body.replaceChildren();
   for (const j of page.items) {
