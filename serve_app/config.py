@@ -23,6 +23,21 @@ def known_models() -> tuple[str, ...]:
     return model_names()
 
 
+class UISettings(BaseModel):
+    """The web page served at / and /ui (serve_app/ui.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="Serve the page at /, /ui and /ui/<file>; False answers 404 there.")
+    dashboard_url: str | None = Field(
+        None, description="Ray dashboard link on the page; None = port 8265 on the host the page was loaded from."
+    )
+    grafana_url: str | None = Field(
+        None,
+        description="Grafana link on the page; None = $RAY_GRAFANA_IFRAME_HOST, else port 3000 on the page's host.",
+    )
+
+
 class AppArgs(BaseModel):
     """Arguments of :func:`serve_app.builder.build_app` (``args:`` in serve_config.yaml)."""
 
@@ -57,6 +72,7 @@ class AppArgs(BaseModel):
         default_factory=ExperimentsSettings, description="Parameter sweeps and their metrics database."
     )
     batches: BatchSettings = Field(default_factory=BatchSettings, description="Many bundles per request.")
+    ui: UISettings = Field(default_factory=UISettings, description="The web page.")
     ingress_resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources of the ingress replica (pin it to a node group)."
     )

@@ -83,6 +83,12 @@ class ModelUnavailableError(ServiceError):
     code = MODEL_UNAVAILABLE
 
 
+class NotFoundError(ServiceError):
+    """No such route or page file (HTTP 404)."""
+
+    code = "NOT_FOUND"
+
+
 class FileNotFoundInJobError(ServiceError):
     code = "FILE_NOT_FOUND"
 

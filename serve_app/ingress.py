@@ -22,7 +22,7 @@ import zipfile
 
 import ray
 from fastapi import Body, FastAPI, File, Form, Query, Request, UploadFile
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.background import BackgroundTask
 from starlette.middleware.base import BaseHTTPMiddleware
@@ -36,6 +36,7 @@ from pipeline.overrides import parse_overrides_json, validate_overrides
 
 from . import constants as SC
 from . import errors as E
+from . import ui
 from .batches import router as batches_router
 from .batches import start_batches
 from .config import AppArgs
@@ -466,6 +467,40 @@ class Ingress:
                 out["status"] = "degraded"
         out["jobs"] = {s: self.book.count(s) for s in ("queued", "running")}
         return out
+
+    # ------------------------------------------------------------ the web page (serve_app/ui.py)
+
+    def _ui_file(self, rel: str):
+        found = ui.static_file(rel) if self.args.ui.enabled else None
+        if found is None:
+            raise E.NotFoundError(f"no page file {rel!r}", details={"path": rel})
+        path, content_type = found
+        return FileResponse(path, media_type=content_type, headers=ui.headers_for(rel, content_type))
+
+    @app.get("/", include_in_schema=False)
+    async def ui_root(self):
+        return self._ui_file(ui.INDEX_FILE)
+
+    @app.get("/ui", include_in_schema=False)
+    async def ui_index(self):
+        return self._ui_file(ui.INDEX_FILE)
+
+    @app.get("/ui/settings.json", include_in_schema=False)
+    async def ui_settings(self):
+        if not self.args.ui.enabled:
+            raise E.NotFoundError("the web page is off (ui.enabled: false)", details={"path": "settings.json"})
+        return ui.page_settings(
+            models=sorted(self.handles),
+            default_preset=self.args.default_preset,
+            max_upload_bytes=self.args.max_upload_bytes,
+            dashboard_url=self.args.ui.dashboard_url,
+            grafana_url=self.args.ui.grafana_url,
+            version=__version__,
+        )
+
+    @app.get("/ui/{rel:path}", include_in_schema=False)
+    async def ui_file(self, rel: str):
+        return self._ui_file(rel)
 
     @app.get("/ready", responses={503: {"model": ErrorBody}})
     async def ready(self):
