@@ -158,7 +158,9 @@ def _supersample_texture_interior(mesh: TexturedMesh, rast: Rasterization, rgb: 
     ok[1:-1] &= m[2:] & m[:-2]
     ok[[0, -1], :] = False
     ok[:, [0, -1]] = False
-    ok &= (np.abs(du).max(-1) < _MAX_UV_PER_PIXEL) & (np.abs(dv).max(-1) < _MAX_UV_PER_PIXEL)
+    # max over the two UV components written out: numpy's max along a length-2 axis is slow.
+    ok &= np.maximum(np.abs(du[..., 0]), np.abs(du[..., 1])) < _MAX_UV_PER_PIXEL
+    ok &= np.maximum(np.abs(dv[..., 0]), np.abs(dv[..., 1])) < _MAX_UV_PER_PIXEL
     if not ok.any():
         return
     c, a, b = uv[ok], du[ok], dv[ok]
