@@ -113,6 +113,27 @@ class EmbreeRasterizer:
         )
         return np.asarray(ids, dtype=np.int64)
 
+    def rasterize_many(self, cams: list[Camera]) -> list[Rasterization]:
+        """:meth:`rasterize` for each camera, casting every camera's rays in one embree call."""
+        rays = [pixel_rays(cam) for cam in cams]
+        if not rays:
+            return []
+        tri, bary, t = self.cast(np.concatenate([o for o, _ in rays]), np.concatenate([d for _, d in rays]))
+        out, start = [], 0
+        for cam in cams:
+            n = cam.width * cam.height
+            z = t[start : start + n] * ray_z_scale(cam).astype(np.float32)
+            H, W = cam.height, cam.width
+            out.append(
+                Rasterization(
+                    tri[start : start + n].reshape(H, W),
+                    bary[start : start + n].reshape(H, W, 3),
+                    z.reshape(H, W).astype(np.float32),
+                )
+            )
+            start += n
+        return out
+
     def rasterize(self, cam: Camera) -> Rasterization:
         o, d = pixel_rays(cam)
         tri, bary, t = self.cast(o, d)
@@ -187,6 +208,13 @@ def make_rasterizer(vertices: np.ndarray, faces: np.ndarray, *, backend: Backend
     if backend not in ("auto", "embree"):
         raise ValueError(f"unknown render backend {backend!r}; use auto, embree or nvdiffrast")
     return EmbreeRasterizer(vertices, faces)
+
+
+def rasterize_many(rasterizer, cams: list[Camera]) -> list[Rasterization]:
+    """Every camera's :class:`Rasterization`: one embree call for all of them with the CPU backend."""
+    if hasattr(rasterizer, "rasterize_many"):
+        return rasterizer.rasterize_many(cams)
+    return [rasterizer.rasterize(cam) for cam in cams]
 
 
 def rasterize(vertices: np.ndarray, faces: np.ndarray, cam: Camera, *, backend: Backend = "auto") -> Rasterization:
