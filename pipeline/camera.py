@@ -185,6 +185,18 @@ def _stack_torch(u, v):
     return torch.stack([u, v], dim=-1)
 
 
+def row_norm(x: np.ndarray) -> np.ndarray:
+    """(..., ) Euclidean length of each row of an (..., C) float array, C small.
+
+    Bit for bit ``np.linalg.norm(x, axis=-1)`` (the same sum of squares in the same order),
+    several times faster: numpy's reduction along a short last axis is slow.
+    """
+    acc = x[..., 0] * x[..., 0]
+    for c in range(1, x.shape[-1]):
+        acc = acc + x[..., c] * x[..., c]
+    return np.sqrt(acc)
+
+
 def rays_through(cam: Camera, uv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """World rays through continuous pixel coordinates.
 
@@ -208,7 +220,7 @@ def rays_through(cam: Camera, uv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     d = np.empty((len(uv), 3))
     for p in range(3):
         d[:, p] = d_cam[0] * R[p, 0] + d_cam[1] * R[p, 1] + d_cam[2] * R[p, 2]
-    d /= np.linalg.norm(d, axis=-1, keepdims=True)
+    d /= row_norm(d)[:, None]
     return np.broadcast_to(cam.center, d.shape).copy(), d
 
 
