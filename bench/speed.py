@@ -7,8 +7,8 @@ Extracts the baseline commit (``git archive``) into a temporary folder, then run
 ``python -m pipeline.cli reconstruct`` on the same bundle, alternating baseline and current
 tree, ``--repeat`` times each, every run in a fresh subprocess with ``PYTHONPATH`` at its tree
 (so imports count, as they do for a user). Prints, per stage of ``result.json["timings_s"]``,
-the best time of each side and their ratio, then the whole process's wall time and peak RSS
-(``wait4``'s ``ru_maxrss`` of the subprocess).
+the best time of each side and their ratio, then the whole process's wall time, its CPU time
+(user + sys, the UV atlas' child process included) and peak RSS (``wait4``'s rusage).
 
 Then it checks that the current tree's outputs say the same as the baseline's:
 
@@ -81,7 +81,7 @@ def run_cli(tree: Path, bundle: str, out: Path, model: str, preset: str, threads
     if proc.returncode != 0:
         raise RuntimeError(f"{tree}: recon3d reconstruct exited {proc.returncode}:\n{err[-3000:]}")
     timings = json.loads((out / "result.json").read_text())["timings_s"]
-    return {"timings": timings, "wall": wall, "rss_mb": usage.ru_maxrss / 1024.0}
+    return {"timings": timings, "wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "rss_mb": usage.ru_maxrss / 1024.0}
 
 
 # ---------------------------------------------------------------- comparisons
@@ -204,7 +204,10 @@ def main() -> int:
             for side, tree in sides.items():  # alternate, so both see the same load over time
                 r = run_cli(tree, a.bundle, work / f"{side}-{i}", a.model, a.preset, a.threads)
                 runs[side].append(r)
-                print(f"run {i + 1}/{a.repeat} {side}: {r['wall']:.2f} s wall, {r['rss_mb']:.0f} MB peak", flush=True)
+                print(
+                    f"run {i + 1}/{a.repeat} {side}: {r['wall']:.2f} s wall, {r['cpu']:.2f} s CPU, {r['rss_mb']:.0f} MB peak",
+                    flush=True,
+                )
 
         def best(side: str, key: str) -> float | None:
             vals = [r["timings"].get(key) for r in runs[side]]
@@ -219,6 +222,8 @@ def main() -> int:
             (best(k, "evaluate") or 0.0) + (best(k, "previews") or 0.0) for k in ("baseline", "current"))))  # fmt: skip
         rows.append(("pipeline total", best("baseline", "total"), best("current", "total")))
         rows.append(("whole process (wall)", *(min(r["wall"] for r in runs[k]) for k in sides)))
+        # CPU seconds (user + sys, xatlas' child included) move far less than wall time on a busy machine.
+        rows.append(("whole process (CPU)", *(min(r["cpu"] for r in runs[k]) for k in sides)))
         for name, b, c in rows:
             ratio = f"{b / c:6.2f}x" if b and c else "      -"
             print(f"{name:22s} {_fmt(b):>11s} {_fmt(c):>10s} {ratio}")
