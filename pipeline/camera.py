@@ -206,7 +206,7 @@ def rays_through(cam: Camera, uv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     Returns
     -------
-    origins : (N, 3) float64, all equal to the camera centre
+    origins : (N, 3) float64, all equal to the camera centre (a read-only broadcast view)
     directions : (N, 3) float64, unit length
     """
     uv = np.asarray(uv, dtype=np.float64)
@@ -221,7 +221,7 @@ def rays_through(cam: Camera, uv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     for p in range(3):
         d[:, p] = d_cam[0] * R[p, 0] + d_cam[1] * R[p, 1] + d_cam[2] * R[p, 2]
     d /= row_norm(d)[:, None]
-    return np.broadcast_to(cam.center, d.shape).copy(), d
+    return np.broadcast_to(cam.center, d.shape), d
 
 
 def pixel_rays(cam: Camera, *, stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -229,7 +229,7 @@ def pixel_rays(cam: Camera, *, stride: int = 1) -> tuple[np.ndarray, np.ndarray]
 
     Returns
     -------
-    origins : (H * W, 3) float64, all equal to the camera centre
+    origins : (H * W, 3) float64, all equal to the camera centre (a read-only broadcast view)
     directions : (H * W, 3) float64, unit length, row-major over pixels;
         with ``stride`` > 1, every stride-th pixel (H and W divided, rounding up)
     """

@@ -215,10 +215,11 @@ def edge_distance_px(rast: Rasterization, cam: Camera, vertices: np.ndarray, fac
     uv, _ = project_points(cam.K, cam.world_to_cam, np.asarray(vertices, dtype=np.float64))
     ii, jj = np.nonzero(m)
     p = np.stack([jj + 0.5, ii + 0.5], axis=-1)
-    tri = uv[np.asarray(faces, dtype=np.int64)[rast.tri_id[m]]]  # (M, 3, 2)
+    corners = np.asarray(faces, dtype=np.int64)[rast.tri_id[m]]  # (M, 3)
     best = np.full(len(p), np.inf)
     for k in range(3):
-        a, b = tri[:, k], tri[:, (k + 1) % 3]
+        # One edge's endpoints at a time: no (M, 3, 2) array of every corner.
+        a, b = uv[corners[:, k]], uv[corners[:, (k + 1) % 3]]
         e = b - a
         length = row_norm(e)
         cross = np.abs(e[:, 0] * (p[:, 1] - a[:, 1]) - e[:, 1] * (p[:, 0] - a[:, 0]))

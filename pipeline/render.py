@@ -21,6 +21,9 @@ from .camera import Camera, pixel_rays, ray_z_scale, transform_points
 
 Backend = Literal["auto", "embree", "nvdiffrast"]
 
+#: :meth:`EmbreeRasterizer.rasterize_many` casts at most this many rays per call (one 1024^2 image).
+MAX_RAYS_PER_CAST = 1 << 20
+
 
 @dataclass
 class Rasterization:
@@ -114,11 +117,23 @@ class EmbreeRasterizer:
         return np.asarray(ids, dtype=np.int64)
 
     def rasterize_many(self, cams: list[Camera]) -> list[Rasterization]:
-        """:meth:`rasterize` for each camera, casting every camera's rays in one embree call."""
+        """:meth:`rasterize` for each camera, casting many cameras' rays per embree call
+        (up to :data:`MAX_RAYS_PER_CAST`, so memory stays that of one large image)."""
+        out: list[Rasterization] = []
+        group: list[Camera] = []
+        for cam in cams:
+            if group and sum(c.width * c.height for c in group) + cam.width * cam.height > MAX_RAYS_PER_CAST:
+                out += self._rasterize_group(group)
+                group = []
+            group.append(cam)
+        if group:
+            out += self._rasterize_group(group)
+        return out
+
+    def _rasterize_group(self, cams: list[Camera]) -> list[Rasterization]:
         rays = [pixel_rays(cam) for cam in cams]
-        if not rays:
-            return []
         tri, bary, t = self.cast(np.concatenate([o for o, _ in rays]), np.concatenate([d for _, d in rays]))
+        del rays
         out, start = [], 0
         for cam in cams:
             n = cam.width * cam.height
