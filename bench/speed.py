@@ -60,7 +60,9 @@ MAX_DIFF_FRACTION = 0.0
 
 def extract_commit(commit: str, dest: Path) -> Path:
     """Write the tree of ``commit`` of this repository into ``dest`` (no .git); returns ``dest``."""
-    data = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", commit], check=True, capture_output=True).stdout
+    data = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", commit], check=True, capture_output=True
+    ).stdout
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         tar.extractall(dest, filter="data")
     return dest
@@ -81,7 +83,12 @@ def run_cli(tree: Path, bundle: str, out: Path, model: str, preset: str, threads
     if proc.returncode != 0:
         raise RuntimeError(f"{tree}: recon3d reconstruct exited {proc.returncode}:\n{err[-3000:]}")
     timings = json.loads((out / "result.json").read_text())["timings_s"]
-    return {"timings": timings, "wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "rss_mb": usage.ru_maxrss / 1024.0}
+    return {
+        "timings": timings,
+        "wall": wall,
+        "cpu": usage.ru_utime + usage.ru_stime,
+        "rss_mb": usage.ru_maxrss / 1024.0,
+    }
 
 
 # ---------------------------------------------------------------- comparisons
@@ -163,7 +170,9 @@ def compare_outputs(base: Path, new: Path) -> bool:
             print(f"    {d}")
         ok &= not diffs
     mesh_diffs = compare_meshes(base, new)
-    print(f"mesh.obj / mesh.glb geometry: {'identical within rel ' + format(REL_TOL, 'g') if not mesh_diffs else 'DIFFERS'}")
+    print(
+        f"mesh.obj / mesh.glb geometry: {'identical within rel ' + format(REL_TOL, 'g') if not mesh_diffs else 'DIFFERS'}"
+    )
     for d in mesh_diffs:
         print(f"    {d}")
     ok &= not mesh_diffs
@@ -189,7 +198,9 @@ def main() -> int:
     p.add_argument("--bundle", default=str(DEFAULT_BUNDLE))
     p.add_argument("--model", default="fusion")
     p.add_argument("--preset", default="balanced")
-    p.add_argument("--baseline", default=DEFAULT_BASELINE, help="commit to compare with (default: main before issue 20)")
+    p.add_argument(
+        "--baseline", default=DEFAULT_BASELINE, help="commit to compare with (default: main before issue 20)"
+    )
     p.add_argument("--repeat", type=int, default=2, help="runs of each side; the best time per stage is kept")
     p.add_argument("--threads", type=int, default=2, help="OMP/MKL threads of each run")
     p.add_argument("--keep", default=None, help="keep the outputs in this folder")
@@ -228,7 +239,9 @@ def main() -> int:
             ratio = f"{b / c:6.2f}x" if b and c else "      -"
             print(f"{name:22s} {_fmt(b):>11s} {_fmt(c):>10s} {ratio}")
         rss = {k: max(r["rss_mb"] for r in runs[k]) for k in sides}
-        print(f"{'peak RSS (MB, max)':22s} {rss['baseline']:11.0f} {rss['current']:10.0f} {rss['baseline'] / rss['current']:6.2f}x")
+        print(
+            f"{'peak RSS (MB, max)':22s} {rss['baseline']:11.0f} {rss['current']:10.0f} {rss['baseline'] / rss['current']:6.2f}x"
+        )
         print()
         same = compare_outputs(work / "baseline-0", work / "current-0")
         print("\noutputs: " + ("the same content as the baseline" if same else "MISMATCH against the baseline"))

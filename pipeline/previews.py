@@ -468,7 +468,9 @@ def write_contact_sheet(
     r = make_rasterizer(mesh.vertices, mesh.faces, backend=backend)
     metrics_by_name = {m["name"]: m for m in per_view or []}
     rows = []
-    for view, t in zip(frames.views, map_views(lambda v: contact_tiles(mesh, v, r, tile=tile), frames.views, r), strict=True):
+    for view, t in zip(
+        frames.views, map_views(lambda v: contact_tiles(mesh, v, r, tile=tile), frames.views, r), strict=True
+    ):
         m = metrics_by_name.get(view.name)
         note = ""
         if m is None:
