@@ -29,8 +29,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
+from deployments.store import iter_file
 from pipeline.bundle import VIEWS_DIR, load_bundle
-from pipeline.config import get_preset
 from pipeline.errors import (
     InputTooLargeError,
     InvalidArchiveError,
@@ -38,13 +38,12 @@ from pipeline.errors import (
     ReconError,
     UnsupportedMediaError,
 )
+from pipeline.overrides import parse_overrides_json, validate_overrides
 
 from . import errors as E
-from .experiments.overrides import parse_overrides_json, validate_overrides
-from .experiments.service import check_queue_room, enqueue_job
 from .jobs import TERMINAL, JobRecord, write_artifacts
 from .schemas import ErrorBody
-from .store import iter_file
+from .submission import JobSubmitter, parse_models
 
 BATCHES_PREFIX = "batches"
 _BATCH_ID_RE = re.compile(r"^batch-[0-9]{13}-[0-9a-f]{8}$")
@@ -158,12 +157,12 @@ def aggregate_status(statuses: list[str]) -> str:
 
 
 class BatchService:
-    def __init__(self, ingress):
-        self.ingress = ingress
+    def __init__(self, jobs: JobSubmitter):
+        self.jobs = jobs
         self.batches: dict[str, BatchRecord] = {}
 
     async def start(self) -> None:
-        store = self.ingress.store
+        store = self.jobs.store
         for key in await asyncio.to_thread(store.list, BATCHES_PREFIX):
             if key.endswith("/batch.json"):
                 try:
@@ -181,7 +180,7 @@ class BatchService:
     def view(self, rec: BatchRecord) -> dict:
         items, statuses, progress = [], [], []
         for it in rec.items:
-            job: JobRecord | None = self.ingress.book.get(it.job_id)
+            job: JobRecord | None = self.jobs.get_job(it.job_id)
             status = job.status if job is not None else "failed"
             err = job.error.model_dump() if job is not None and job.error else None
             if job is None:
@@ -220,10 +219,10 @@ router = APIRouter(tags=["batches"])
 _service: BatchService | None = None
 
 
-async def start_batches(ingress) -> BatchService:
-    """Create the batch service of ``ingress`` (called from Ingress.__init__) and load its records."""
+async def start_batches(jobs: JobSubmitter) -> BatchService:
+    """Create the batch service (called from Ingress.__init__) and load its records."""
     global _service
-    svc = BatchService(ingress)
+    svc = BatchService(jobs)
     await svc.start()
     _service = svc
     return svc
@@ -246,22 +245,15 @@ async def submit_batch(
     ),
 ):
     svc = _svc()
-    ingress = svc.ingress
-    limit = ingress.args.batches.max_items
+    jobs = svc.jobs
+    limit = jobs.args.batches.max_items
     if (bundles and archive is not None) or (not bundles and archive is None):
         raise E.InvalidRequestError("send several `bundles` files or one `archive`", details={"field": "bundles"})
-    from .ingress import parse_models
-
     models = parse_models(model)
     if len(models) != 1:
         raise E.InvalidRequestError("a batch runs one model", details={"field": "model"})
-    if models[0] not in ingress.handles:
-        raise E.ModelUnavailableError(
-            f"model {models[0]!r} is not served by this deployment; served: {sorted(ingress.handles)}",
-            details={"models": models, "served": sorted(ingress.handles)},
-        )
-    preset = preset or ingress.args.default_preset
-    get_preset(preset)
+    jobs.check_served(models)
+    preset = jobs.resolve_preset(preset)
     checked = validate_overrides(parse_overrides_json(overrides))
 
     items: list[tuple[str, bytes]] = []
@@ -282,10 +274,10 @@ async def submit_batch(
         if not data.startswith(_ZIP_MAGIC):
             raise UnsupportedMediaError("archive is not a ZIP archive", details={"file": archive.filename})
         items = await asyncio.to_thread(
-            split_archive, data, max_items=limit, max_unpacked=ARCHIVE_EXPANSION_LIMIT * ingress.args.max_upload_bytes
+            split_archive, data, max_items=limit, max_unpacked=ARCHIVE_EXPANSION_LIMIT * jobs.args.max_upload_bytes
         )
-    check_queue_room(ingress, len(items))
-    if ingress.args.validate_pixels:
+    jobs.check_queue_room(len(items))
+    if jobs.args.validate_pixels:
         for name, data in items:
             try:
                 await asyncio.to_thread(load_bundle, data)
@@ -296,9 +288,9 @@ async def submit_batch(
     batch_id = f"batch-{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:8]}"
     rec = BatchRecord(batch_id=batch_id, model=models[0], preset=preset, overrides=checked, items=[])
     for i, (name, data) in enumerate(items):
-        job_id = await enqueue_job(ingress, data, model=models[0], preset=preset, overrides=checked)
+        job_id = await jobs.enqueue(data, models=models, preset=preset, overrides=checked)
         rec.items.append(BatchItem(index=i, name=name, job_id=job_id))
-    await asyncio.to_thread(ingress.store.put, batch_key(batch_id), rec.model_dump_json(indent=1).encode())
+    await asyncio.to_thread(jobs.store.put, batch_key(batch_id), rec.model_dump_json(indent=1).encode())
     svc.batches[batch_id] = rec
     body = svc.view(rec)
     return JSONResponse(body, status_code=202, headers={"Location": body["links"]["self"]})
@@ -311,13 +303,13 @@ async def get_batch(batch_id: str):
 
 
 def _zip_batch(svc: BatchService, rec: BatchRecord, view: dict) -> str:
-    store = svc.ingress.store
+    store = svc.jobs.store
     fd, path = tempfile.mkstemp(prefix=f"recon3d-{rec.batch_id}-", suffix=".zip")
     os.close(fd)
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         zf.writestr("batch.json", json.dumps(view, indent=2))
         for it in rec.items:
-            job = svc.ingress.book.get(it.job_id)
+            job = svc.jobs.get_job(it.job_id)
             if job is None or job.expired:
                 continue
             write_artifacts(zf, store, job, prefix=f"{it.name}/")

@@ -27,36 +27,33 @@ from ray import serve
 from starlette.background import BackgroundTask
 from starlette.middleware.base import BaseHTTPMiddleware
 
-from deployments import constants as DC
+from deployments.model_server import deployment_name
+from deployments.store import iter_file, make_store
 from pipeline import __version__
 from pipeline.bundle import DEPTH_DIR, TRANSFORMS_FILE, VIEWS_DIR, load_bundle
-from pipeline.config import get_preset
-from pipeline.errors import InputTooLargeError, InvalidArchiveError, InvalidInputError, UnsupportedMediaError
+from pipeline.errors import InputTooLargeError, InvalidArchiveError, UnsupportedMediaError
+from pipeline.overrides import parse_overrides_json, validate_overrides
 
+from . import constants as SC
 from . import errors as E
 from .batches import router as batches_router
 from .batches import start_batches
-from .config import KNOWN_MODELS, AppArgs
-from .experiments.overrides import parse_overrides_json, validate_overrides
+from .config import AppArgs
 from .experiments.router import router as experiments_router
 from .experiments.router import start_experiments
 from .jobs import (
     TERMINAL,
     JobBook,
     JobRecord,
-    ModelRun,
-    WebhookState,
     artifacts_prefix,
-    input_key,
-    new_job_id,
     write_artifacts,
 )
 from .logging import configure_json_logging, job_logger
 from .metrics import ServiceMetrics
 from .middleware import add_exception_handling, error_response
-from .scheduler import JobScheduler, model_deployment_name
+from .scheduler import JobScheduler
 from .schemas import CancelAccepted, CancelRequest, ErrorBody, JobAccepted, JobList, JobView, job_view, links_for
-from .store import iter_file, make_store
+from .submission import JobSubmitter, parse_models
 
 #: Seconds the confirm token of a two-step cancel stays valid.
 CANCEL_CONFIRM_TTL_S = 300.0
@@ -137,21 +134,6 @@ def _zip_files(files: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def parse_models(spec: str) -> list[str]:
-    """'fusion' or 'fusion,nvdiffrec' -> unique names in order; unknown names raise (422)."""
-    names = list(dict.fromkeys(s.strip() for s in (spec or "").split(",") if s.strip()))
-    if not names:
-        raise E.InvalidRequestError("model must name at least one model", details={"field": "model"})
-    unknown = [n for n in names if n not in KNOWN_MODELS]
-    if unknown:
-        raise InvalidInputError(
-            f"unknown model(s) {unknown}; choose from {list(KNOWN_MODELS)}",
-            code="UNKNOWN_MODEL",
-            details={"models": unknown},
-        )
-    return names
-
-
 def _zip_artifacts(store, rec: JobRecord) -> str:
     """Write the job's artifacts into a temporary ZIP (``<model>/<file>``); returns its path."""
     fd, path = tempfile.mkstemp(prefix=f"recon3d-{rec.job_id}-", suffix=".zip")
@@ -159,6 +141,47 @@ def _zip_artifacts(store, rec: JobRecord) -> str:
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         write_artifacts(zf, store, rec)
     return path
+
+
+async def _job_input(views, depth_renders, bundle, transforms, max_upload_bytes: int) -> bytes:
+    """The job's bundle ZIP: the uploaded ``bundle`` (with ``transforms`` added), or ``views`` +
+    ``depth_renders`` (+ ``transforms``) zipped; file names, types and the size budget checked."""
+    budget = [max_upload_bytes]
+    if bundle is not None and (views or depth_renders):
+        raise E.InvalidRequestError(
+            "send either `bundle` or `views` + `depth_renders`, not both", details={"field": "bundle"}
+        )
+    if bundle is not None:
+        data = await _read_upload(bundle, budget)
+        _check_magic(data, _ZIP_MAGIC, "a ZIP archive", bundle.filename or "bundle")
+        if transforms is not None:  # add (or replace) transforms.json at the bundle root
+            tdata = await _read_upload(transforms, budget)
+            data = await asyncio.to_thread(_add_to_zip, data, TRANSFORMS_FILE, tdata)
+    elif views:
+        files: dict[str, bytes] = {}
+        for field, folder, uploads in (
+            ("views", VIEWS_DIR, views),
+            ("depth_renders", DEPTH_DIR, depth_renders or []),
+        ):
+            for f in uploads:
+                name = _safe_name(f.filename, field)
+                content = await _read_upload(f, budget)
+                _check_magic(content, _IMAGE_MAGIC, "a PNG or JPEG image", name)
+                key = f"{folder}/{name}"
+                if key in files:
+                    raise E.InvalidRequestError(f"{field} has {name!r} twice", details={"field": field, "file": name})
+                files[key] = content
+        if transforms is not None:
+            tdata = await _read_upload(transforms, budget)
+            if not tdata.lstrip()[:1] == b"{":
+                raise UnsupportedMediaError("transforms is not a JSON object", details={"file": transforms.filename})
+            files[TRANSFORMS_FILE] = tdata
+        data = await asyncio.to_thread(_zip_files, files)
+    else:
+        raise E.InvalidRequestError(
+            "no input: send `views` + `depth_renders` files, or one `bundle` ZIP", details={"field": "views"}
+        )
+    return data
 
 
 def _sse(event: str, data: dict) -> str:
@@ -181,9 +204,12 @@ class Ingress:
         self.metrics = ServiceMetrics()
         self.handles = dict(model_handles)
         self.scheduler = JobScheduler(self.args, self.store, self.book, self.handles, self.metrics)
+        self.submitter = JobSubmitter(
+            self.args, self.store, self.book, self.scheduler, served=list(self.handles), metrics=self.metrics
+        )
         await self.scheduler.start()
-        await start_experiments(self)
-        await start_batches(self)
+        await start_experiments(self.submitter)
+        await start_batches(self.submitter)
 
     # ------------------------------------------------------------ helpers
 
@@ -233,64 +259,14 @@ class Ingress:
         ),
     ):
         models = parse_models(model)
-        unavailable = [m for m in models if m not in self.handles]
-        if unavailable:
-            raise E.ModelUnavailableError(
-                f"model(s) {unavailable} are not served by this deployment; served: {sorted(self.handles)}",
-                details={"models": unavailable, "served": sorted(self.handles)},
-            )
-        preset = preset or self.args.default_preset
-        get_preset(preset)  # UNKNOWN_PRESET (422) lists the valid names
+        self.submitter.check_served(models)
+        preset = self.submitter.resolve_preset(preset)  # UNKNOWN_PRESET (422) lists the valid names
         checked_overrides = validate_overrides(parse_overrides_json(overrides))  # INVALID_OVERRIDES (422)
         if webhook_url is not None and not re.match(r"^https?://[^\s/]+", webhook_url):
             raise E.InvalidRequestError("webhook_url must be an http(s) URL", details={"field": "webhook_url"})
-        queued = self.scheduler.queued_count()
-        if queued >= self.args.max_queued_jobs:
-            raise E.QueueFullError(
-                f"{queued} jobs are queued (the limit is {self.args.max_queued_jobs}); retry later",
-                retry_after_s=DC.QUEUE_FULL_RETRY_AFTER_S,
-                details={"queued": queued},
-            )
+        self.submitter.check_queue_room()
 
-        budget = [self.args.max_upload_bytes]
-        if bundle is not None and (views or depth_renders):
-            raise E.InvalidRequestError(
-                "send either `bundle` or `views` + `depth_renders`, not both", details={"field": "bundle"}
-            )
-        if bundle is not None:
-            data = await _read_upload(bundle, budget)
-            _check_magic(data, _ZIP_MAGIC, "a ZIP archive", bundle.filename or "bundle")
-            if transforms is not None:  # add (or replace) transforms.json at the bundle root
-                tdata = await _read_upload(transforms, budget)
-                data = await asyncio.to_thread(_add_to_zip, data, TRANSFORMS_FILE, tdata)
-        elif views:
-            files: dict[str, bytes] = {}
-            for field, folder, uploads in (
-                ("views", VIEWS_DIR, views),
-                ("depth_renders", DEPTH_DIR, depth_renders or []),
-            ):
-                for f in uploads:
-                    name = _safe_name(f.filename, field)
-                    content = await _read_upload(f, budget)
-                    _check_magic(content, _IMAGE_MAGIC, "a PNG or JPEG image", name)
-                    key = f"{folder}/{name}"
-                    if key in files:
-                        raise E.InvalidRequestError(
-                            f"{field} has {name!r} twice", details={"field": field, "file": name}
-                        )
-                    files[key] = content
-            if transforms is not None:
-                tdata = await _read_upload(transforms, budget)
-                if not tdata.lstrip()[:1] == b"{":
-                    raise UnsupportedMediaError(
-                        "transforms is not a JSON object", details={"file": transforms.filename}
-                    )
-                files[TRANSFORMS_FILE] = tdata
-            data = await asyncio.to_thread(_zip_files, files)
-        else:
-            raise E.InvalidRequestError(
-                "no input: send `views` + `depth_renders` files, or one `bundle` ZIP", details={"field": "views"}
-            )
+        data = await _job_input(views, depth_renders, bundle, transforms, self.args.max_upload_bytes)
         if self.args.validate_pixels:
             fs = await asyncio.to_thread(load_bundle, data)
             n_views = len(fs.views)
@@ -299,20 +275,9 @@ class Ingress:
             n_views = None
 
         rid = getattr(request.state, "request_id", None)
-        job_id = new_job_id()
-        rec = JobRecord(
-            job_id=job_id,
-            models=models,
-            preset=preset,
-            runs={m: ModelRun() for m in models},
-            webhook=WebhookState(url=webhook_url) if webhook_url else None,
-            upload_bytes=len(data),
-            overrides=checked_overrides,
-            request_id=rid,
+        job_id = await self.submitter.enqueue(
+            data, models=models, preset=preset, overrides=checked_overrides, webhook_url=webhook_url, request_id=rid
         )
-        await asyncio.to_thread(self.store.put, input_key(job_id), data)
-        await self.scheduler.submit(rec)
-        self.metrics.submitted.inc()
         job_logger(job_id).info(
             "job queued" + (f" ({n_views} views)" if n_views else ""),
             extra={"request_id": rid, "model": ",".join(models), "status": "queued"},
@@ -373,7 +338,7 @@ class Ingress:
                     yield _sse("end", view.model_dump(mode="json"))
                     return
                 try:
-                    await asyncio.wait_for(changed.wait(), DC.SSE_KEEPALIVE_S)
+                    await asyncio.wait_for(changed.wait(), SC.SSE_KEEPALIVE_S)
                 except TimeoutError:
                     yield ": keep-alive\n\n"
 
@@ -488,7 +453,7 @@ class Ingress:
         except Exception as e:
             out["deployments"] = {"error": str(e)}
         for m, h in self.handles.items():
-            if running.get(model_deployment_name(m), self.scheduler.replicas.get(m)) == 0:
+            if running.get(deployment_name(m), self.scheduler.replicas.get(m)) == 0:
                 # Scaled to zero: a probe would wake a (GPU) replica just to answer /health.
                 out["models"][m] = {"status": "scaled_to_zero", "replicas": 0}
                 continue

@@ -300,23 +300,23 @@ def test_a_stall_settles_at_the_final_rate_before_stopping(scene):
 
 def test_the_better_of_fusion_and_refined_is_returned_by_the_reports_measure(scene):
     from pipeline.metrics import mean_masked_psnr
-    from pipeline.reconstruct import _better_of
+    from pipeline.models import better_of
 
     gt, frames, worse = scene
     # The same number quality.json reports: the mean of evaluate_views' masked PSNR.
     assert mean_masked_psnr(gt, frames) == pytest.approx(np.mean([v["psnr"] for v in evaluate_views(gt, frames)]))
     report, warnings = {}, []
-    assert _better_of(worse, gt, frames, report, warnings) is gt
+    assert better_of(worse, gt, frames, report, warnings) is gt
     assert report["returned"] == "refined" and not warnings
     report, warnings = {}, []
-    assert _better_of(gt, worse, frames, report, warnings) is gt
+    assert better_of(gt, worse, frames, report, warnings) is gt
     assert report["returned"] == "fusion" and warnings[0].startswith("REFINE_NO_GAIN")
     assert report["input_view_psnr"]["fusion"] > report["input_view_psnr"]["refined"] + 3.0
 
 
 def test_a_crumpled_refinement_is_not_returned_however_well_it_scores(scene):
     from pipeline.metrics import mean_masked_psnr
-    from pipeline.reconstruct import _better_of
+    from pipeline.models import better_of
 
     gt, frames, worse = scene
     # The true texture on a surface jittered along its normals by 1% of the radius: it scores far
@@ -326,7 +326,7 @@ def test_a_crumpled_refinement_is_not_returned_however_well_it_scores(scene):
     crumpled = replace(gt, vertices=(gt.vertices * (1.0 + jitter)).astype(np.float32))
     assert mean_masked_psnr(crumpled, frames) > mean_masked_psnr(worse, frames) + 3.0
     report, warnings = {}, []
-    assert _better_of(worse, crumpled, frames, report, warnings) is worse
+    assert better_of(worse, crumpled, frames, report, warnings) is worse
     assert report["returned"] == "fusion" and warnings[0].startswith("REFINE_ROUGHENED")
     rough = report["mean_dihedral_deg"]
     assert rough["refined"] > 1.5 * rough["fusion"] and rough["refined"] > rough["fusion"] + 5.0

@@ -26,13 +26,13 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from deployments import constants as DC
+from deployments.store import Store
 from pipeline.bundle import load_bundle
 from pipeline.errors import ReconError
 
 from .. import errors as E
-from ..jobs import TERMINAL, JobRecord, ModelRun, artifacts_prefix, input_key, new_job_id
-from ..store import Store
+from ..jobs import TERMINAL, JobRecord, artifacts_prefix
+from ..submission import JobSubmitter
 from .db import SNAPSHOT_KEY, ExperimentsDB, dumps, restore_snapshot
 from .spec import GT_MESH, UPLOAD_DATASET, ExperimentSpec, InvalidExperimentError, resolve_dataset
 
@@ -105,44 +105,30 @@ def default_db_path(args) -> Path:
     return Path(tempfile.gettempdir()) / "recon3d" / "experiments.sqlite"
 
 
-async def enqueue_job(ingress, data: bytes, *, model: str, preset: str, overrides: dict | None = None) -> str:
-    """Store ``data`` (a bundle ZIP) as a new job's input and queue it; returns the job id."""
-    job_id = new_job_id()
-    rec = JobRecord(
-        job_id=job_id,
-        models=[model],
-        preset=preset,
-        runs={model: ModelRun()},
-        upload_bytes=len(data),
-        overrides=dict(overrides or {}),
-    )
-    await asyncio.to_thread(ingress.store.put, input_key(job_id), data)
-    await ingress.scheduler.submit(rec)
-    if getattr(ingress, "metrics", None) is not None:
-        ingress.metrics.submitted.inc()
-    return job_id
-
-
-def check_queue_room(ingress, n: int) -> None:
-    """QUEUE_FULL (429) when ``n`` more jobs would pass ``max_queued_jobs``."""
-    queued = ingress.scheduler.queued_count()
-    limit = ingress.args.max_queued_jobs
-    if queued + n > limit:
-        raise E.QueueFullError(
-            f"{n} jobs would join {queued} queued ones (the limit is {limit}); retry later or send fewer",
-            retry_after_s=DC.QUEUE_FULL_RETRY_AFTER_S,
-            details={"queued": queued, "requested": n, "limit": limit},
-        )
+def _run_row(experiment_id: str, run, job_id: str, now: float) -> dict:
+    """The database row of one queued run."""
+    return {
+        "experiment_id": experiment_id,
+        "run_index": run.index,
+        "slug": run.slug,
+        "dataset": run.dataset,
+        "model": run.model,
+        "preset": run.preset,
+        "overrides_json": dumps(run.overrides),
+        "job_id": job_id,
+        "status": "queued",
+        "created_at": now,
+    }
 
 
 class ExperimentService:
     """Submission, watching and results of experiments (one per ingress replica)."""
 
-    def __init__(self, ingress):
-        self.ingress = ingress
-        self.args = ingress.args
-        self.settings = ingress.args.experiments
-        self.store: Store = ingress.store
+    def __init__(self, jobs: JobSubmitter):
+        self.jobs = jobs
+        self.args = jobs.args
+        self.settings = jobs.args.experiments
+        self.store: Store = jobs.store
         self.db_path = default_db_path(self.args)
         snap = self.settings.snapshot
         self.snapshot_enabled = (self.args.store.kind != "local") if snap is None else snap
@@ -187,9 +173,39 @@ class ExperimentService:
 
     async def submit(self, spec: ExperimentSpec, upload: bytes | None) -> dict:
         """Validate the bundles, store them, create one job per run and the database rows."""
-        ingress = self.ingress
-        check_queue_room(ingress, len(spec.runs))
+        self.jobs.check_queue_room(len(spec.runs))
         experiment_id = new_experiment_id()
+        inputs = await self._inputs(spec, upload)
+        bundle_key = None
+        if upload is not None:
+            bundle_key = experiment_key(experiment_id, "input", "bundle.zip")
+            await asyncio.to_thread(self.store.put, bundle_key, upload)
+        now = time.time()
+        rows = []
+        for run in spec.runs:
+            job_id = await self.jobs.enqueue(
+                inputs[run.dataset], models=[run.model], preset=run.preset, overrides=run.overrides
+            )
+            rows.append(_run_row(experiment_id, run, job_id, now))
+        exp = {
+            "experiment_id": experiment_id,
+            "name": spec.name,
+            "description": spec.description,
+            "status": "running",
+            "spec_json": dumps(spec.raw),
+            "bundle_key": bundle_key,
+            "git_commit": self.commit,
+            "created_at": now,
+        }
+        await asyncio.to_thread(self.db.create_experiment, exp, rows)
+        for row in rows:
+            self.watched[row["job_id"]] = (experiment_id, row["run_index"])
+        await self._snapshot()
+        logger.info("experiment %s queued: %d runs", experiment_id, len(rows))
+        return {"experiment_id": experiment_id, "status": "running", "runs": len(rows)}
+
+    async def _inputs(self, spec: ExperimentSpec, upload: bytes | None) -> dict[str, bytes]:
+        """Dataset name -> bundle ZIP bytes of every dataset the runs use, validated when configured."""
         inputs: dict[str, bytes] = {}
         if upload is not None:
             inputs[UPLOAD_DATASET] = upload
@@ -211,46 +227,7 @@ class ExperimentService:
                             **e.details,
                         },
                     ) from None
-        bundle_key = None
-        if upload is not None:
-            bundle_key = experiment_key(experiment_id, "input", "bundle.zip")
-            await asyncio.to_thread(self.store.put, bundle_key, upload)
-        now = time.time()
-        rows = []
-        for run in spec.runs:
-            job_id = await enqueue_job(
-                ingress, inputs[run.dataset], model=run.model, preset=run.preset, overrides=run.overrides
-            )
-            rows.append(
-                {
-                    "experiment_id": experiment_id,
-                    "run_index": run.index,
-                    "slug": run.slug,
-                    "dataset": run.dataset,
-                    "model": run.model,
-                    "preset": run.preset,
-                    "overrides_json": dumps(run.overrides),
-                    "job_id": job_id,
-                    "status": "queued",
-                    "created_at": now,
-                }
-            )
-        exp = {
-            "experiment_id": experiment_id,
-            "name": spec.name,
-            "description": spec.description,
-            "status": "running",
-            "spec_json": dumps(spec.raw),
-            "bundle_key": bundle_key,
-            "git_commit": self.commit,
-            "created_at": now,
-        }
-        await asyncio.to_thread(self.db.create_experiment, exp, rows)
-        for row in rows:
-            self.watched[row["job_id"]] = (experiment_id, row["run_index"])
-        await self._snapshot()
-        logger.info("experiment %s queued: %d runs", experiment_id, len(rows))
-        return {"experiment_id": experiment_id, "status": "running", "runs": len(rows)}
+        return inputs
 
     # ------------------------------------------------------------ watcher
 
@@ -267,11 +244,10 @@ class ExperimentService:
 
     async def poll_once(self) -> None:
         """Move watched runs forward from their job records (running, then finalized at a terminal state)."""
-        book = self.ingress.book
         for job_id, (experiment_id, index) in list(self.watched.items()):
             if job_id in self._finalizing:
                 continue
-            rec = book.get(job_id)
+            rec = self.jobs.get_job(job_id)
             if rec is None:
                 self.watched.pop(job_id, None)
                 await asyncio.to_thread(
