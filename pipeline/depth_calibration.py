@@ -146,6 +146,7 @@ def gather_depth_evidence(
     cameras: list[Camera],
     *,
     background: float,
+    max_value: float,
     device: torch.device,
     carve_resolution: int,
     seed: int = 0,
@@ -165,7 +166,8 @@ def gather_depth_evidence(
     rows = np.minimum(((np.arange(h) + 0.5) * H / h).astype(int), H - 1)
     cols = np.minimum(((np.arange(w) + 0.5) * W / w).astype(int), W - 1)
     raw_s = torch.as_tensor(np.ascontiguousarray(raw[:, rows][:, :, cols]), dtype=torch.float32, device=device)
-    valid = interior & (raw_s != background)
+    # Values at max_value are clipped: the surface is at or beyond far, so they carry no depth.
+    valid = interior & (raw_s != background) & (raw_s < max_value)
     gen = torch.Generator().manual_seed(seed)
     points = []
     for n in range(N):
@@ -310,6 +312,7 @@ def estimate_depth_encodings(
         np.asarray(masks, bool),
         cameras,
         background=background,
+        max_value=max_value,
         device=device,
         carve_resolution=carve_resolution,
     )
