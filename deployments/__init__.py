@@ -1,1 +1,2 @@
-"""Ray Serve deployments: one thin class per model, each with its own builder."""
+"""Ray Serve model servers: one generic ``ModelServer`` bound per registered model (pipeline.registry),
+what crosses its handle (``protocol``), and the store both sides use. Never imports ``serve_app``."""

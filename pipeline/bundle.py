@@ -40,6 +40,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 VIEWS_DIR = "multi_views"
 DEPTH_DIR = "depth_renders"
 TRANSFORMS_FILE = "transforms.json"
+#: Optional: the bundle's depth encoding, with or without transforms.json (docs/input-format.md).
+ENCODING_FILE = "depth_encoding.json"
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,8 @@ class FrameSet:
 
     views: list[View]
     depth_encoding: DepthEncoding | None = None
+    depth_encoding_source: str = ""
+    """Where the encoding was stated: ``transforms.json`` or ``depth_encoding.json``; empty when not stated."""
     cameras_given: bool = False
     depth_max_value: float = 255.0
     source: str = ""
@@ -408,8 +412,30 @@ def load_bundle(src: str | Path | bytes, limits: BundleLimits | None = None) -> 
     else:
         fs = _load_rig(files, limits, budget)
     fs.source = files.source
+    if fs.depth_encoding is not None:
+        fs.depth_encoding_source = TRANSFORMS_FILE
+    if files.has(ENCODING_FILE):
+        _read_encoding_file(files, fs)
     _check_consistency(fs)
     return fs
+
+
+def _read_encoding_file(files: _Files, fs: FrameSet) -> None:
+    """The bundle's own depth encoding from ``depth_encoding.json`` (with or without transforms.json)."""
+    try:
+        d = json.loads(files.read(ENCODING_FILE))
+    except (ValueError, RecursionError) as e:
+        raise InvalidInputError(
+            f"{ENCODING_FILE} is not valid JSON: {e}", code="INVALID_TRANSFORMS", details={"file": ENCODING_FILE}
+        ) from None
+    enc = DepthEncoding.from_dict(d, where=ENCODING_FILE)
+    if fs.depth_encoding is not None and fs.depth_encoding != enc:
+        raise InvalidInputError(
+            f"{ENCODING_FILE} and {TRANSFORMS_FILE} state different depth encodings",
+            code="INVALID_TRANSFORMS",
+            details={"file": ENCODING_FILE},
+        )
+    fs.depth_encoding, fs.depth_encoding_source = enc, ENCODING_FILE
 
 
 def _load_rig(files: _Files, limits: BundleLimits, budget: PixelBudget) -> FrameSet:

@@ -33,18 +33,18 @@ import torch
 from .camera import Camera
 from .config import CameraRefineConfig
 from .frames import PosedFrames, PosedView
-from .photo_refine import (
+from .render import Backend
+from .view_sampling import (
     MIN_VIEW_COS,
     RAY_OFFSET_PX,
-    _edge_fade,
-    _outside_mask,
-    _project,
-    _sample,
+    edge_fade,
+    outside_mask,
     prepare_pass_views,
+    project,
+    sample_image,
     vertex_normals_torch,
     vertex_visibility,
 )
-from .render import Backend
 
 #: camera_estimate methods that mean the cameras came with the bundle (never refined).
 GIVEN_CAMERA_METHODS = ("given",)
@@ -97,14 +97,10 @@ def refine_cameras(
         the object's distance), loss before and after, seconds
     """
     t0 = time.perf_counter()
-    method = (frames.camera_estimate or {}).get("method", "given")
     report: dict = {"enabled": bool(cfg.enabled), "applied": False}
-    if not cfg.enabled or method in GIVEN_CAMERA_METHODS or len(frames.views) < 2 or len(faces) == 0:
-        report["reason"] = (
-            "disabled"
-            if not cfg.enabled
-            else ("cameras given" if method in GIVEN_CAMERA_METHODS else "nothing to refine")
-        )
+    reason = _skip_reason(frames, faces, cfg)
+    if reason is not None:
+        report["reason"] = reason
         report["seconds"] = round(time.perf_counter() - t0, 3)
         return frames, report
     device = torch.device(device)
@@ -118,57 +114,12 @@ def refine_cameras(
     history = []
     for size in cfg.level_image_sizes:
         pv = prepare_pass_views(frames, min(size, work), cfg.blur_px, device)
-        w_img, h_img = pv.size
         dist = (pv.centers - v.mean(0)).norm(dim=-1)
         px = float((dist / pv.K[:, 0, 0]).median())
-        vis = torch.as_tensor(
-            vertex_visibility(v.numpy(), f.numpy(), nrm.numpy(), pv.cameras, RAY_OFFSET_PX * px, backend=backend),
-            device=device,
-        )
-        weights = torch.zeros(vis.shape, device=device)
-        for n in range(N):
-            ray = pv.centers[n] - v
-            cos = (nrm * ray).sum(-1) * ray.square().sum(-1).rsqrt()
-            uv, _ = _project(pv, n, v)
-            weights[n] = vis[n] * (cos > MIN_VIEW_COS) * cos.clamp(min=0).pow(cfg.angle_power) * _edge_fade(pv, n, uv)
-        multi = (weights > 0).sum(0) >= 2
-        wv = weights[:, multi]
-        pts = v[multi]
-        opt = torch.optim.Adam([omega, tau], lr=cfg.learning_rate)
+        weights = _view_weights(pv, v, f, nrm, cfg, RAY_OFFSET_PX * px, backend)
         # Rotation in radians and translation in scene units are scaled to about one pass pixel per unit step.
         rot_scale = px / float(dist.median())
-        for it in range(cfg.iterations):
-            w2c = corrected_world_to_cam(pv.world_to_cam, omega * rot_scale, tau * px)
-            pv_it = replace(pv, world_to_cam=w2c)
-            s1 = 0.0
-            s2 = 0.0
-            ws = wv.sum(0).clamp(min=1e-12)
-            sil = 0.0
-            for n in range(N):
-                uv, _ = _project(pv_it, n, pts)
-                col = _sample(pv.images[n], uv, w_img, h_img)
-                s1 = s1 + wv[n][:, None] * col
-                s2 = s2 + wv[n] * col.square().sum(-1)
-                uv_all, _ = _project(pv_it, n, v)
-                sil = sil + torch.relu(_outside_mask(pv_it, n, uv_all)).square().mean()
-            var = (s2 / ws - (s1 / ws[:, None]).square().sum(-1)).clamp(min=0)
-            photo = var.mean()
-            prior = cfg.prior_weight * (omega.square().sum() + tau.square().sum()) / N
-            loss = photo + cfg.silhouette_weight * sil / N + prior
-            if it == 0:
-                history.append(
-                    {
-                        "image_size": [w_img, h_img],
-                        "photo_start": round(float(photo.detach()), 6),
-                        "silhouette_start": round(float(sil.detach()) / N, 4),
-                    }
-                )
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        history[-1].update(
-            {"photo_end": round(float(photo.detach()), 6), "silhouette_end": round(float(sil.detach()) / N, 4)}
-        )
+        history.append(_fit_level(pv, v, weights, omega, tau, cfg, rot_scale, px))
         # Keep the corrections in scene units across levels: the next level's pixel is smaller.
         with torch.no_grad():
             omega.mul_(rot_scale)
@@ -185,9 +136,84 @@ def refine_cameras(
     tau_f = tau.detach()
     if not cfg.level_image_sizes:
         omega_f, tau_f = omega_f * 0, tau_f * 0
+    out, per_view = _corrected_frames(frames, omega_f, tau_f, v)
+    report.update(
+        {"applied": True, "levels": history, "views": per_view, "seconds": round(time.perf_counter() - t0, 3)}
+    )
+    return out, report
+
+
+def _skip_reason(frames: PosedFrames, faces: np.ndarray, cfg: CameraRefineConfig) -> str | None:
+    """Why the cameras are not refined (None: they are)."""
+    method = (frames.camera_estimate or {}).get("method", "given")
+    if not cfg.enabled:
+        return "disabled"
+    if method in GIVEN_CAMERA_METHODS:
+        return "cameras given"
+    if len(frames.views) < 2 or len(faces) == 0:
+        return "nothing to refine"
+    return None
+
+
+def _view_weights(pv, v, f, nrm, cfg: CameraRefineConfig, ray_offset: float, backend: Backend) -> torch.Tensor:
+    """(N, V) weight of each vertex in each view: visible, facing (cos^angle_power), faded at the mask edge."""
+    vis = torch.as_tensor(
+        vertex_visibility(v.numpy(), f.numpy(), nrm.numpy(), pv.cameras, ray_offset, backend=backend),
+        device=v.device,
+    )
+    weights = torch.zeros(vis.shape, device=v.device)
+    for n in range(len(pv.cameras)):
+        ray = pv.centers[n] - v
+        cos = (nrm * ray).sum(-1) * ray.square().sum(-1).rsqrt()
+        uv, _ = project(pv, n, v)
+        weights[n] = vis[n] * (cos > MIN_VIEW_COS) * cos.clamp(min=0).pow(cfg.angle_power) * edge_fade(pv, n, uv)
+    return weights
+
+
+def _fit_level(pv, v, weights, omega, tau, cfg: CameraRefineConfig, rot_scale: float, px: float) -> dict:
+    """Adam on (omega, tau) at one image size: cross-view colour variance + silhouette + prior; returns the level's log."""
+    N = len(pv.cameras)
+    w_img, h_img = pv.size
+    multi = (weights > 0).sum(0) >= 2
+    wv = weights[:, multi]
+    pts = v[multi]
+    opt = torch.optim.Adam([omega, tau], lr=cfg.learning_rate)
+    level: dict = {}
+    for it in range(cfg.iterations):
+        w2c = corrected_world_to_cam(pv.world_to_cam, omega * rot_scale, tau * px)
+        pv_it = replace(pv, world_to_cam=w2c)
+        s1 = 0.0
+        s2 = 0.0
+        ws = wv.sum(0).clamp(min=1e-12)
+        sil = 0.0
+        for n in range(N):
+            uv, _ = project(pv_it, n, pts)
+            col = sample_image(pv.images[n], uv, w_img, h_img)
+            s1 = s1 + wv[n][:, None] * col
+            s2 = s2 + wv[n] * col.square().sum(-1)
+            uv_all, _ = project(pv_it, n, v)
+            sil = sil + torch.relu(outside_mask(pv_it, n, uv_all)).square().mean()
+        var = (s2 / ws - (s1 / ws[:, None]).square().sum(-1)).clamp(min=0)
+        photo = var.mean()
+        prior = cfg.prior_weight * (omega.square().sum() + tau.square().sum()) / N
+        loss = photo + cfg.silhouette_weight * sil / N + prior
+        if it == 0:
+            level = {
+                "image_size": [w_img, h_img],
+                "photo_start": round(float(photo.detach()), 6),
+                "silhouette_start": round(float(sil.detach()) / N, 4),
+            }
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    level.update({"photo_end": round(float(photo.detach()), 6), "silhouette_end": round(float(sil.detach()) / N, 4)})
+    return level
+
+
+def _corrected_frames(frames: PosedFrames, omega_f, tau_f, v) -> tuple[PosedFrames, list[dict]]:
+    """``frames`` with every view's cameras corrected, and the per-view report (degrees, working pixels)."""
     new_views = []
     per_view = []
-    work_px = None
     for n, vw in enumerate(frames.views):
         w2c = torch.as_tensor(vw.camera.world_to_cam, dtype=torch.float64)
         c = corrected_world_to_cam(w2c[None], omega_f[n : n + 1].double().cpu(), tau_f[n : n + 1].double().cpu())[
@@ -219,7 +245,4 @@ def refine_cameras(
     estimate = dict(frames.camera_estimate or {})
     estimate["refinement"] = {"method": "photometric_rigid", "views": per_view}
     out = dataclasses.replace(frames, views=new_views, camera_estimate=estimate, warnings=list(frames.warnings))
-    report.update(
-        {"applied": True, "levels": history, "views": per_view, "seconds": round(time.perf_counter() - t0, 3)}
-    )
-    return out, report
+    return out, per_view

@@ -1,9 +1,12 @@
-"""The ``recon3d`` command line.
+"""The library's commands of the ``recon3d`` command line (no service needed).
 
     recon3d reconstruct BUNDLE --out DIR [--model fusion] [--preset fast|balanced|quality] [--device auto|cpu|cuda]
     recon3d evaluate MESH --bundle BUNDLE [--gt GT_MESH] [--out quality.json]
-    recon3d submit BUNDLE [--model ...] [--wait --out DIR] [--url URL]
-    recon3d experiment SPEC.yaml [--bundle B] [--wait] | show ID [--csv] | compare ID ID ...
+
+The ``recon3d`` entry point is :func:`serve_app.cli.main`, which adds the service's commands
+(``submit``, ``experiment``: HTTP clients in ``serve_app/client.py``) to the parser built here;
+``python -m pipeline.cli`` runs the library's commands alone. The library never imports the
+service.
 
 Exit codes: 0 success, 2 invalid input (the error code is printed), 1 any other
 failure, 130 canceled.
@@ -24,12 +27,12 @@ EXIT_CANCELED = 130
 
 
 def _add_reconstruct(sub) -> None:
-    from .reconstruct import MODELS
+    from .registry import model_names
 
     p = sub.add_parser("reconstruct", help="reconstruct a textured mesh from a bundle folder or ZIP")
     p.add_argument("bundle", help="bundle folder or ZIP (docs/input-format.md)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--model", default="fusion", choices=MODELS)
+    p.add_argument("--model", default="fusion", choices=model_names())
     p.add_argument("--preset", default="balanced", choices=sorted(PRESETS))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-quality", action="store_true", help="skip quality.json")
@@ -79,49 +82,28 @@ def _add_evaluate(sub) -> None:
     p.set_defaults(func=run_evaluate)
 
 
-def _add_submit(sub) -> None:
-    p = sub.add_parser("submit", help="submit a bundle to a running Recon3D service")
-    p.add_argument("argv", nargs=argparse.REMAINDER, help="see `recon3d submit -h`")
-    p.set_defaults(func=_run_submit)
-
-
-def _run_submit(args) -> int:
-    # The HTTP client lives with the service (serve_app/client.py); it needs only httpx.
-    from serve_app.client import submit_main
-
-    return submit_main(args.argv)
-
-
-def _add_experiment(sub) -> None:
-    p = sub.add_parser("experiment", help="submit a parameter sweep to a service, or show / compare results")
-    p.add_argument("argv", nargs=argparse.REMAINDER, help="see `recon3d experiment -h`")
-    p.set_defaults(func=_run_experiment)
-
-
-def _run_experiment(args) -> int:
-    # Like submit: the HTTP client lives with the service and needs only httpx.
-    from serve_app.client import experiment_main
-
-    return experiment_main(args.argv)
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extra=()) -> argparse.ArgumentParser:
+    """The parser of the library's commands; each of ``extra`` (``add(subparsers)``) adds another command."""
     parser = argparse.ArgumentParser(prog="recon3d", description="Multi-view images to a textured 3D mesh.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_reconstruct(sub)
     _add_evaluate(sub)
-    _add_submit(sub)
-    _add_experiment(sub)
+    for add in extra:
+        add(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, extra=()) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["submit"]:  # pass everything through, including -h
-        return _run_submit(argparse.Namespace(argv=argv[1:]))
-    if argv[:1] == ["experiment"]:
-        return _run_experiment(argparse.Namespace(argv=argv[1:]))
-    args = build_parser().parse_args(argv)
+    if not extra and argv[:1] in (["submit"], ["experiment"]):
+        # An install whose `recon3d` script predates serve_app.cli:main lands here.
+        print(
+            f"error: `recon3d {argv[0]}` talks to the service: run `python -m serve_app.cli {argv[0]} ...` "
+            "(or reinstall the package to update the `recon3d` script)",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID_INPUT
+    args = build_parser(extra).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except InvalidInputError as e:

@@ -291,6 +291,32 @@ class ReconstructConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> ReconstructConfig:
+        """The config :meth:`to_dict` wrote (result.json's ``config``): the same tree of frozen dataclasses."""
+        return _dataclass_from_dict(cls, d)
+
+
+def _dataclass_from_dict(cls: type, d: dict):
+    """Rebuild dataclass ``cls`` from ``asdict`` output: nested dataclasses recursively, lists back to tuples."""
+    import dataclasses
+    import typing
+
+    if not isinstance(d, dict):
+        raise InvalidInputError(f"{cls.__name__} expects an object, got {type(d).__name__}", code="INVALID_CONFIG")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        hint, value = hints.get(f.name), d[f.name]
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            value = _dataclass_from_dict(hint, value)
+        elif typing.get_origin(hint) is tuple and isinstance(value, list):
+            value = tuple(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
 
 PRESETS: dict[str, ReconstructConfig] = {
     "fast": ReconstructConfig(

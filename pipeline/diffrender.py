@@ -146,7 +146,9 @@ def texture_grid(uv: torch.Tensor) -> torch.Tensor:
 
 def sample_texture_grid(texture: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """Bilinear lookup of a (T, S, C) texture at a :func:`texture_grid`: (N, C)."""
-    out = F.grid_sample(texture.permute(2, 0, 1)[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = F.grid_sample(
+        texture.permute(2, 0, 1)[None], grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
     return out[0, :, 0, :].T
 
 
@@ -156,7 +158,7 @@ def wrap_outside_unit(uv: torch.Tensor) -> torch.Tensor:
     return torch.where(outside, uv - torch.floor(uv.detach()), uv)
 
 
-def sample_images(images: torch.Tensor, view: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
+def sample_at_views(images: torch.Tensor, view: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
     """Bilinear lookup of (C, H, W) images at (M, 2) pixel positions in views (M,); (M,) out, border-clamped."""
     C, H, W = images.shape
     # Stack the views vertically into one (C*H, W) image; samples near a view's top or
@@ -186,7 +188,7 @@ def silhouette_loss(render: DiffRender, target_mask: torch.Tensor, target_sdf: t
         return ((render.coverage - target_mask.to(render.coverage.dtype)) ** 2).sum()
     if render.contour_xy.shape[0] == 0:
         return render.rgb.new_zeros(())
-    d = sample_images(target_sdf.to(render.contour_xy.dtype), render.contour_view, render.contour_xy)
+    d = sample_at_views(target_sdf.to(render.contour_xy.dtype), render.contour_view, render.contour_xy)
     h = CONTOUR_HUBER_PX
     return (render.contour_len * (torch.sqrt(d * d + h * h) - h)).sum()
 

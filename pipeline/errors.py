@@ -113,6 +113,14 @@ class ModelOOMError(ReconError):
     code = "MODEL_OOM"
 
 
+def is_oom(e: BaseException) -> bool:
+    """Whether ``e`` means out of memory: MemoryError (host), :class:`ModelOOMError`, torch's
+    ``OutOfMemoryError`` (CUDA; matched by name, so this module needs no torch), or a message saying so."""
+    if isinstance(e, (MemoryError, ModelOOMError)):
+        return True
+    return type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
+
+
 class ConvergenceError(ReconError):
     code = "MODEL_CONVERGENCE_FAILED"
 

@@ -446,6 +446,10 @@ def reconstruct_geometry(
     t = lap("clean_smooth", t)
     _check(should_cancel, progress, 0.8)
     verts, faces = decimate(verts, faces, fc.target_faces)
+    # Decimation can leave fans hanging on one vertex: drop pieces not joined to the object by an edge.
+    verts, faces, pieces = keep_large_components(verts, faces, fc.min_component_fraction, through="edge")
+    comp["removed_faces"] += pieces["removed_faces"]
+    comp["fragments_removed"] = pieces["removed"]
     faces = orient_outward(verts, faces)
     if len(faces) == 0:
         raise EmptyReconstructionError("the reconstructed mesh is empty")
@@ -464,6 +468,7 @@ def reconstruct_geometry(
         "marching_cubes_faces": int(n_mc),
         "components": comp["components"],
         "components_removed": comp["removed"],
+        "fragments_removed_after_decimation": comp["fragments_removed"],
         "faces_removed_with_components": comp["removed_faces"],
         "vertices": int(len(verts)),
         "faces": int(len(faces)),

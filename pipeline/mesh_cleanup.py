@@ -34,16 +34,35 @@ def face_components(faces: np.ndarray, n_vertices: int) -> np.ndarray:
     return labels[faces[:, 0]]
 
 
+def edge_face_components(faces: np.ndarray) -> np.ndarray:
+    """(F,) int component label of each face, faces joined only through shared edges.
+
+    Pieces that touch the rest at a single vertex (fans left by marching cubes or decimation)
+    come out separate, as they do for any viewer or tool that splits a mesh by its edges.
+    """
+    e = np.sort(np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]), axis=1)
+    owner = np.tile(np.arange(len(faces)), 3)
+    _, edge_id = np.unique(e, axis=0, return_inverse=True)
+    edge_id = edge_id.ravel()
+    # Faces and edges as one bipartite graph: faces sharing an edge end in one component.
+    n_f = len(faces)
+    n = n_f + int(edge_id.max()) + 1
+    g = sp.csr_matrix((np.ones(len(owner), np.int8), (owner, n_f + edge_id)), shape=(n, n))
+    _, labels = connected_components(g, directed=False)
+    return labels[:n_f]
+
+
 def keep_large_components(
-    vertices: np.ndarray, faces: np.ndarray, min_fraction: float
+    vertices: np.ndarray, faces: np.ndarray, min_fraction: float, *, through: str = "vertex"
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Remove connected components with fewer faces than ``min_fraction`` of the largest one.
 
+    ``through``: ``"vertex"`` joins faces that share a vertex, ``"edge"`` only those sharing an edge.
     Returns (vertices, faces, report) with report ``{"components": n, "removed": k, "removed_faces": m}``.
     """
     if len(faces) == 0:
         return vertices, faces, {"components": 0, "removed": 0, "removed_faces": 0}
-    labels = face_components(faces, len(vertices))
+    labels = face_components(faces, len(vertices)) if through == "vertex" else edge_face_components(faces)
     _, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)
     keep_comp = counts >= min_fraction * counts.max()
     keep = keep_comp[inv]

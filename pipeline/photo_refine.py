@@ -33,33 +33,35 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from .callbacks import ProgressFn
-from .camera import Camera
 from .config import PhotoRefineConfig
 from .frames import PosedFrames
-from .masks import signed_distance_px
 from .mesh import TexturedMesh, graph_laplacian
-from .render import Backend, make_rasterizer
+from .render import Backend
+from .view_sampling import (
+    MIN_VIEW_COS,
+    RAY_OFFSET_PX,
+    PassViews,
+    edge_fade,
+    outside_mask,
+    prepare_pass_views,
+    project,
+    sample_image,
+    vertex_normals_torch,
+    vertex_visibility,
+)
 
-#: A view counts for a vertex's colour term only when cos(normal, ray to camera) exceeds this.
-MIN_VIEW_COS = 0.1
 #: Hull targets: an outward crossing costs this many extra steps (inwards wins ties).
 HULL_OUTWARD_PENALTY = 1.0
-#: Visibility rays start this many pass pixels off the surface along the normal (no self-hits).
-RAY_OFFSET_PX = 0.75
 #: A candidate leaves the visual hull where some view's bilinear mask value is below 0.5 - this.
 HULL_TOLERANCE = 0.0
-#: Colour weights fade in over this many pixels inside the mask edge (edge pixels mix with background).
-EDGE_FADE_PX = 3.0
 #: Patch costs: colour noise level (rms per channel, colours in [0, 1]) below which a patch counts as flat.
 PATCH_NOISE = 0.02
 #: A colour minimum counts when the cost rises on both sides, this many steps away ...
@@ -70,161 +72,6 @@ MIN_RISE = 0.002
 CONFIDENCE_QUANTILE = 0.75
 #: Colour confidences are capped at this many times the normalising quantile (one sharp vertex cannot pin the field).
 MAX_CONFIDENCE = 4.0
-
-
-@dataclass
-class _PassViews:
-    """The views resampled for one pass, stacked on one device.
-
-    Attributes
-    ----------
-    images : (N, 3, h, w) float32 in [0, 1], blurred
-    sdf : (N, h, w) float32, signed distance to the mask edge in pixels (negative inside)
-    masks : (N, h, w) float32 in {0, 1}; bilinear samples cross 0.5 on the mask edge (sub-pixel)
-    cameras : list of N Camera at (w, h)
-    K : (N, 3, 3) float32; world_to_cam : (N, 4, 4) float32; centers : (N, 3) float32
-    """
-
-    images: torch.Tensor
-    sdf: torch.Tensor
-    masks: torch.Tensor
-    cameras: list[Camera]
-    K: torch.Tensor
-    world_to_cam: torch.Tensor
-    centers: torch.Tensor
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.cameras[0].width, self.cameras[0].height
-
-
-def _resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(H, W, 3) uint8 -> (h, w, 3) uint8 by area averaging."""
-    if (rgb.shape[1], rgb.shape[0]) == size:
-        return rgb
-    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))
-
-
-def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    if (mask.shape[1], mask.shape[0]) == size:
-        return np.asarray(mask, bool)
-    im = Image.fromarray(np.asarray(mask, np.uint8) * 255).resize(size, Image.Resampling.BILINEAR)
-    return np.asarray(im) >= 128
-
-
-def _gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (N, C, h, w) images (reflect padding)."""
-    if sigma <= 0:
-        return images
-    r = max(1, int(math.ceil(3.0 * sigma)))
-    x = torch.arange(-r, r + 1, dtype=images.dtype, device=images.device)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    k = k / k.sum()
-    C = images.shape[1]
-    out = F.pad(images, (r, r, 0, 0), mode="reflect")
-    out = F.conv2d(out, k.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
-    out = F.pad(out, (0, 0, r, r), mode="reflect")
-    return F.conv2d(out, k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
-
-
-def prepare_pass_views(frames: PosedFrames, size: int, blur_px: float, device: torch.device) -> _PassViews:
-    """Resample the photos and masks of ``frames`` to ``size`` pixels on the longest side (never above the working size).
-
-    Returns a :class:`_PassViews` whose cameras are the views' ``depth_camera`` scaled to that size.
-    """
-    cams, imgs, sdfs, masks = [], [], [], []
-    for v in frames.views:
-        dc = v.depth_camera
-        s = min(1.0, size / max(dc.width, dc.height))
-        wh = (max(8, round(dc.width * s)), max(8, round(dc.height * s)))
-        cams.append(dc.scaled(*wh))
-        imgs.append(_resize_rgb(v.rgb, wh))
-        m = _resize_mask(v.mask, wh)
-        masks.append(m)
-        sdfs.append(signed_distance_px(m, border_is_background=True))
-    if len({(c.width, c.height) for c in cams}) != 1:
-        raise ValueError("photo refinement needs views of one image size")
-    images = torch.as_tensor(np.stack(imgs), device=device).permute(0, 3, 1, 2).float() / 255.0
-    return _PassViews(
-        images=_gaussian_blur(images, blur_px),
-        sdf=torch.as_tensor(np.stack(sdfs), device=device),
-        masks=torch.as_tensor(np.stack(masks), dtype=torch.float32, device=device),
-        cameras=cams,
-        K=torch.as_tensor(np.stack([c.K for c in cams]), dtype=torch.float32, device=device),
-        world_to_cam=torch.as_tensor(np.stack([c.world_to_cam for c in cams]), dtype=torch.float32, device=device),
-        centers=torch.as_tensor(np.stack([c.center for c in cams]), dtype=torch.float32, device=device),
-    )
-
-
-def _project(pv: _PassViews, n: int, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(P, 3) world points -> pixel coordinates (P, 2) and z (P,) in pass view ``n``."""
-    R, t = pv.world_to_cam[n, :3, :3], pv.world_to_cam[n, :3, 3]
-    pc = points @ R.T + t
-    z = pc[:, 2]
-    zs = z.clamp(min=1e-6)
-    K = pv.K[n]
-    u = (K[0, 0] * pc[:, 0] + K[0, 1] * pc[:, 1]) / zs + K[0, 2]
-    v = K[1, 1] * pc[:, 1] / zs + K[1, 2]
-    return torch.stack([u, v], dim=-1), z
-
-
-def _sample(img: torch.Tensor, uv: torch.Tensor, w: int, h: int, padding: str = "border") -> torch.Tensor:
-    """Bilinear samples of (C, h, w) at (P, 2) pixel coordinates (centres at +0.5) -> (P, C)."""
-    g = torch.stack([uv[:, 0] * (2.0 / w) - 1.0, uv[:, 1] * (2.0 / h) - 1.0], dim=-1)
-    out = F.grid_sample(img[None], g[None, None], mode="bilinear", padding_mode=padding, align_corners=False)
-    return out[0, :, 0].T
-
-
-def vertex_normals_torch(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    """(V, 3) area-weighted unit vertex normals of (V, 3) vertices and (F, 3) int64 faces."""
-    tri = vertices[faces]
-    fn = torch.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=-1)
-    vn = torch.zeros_like(vertices)
-    for k in range(3):
-        vn.index_add_(0, faces[:, k], fn)
-    return F.normalize(vn, dim=-1, eps=1e-12)
-
-
-def vertex_visibility(
-    vertices: np.ndarray,
-    faces: np.ndarray,
-    normals: np.ndarray,
-    cameras: list[Camera],
-    offset: float,
-    *,
-    backend: Backend = "auto",
-) -> np.ndarray:
-    """Which vertices each camera sees, ignoring the facing test (the caller weighs by the normal).
-
-    Parameters
-    ----------
-    vertices : (V, 3) float, world; faces : (F, 3) int; normals : (V, 3) float unit
-    cameras : N cameras
-    offset : rays start this far off the surface along the normal, scene units
-
-    Returns
-    -------
-    (N, V) bool: nothing of the mesh lies between the (offset) vertex and the camera centre
-    """
-    rast = make_rasterizer(vertices, faces, backend=backend)
-    start = np.asarray(vertices, np.float64) + offset * np.asarray(normals, np.float64)
-    out = np.zeros((len(cameras), len(vertices)), bool)
-    for n, cam in enumerate(cameras):
-        to_cam = cam.center - start
-        dist = np.linalg.norm(to_cam, axis=1)
-        if hasattr(rast, "cast"):
-            tri, _, t = rast.cast(start, to_cam / np.maximum(dist, 1e-12)[:, None])
-            out[n] = (tri < 0) | (t >= dist)
-        else:  # CUDA: depth test against a render (vertices are on the surface, so allow the offset)
-            r = rast.rasterize(cam)
-            from .camera import project_points
-
-            uv, z = project_points(cam.K, cam.world_to_cam, start)
-            col = np.clip(uv[:, 0].astype(int), 0, cam.width - 1)
-            row = np.clip(uv[:, 1].astype(int), 0, cam.height - 1)
-            d = r.depth[row, col]
-            out[n] = (d <= 0) | (z <= d + 2.0 * offset)
-    return out
 
 
 def solve_offsets(
@@ -261,7 +108,7 @@ def _tangent_patch(nrm: torch.Tensor, radius: int, spacing: float) -> torch.Tens
 
 
 def _photo_cost(
-    pv: _PassViews,
+    pv: PassViews,
     cand: torch.Tensor,
     weights: torch.Tensor,
     patch: torch.Tensor | None = None,
@@ -297,17 +144,17 @@ def _photo_cost(
     ws = torch.zeros(V * S, device=pts.device)
     hull = torch.ones(V * S, dtype=torch.bool, device=pts.device)
     for n in range(len(pv.cameras)):
-        uv, z = _project(pv, n, pts)
+        uv, z = project(pv, n, pts)
         in_img = (uv[:, 0] >= 0) & (uv[:, 0] <= w_img) & (uv[:, 1] >= 0) & (uv[:, 1] <= h_img) & (z > 0)
-        hull &= ~in_img | (_outside_mask(pv, n, uv) <= HULL_TOLERANCE)
+        hull &= ~in_img | (outside_mask(pv, n, uv) <= HULL_TOLERANCE)
         w = weights[n][:, None].expand(V, S).reshape(-1) * in_img
         if not bool((w > 0).any()):
             continue
         if patch is None:
-            col = _sample(pv.images[n], uv, w_img, h_img)
+            col = sample_image(pv.images[n], uv, w_img, h_img)
         else:
-            suv, _ = _project(pv, n, samples)
-            col = _sample(pv.images[n], suv, w_img, h_img).view(V * S, Q, 3)
+            suv, _ = project(pv, n, samples)
+            col = sample_image(pv.images[n], suv, w_img, h_img).view(V * S, Q, 3)
             col = col - col.mean(1, keepdim=True)
             norm = (col.square().sum((1, 2)) / Q + PATCH_NOISE**2).sqrt()
             col = (col / norm[:, None, None]).reshape(V * S, D) / math.sqrt(Q)
@@ -322,7 +169,7 @@ def _photo_cost(
 
 
 def hull_targets(
-    pv: _PassViews, pos: torch.Tensor, nrm: torch.Tensor, step: float, steps: int
+    pv: PassViews, pos: torch.Tensor, nrm: torch.Tensor, step: float, steps: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Offsets that bring vertices outside the visual hull back onto it.
 
@@ -346,9 +193,9 @@ def hull_targets(
     cand = (pos[:, None, :] + offs[None, :, None] * nrm[:, None, :]).reshape(-1, 3)
     worst = torch.full((len(cand),), -float("inf"), device=pos.device)
     for n in range(len(pv.cameras)):
-        uv, z = _project(pv, n, cand)
+        uv, z = project(pv, n, cand)
         in_img = (uv[:, 0] >= 0) & (uv[:, 0] <= w_img) & (uv[:, 1] >= 0) & (uv[:, 1] <= h_img) & (z > 0)
-        out = _outside_mask(pv, n, uv)
+        out = outside_mask(pv, n, uv)
         worst = torch.maximum(worst, torch.where(in_img, out, torch.full_like(out, -float("inf"))))
     # (V, S): how far outside the most violated mask, in [-0.5, 0.5]; > 0 is outside.
     worst = worst.view(len(pos), -1) - HULL_TOLERANCE
@@ -368,28 +215,10 @@ def hull_targets(
     return target, outside
 
 
-def _outside_mask(pv: _PassViews, n: int, uv: torch.Tensor) -> torch.Tensor:
-    """(P,) float in [-0.5, 0.5]: 0.5 minus the bilinear mask value; positive outside the mask edge.
-
-    The bilinear mask crosses 0.5 half-way between an inside and an outside pixel centre,
-    a sub-pixel edge estimate without the outward bias that pixel-centre distance
-    transforms have on slanted edges.
-    """
-    w_img, h_img = pv.size
-    return 0.5 - _sample(pv.masks[n][None], uv, w_img, h_img, padding="zeros")[:, 0]
-
-
-def _edge_fade(pv: _PassViews, n: int, uv: torch.Tensor) -> torch.Tensor:
-    """(P,) weight in [0, 1]: 0 outside the mask, ramping to 1 over EDGE_FADE_PX inside it."""
-    w_img, h_img = pv.size
-    sd = _sample(pv.sdf[n][None], uv, w_img, h_img)[:, 0]
-    return (-sd / EDGE_FADE_PX).clamp(0.0, 1.0)
-
-
 def refine_pass(
     vertices: torch.Tensor,
     faces: torch.Tensor,
-    pv: _PassViews,
+    pv: PassViews,
     lap: sp.csr_matrix,
     cfg: PhotoRefineConfig,
     *,
@@ -431,8 +260,8 @@ def refine_pass(
     for n in range(len(pv.cameras)):
         ray = pv.centers[n] - vertices
         cos = (nrm * ray).sum(-1) * ray.square().sum(-1).rsqrt()
-        uv, _ = _project(pv, n, vertices)
-        weights[n] = vis[n] * (cos > MIN_VIEW_COS) * cos.clamp(min=0).pow(cfg.angle_power) * _edge_fade(pv, n, uv)
+        uv, _ = project(pv, n, vertices)
+        weights[n] = vis[n] * (cos > MIN_VIEW_COS) * cos.clamp(min=0).pow(cfg.angle_power) * edge_fade(pv, n, uv)
 
     ks = torch.arange(-K, K + 1, device=device, dtype=torch.float32)
     offs = ks * step
@@ -518,8 +347,8 @@ def photo_consistency(
     for n in range(len(pv.cameras)):
         ray = pv.centers[n] - v
         cos = (nrm * ray).sum(-1) * ray.square().sum(-1).rsqrt()
-        uv, _ = _project(pv, n, v)
-        weights[n] = vis[n] * (cos > MIN_VIEW_COS) * cos.clamp(min=0).pow(angle_power) * _edge_fade(pv, n, uv)
+        uv, _ = project(pv, n, v)
+        weights[n] = vis[n] * (cos > MIN_VIEW_COS) * cos.clamp(min=0).pow(angle_power) * edge_fade(pv, n, uv)
     cost, _, _ = _photo_cost(pv, v[:, None, :], weights)
     c = cost[:, 0]
     c = c[torch.isfinite(c)]
@@ -586,7 +415,7 @@ def refine_surface(
     return v.cpu().numpy().astype(np.float32), report
 
 
-def refine_mesh(mesh: TexturedMesh, frames: PosedFrames, cfg: PhotoRefineConfig, **kw) -> tuple[TexturedMesh, dict]:
+def refine_textured_surface(mesh: TexturedMesh, frames: PosedFrames, cfg: PhotoRefineConfig, **kw) -> tuple[TexturedMesh, dict]:
     """:func:`refine_surface` on a :class:`TexturedMesh` (its texture, if any, is kept as is)."""
     v, report = refine_surface(mesh.vertices, mesh.faces, frames, cfg, **kw)
     return TexturedMesh(v, mesh.faces, mesh.uvs, mesh.texture, mesh.vertex_colors), report

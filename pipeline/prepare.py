@@ -25,6 +25,9 @@ from .rig import estimate_rig, torch_device
 
 #: Mask components smaller than this fraction of the view's largest one are specks, not object.
 MASK_SPECK_FRACTION = 0.002
+#: A six-view rig whose carved hull re-projects onto the masks with a lower mean IoU than this
+#: explains them poorly (benchmark bundles score 0.95-0.99): warning CAMERAS_UNCERTAIN.
+CAMERAS_UNCERTAIN_IOU = 0.9
 
 
 def working_size(width: int, height: int, max_side: int) -> tuple[int, int]:
@@ -148,6 +151,12 @@ def prepare_frames(
             should_cancel=should_cancel,
         )
         cameras = [rig[n] for n in names]
+        if camera_report["score_mean_iou"] < CAMERAS_UNCERTAIN_IOU:
+            camera_report["uncertain"] = True
+            warnings.append(
+                f"CAMERAS_UNCERTAIN: no rig explains the silhouettes well (best mean IoU "
+                f"{camera_report['score_mean_iou']:.2f} < {CAMERAS_UNCERTAIN_IOU}); the views may not be the six-view rig"
+            )
     else:
         rig = default_rig(W, H, names=tuple(names))
         cameras = [rig[n] for n in names]
@@ -162,18 +171,23 @@ def prepare_frames(
     if resolved is not None:
         encodings = res_encodings
         depth_report = {"method": "resolved", "source": "an earlier run"}
-    elif fs.depth_encoding is not None:
-        encodings = [fs.depth_encoding] * len(raws)
-        depth_report = {"method": "given", "source": "transforms.json", **fs.depth_encoding.to_dict()}
     elif cfg.camera.estimate_depth_encoding and all(have_depth):
+        # The stated encoding, else the documented default, is the prior: an estimate replaces it
+        # only where it explains the masks and the other views measurably better.
+        stated = fs.depth_encoding is not None
         encodings, depth_report = estimate_depth_encodings(
             np.stack(raws),
             np.stack(masks),
             depth_cameras,
-            max_value=fs.depth_max_value,
-            background=background,
+            prior=fs.depth_encoding or DepthEncoding(max_value=fs.depth_max_value, background=background),
+            prior_source=fs.depth_encoding_source if stated else "default",
             device=device,
         )
+        if "warning" in depth_report:
+            warnings.append(depth_report["warning"])
+    elif fs.depth_encoding is not None:
+        encodings = [fs.depth_encoding] * len(raws)
+        depth_report = {"method": "given", "source": fs.depth_encoding_source, **fs.depth_encoding.to_dict()}
     else:
         enc = DepthEncoding(max_value=fs.depth_max_value, background=background)
         encodings = [enc] * len(raws)

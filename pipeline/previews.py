@@ -16,11 +16,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy.ndimage import maximum_filter
 
-from .camera import Camera, intrinsics_from_fov, look_at, project_points
+from .camera import Camera, intrinsics_from_fov, look_at, project_points, row_norm
 from .frames import PosedFrames, PosedView
 from .mesh import TexturedMesh
-from .metrics import image_metrics
-from .render import Backend, Rasterization, make_rasterizer
+from .metrics import image_metrics, map_views
+from .render import Backend, Rasterization, make_rasterizer, rasterize_many
 from .shading import shade_rgb
 
 #: Number of turnaround stills (45-degree steps).
@@ -50,6 +50,8 @@ CONTACT_TILE_PX = 256
 DIFF_FULL_SCALE = 0.5
 #: Contact-sheet crops extend this fraction of the object's box size beyond it on each side.
 CONTACT_PAD_FRACTION = 0.08
+#: zlib level of the preview PNGs: level 6 (Pillow's default) took twice as long for 4-8% smaller files.
+PNG_COMPRESS_LEVEL = 3
 #: Shading normals are averaged across edges flatter than this, kept sharp across steeper ones, degrees.
 CREASE_ANGLE_DEG = 45.0
 #: Relative tolerance (of the bounding-box diagonal) for welding vertices before smoothing normals.
@@ -193,7 +195,7 @@ def headlight(rast: Rasterization, cam: Camera, normals: np.ndarray) -> np.ndarr
     """
     corner_index = np.arange(3 * len(normals)).reshape(-1, 3)
     n = rast.interpolate(np.asarray(normals, np.float32).reshape(-1, 3), corner_index)
-    n /= np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-12)
+    n /= np.maximum(row_norm(n), 1e-12)[..., None]
     forward = cam.cam_to_world[:3, 2].astype(np.float32)
     cos = np.abs(n @ forward)
     return np.where(rast.mask, AMBIENT + DIFFUSE * cos, 0.0).astype(np.float32)
@@ -213,15 +215,16 @@ def edge_distance_px(rast: Rasterization, cam: Camera, vertices: np.ndarray, fac
     uv, _ = project_points(cam.K, cam.world_to_cam, np.asarray(vertices, dtype=np.float64))
     ii, jj = np.nonzero(m)
     p = np.stack([jj + 0.5, ii + 0.5], axis=-1)
-    tri = uv[np.asarray(faces, dtype=np.int64)[rast.tri_id[m]]]  # (M, 3, 2)
+    corners = np.asarray(faces, dtype=np.int64)[rast.tri_id[m]]  # (M, 3)
     best = np.full(len(p), np.inf)
     for k in range(3):
-        a, b = tri[:, k], tri[:, (k + 1) % 3]
+        # One edge's endpoints at a time: no (M, 3, 2) array of every corner.
+        a, b = uv[corners[:, k]], uv[corners[:, (k + 1) % 3]]
         e = b - a
-        length = np.linalg.norm(e, axis=-1)
+        length = row_norm(e)
         cross = np.abs(e[:, 0] * (p[:, 1] - a[:, 1]) - e[:, 1] * (p[:, 0] - a[:, 0]))
         # A pixel lies inside its triangle, so the distance to the edge's line is the distance to the edge.
-        d = np.where(length > 1e-9, cross / np.maximum(length, 1e-9), np.linalg.norm(p - a, axis=-1))
+        d = np.where(length > 1e-9, cross / np.maximum(length, 1e-9), row_norm(p - a))
         best = np.minimum(best, d)
     out[m] = best
     return out
@@ -232,7 +235,14 @@ def _shrink(img: np.ndarray, factor: int) -> np.ndarray:
     if factor == 1:
         return img
     H, W, C = img.shape
-    return img.reshape(H // factor, factor, W // factor, factor, C).mean(axis=(1, 3))
+    blocks = img.reshape(H // factor, factor, W // factor, factor, C)
+    # `blocks.mean(axis=(1, 3))` written out, summing in its order (bit-identical), ~4x faster.
+    acc = blocks[:, 0, :, 0]
+    for i in range(factor):
+        for j in range(factor):
+            if i or j:
+                acc = acc + blocks[:, i, :, j]
+    return acc / np.asarray(factor * factor, dtype=acc.dtype)
 
 
 def _to_uint8(img: np.ndarray) -> np.ndarray:
@@ -249,11 +259,15 @@ def _preview_images(
     line_px: float,
     textured: bool = True,
     wireframe: bool = True,
+    rast: Rasterization | None = None,
 ) -> dict[str, np.ndarray]:
-    """Render ``cam`` once at ``supersample`` times its size; return ``textured`` and/or ``wireframe`` uint8 images."""
+    """Render ``cam`` once at ``supersample`` times its size; return ``textured`` and/or ``wireframe`` uint8 images.
+
+    ``rast``: that render, when the caller already has it (:func:`pipeline.render.rasterize_many`).
+    """
     s = max(int(supersample), 1)
     big = cam.scaled(cam.width * s, cam.height * s)
-    rast = rasterizer.rasterize(big)
+    rast = rast if rast is not None else rasterizer.rasterize(big)
     shade = headlight(rast, big, normals)[..., None]
     bg = np.asarray(BACKGROUND_RGB, np.float32)
     out = {}
@@ -330,11 +344,16 @@ def write_turntable_gif(
     r = make_rasterizer(mesh.vertices, mesh.faces, backend=backend)
     normals = corner_normals(mesh.vertices, mesh.faces)
     orbit = _orbit(mesh, frames, elevation_deg)
-    images = []
-    for i in range(frames):
-        cam = preview_camera(i, frames, resolution=resolution, **orbit)
-        img = _preview_images(mesh, cam, r, normals, supersample=1, line_px=WIREFRAME_LINE_PX, wireframe=False)
-        images.append(Image.fromarray(img["textured"]))
+    cams = [preview_camera(i, frames, resolution=resolution, **orbit) for i in range(frames)]
+    rasts = rasterize_many(r, cams)  # one render pass for every frame
+
+    def frame(i: int) -> Image.Image:
+        img = _preview_images(
+            mesh, cams[i], r, normals, supersample=1, line_px=WIREFRAME_LINE_PX, wireframe=False, rast=rasts[i]
+        )
+        return Image.fromarray(img["textured"])
+
+    images = map_views(frame, list(range(frames)), r)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     images[0].save(path, save_all=True, append_images=images[1:], duration=frame_ms, loop=0, disposal=1)
@@ -449,8 +468,9 @@ def write_contact_sheet(
     r = make_rasterizer(mesh.vertices, mesh.faces, backend=backend)
     metrics_by_name = {m["name"]: m for m in per_view or []}
     rows = []
-    for view in frames.views:
-        t = contact_tiles(mesh, view, r, tile=tile)
+    for view, t in zip(
+        frames.views, map_views(lambda v: contact_tiles(mesh, v, r, tile=tile), frames.views, r), strict=True
+    ):
         m = metrics_by_name.get(view.name)
         note = ""
         if m is None:
@@ -484,7 +504,7 @@ def write_contact_sheet(
         y += h_tile + gap
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
+    sheet.save(path, compress_level=PNG_COMPRESS_LEVEL)
     return path
 
 
@@ -511,13 +531,20 @@ def write_previews(
     normals = corner_normals(mesh.vertices, mesh.faces)
     orbit = _orbit(mesh, n, PREVIEW_ELEVATION_DEG)
     written: dict[str, list[str]] = {"textured": [], "wireframe": []}
-    for i in range(n):
+
+    def still(i: int) -> dict[str, str]:
         cam = preview_camera(i, n, resolution=resolution, **orbit)
         imgs = _preview_images(mesh, cam, r, normals, supersample=SUPERSAMPLE, line_px=WIREFRAME_LINE_PX)
+        paths = {}
         for kind in ("textured", "wireframe"):
             p = folder / f"{kind}_{i:02d}.png"
-            Image.fromarray(imgs[kind]).save(p)
-            written[kind].append(str(p.relative_to(out_dir)))
+            Image.fromarray(imgs[kind]).save(p, compress_level=PNG_COMPRESS_LEVEL)
+            paths[kind] = str(p.relative_to(out_dir))
+        return paths
+
+    for paths in map_views(still, list(range(n)), r):
+        for kind, p in paths.items():
+            written[kind].append(p)
     gif = write_turntable_gif(mesh, folder / "turntable.gif", gif_frames, backend=backend)
     written["turntable"] = [str(gif.relative_to(out_dir))]
     if frames is not None:

@@ -38,7 +38,7 @@ from .camera import Camera
 from .config import RefineConfig
 from .depth_calibration import HULL_FIT_METHOD
 from .diffrender import make_diff_renderer, silhouette_loss
-from .errors import CanceledError, ConvergenceError, InvalidInputError, ModelOOMError
+from .errors import CanceledError, ConvergenceError, InvalidInputError, ModelOOMError, is_oom
 from .frames import PosedFrames
 from .masks import mask_box, signed_distance_px
 from .mesh import TexturedMesh, graph_laplacian, weld_vertices
@@ -320,10 +320,6 @@ def _resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
-
-
 def refine_mesh(
     mesh: TexturedMesh,
     frames: PosedFrames,
@@ -415,7 +411,7 @@ def _refine_with_retry(mesh, frames, cfg: RefineConfig, dev, progress, should_ca
     try:
         return _refine(mesh, frames, cfg, dev, progress, should_cancel, oom_retry=False)
     except Exception as e:
-        if not _is_oom(e):
+        if not is_oom(e):
             raise
         half = cfg.resolution // 2
         if dev.type == "cuda":
@@ -428,7 +424,7 @@ def _refine_with_retry(mesh, frames, cfg: RefineConfig, dev, progress, should_ca
     try:
         return _refine(mesh, frames, replace(cfg, resolution=half), dev, progress, should_cancel, oom_retry=True)
     except Exception as e:
-        if not _is_oom(e):
+        if not is_oom(e):
             raise
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -446,32 +442,89 @@ def refine_depth_weight(frames: PosedFrames, cfg: RefineConfig) -> float:
     return cfg.estimated_depth_weight if estimated else cfg.depth_weight
 
 
+class _Problem:
+    """Everything one refinement optimises and compares against: targets, renderer, parameters, optimiser."""
+
+    def __init__(self, mesh, frames, cfg: RefineConfig, dev):
+        self.cams, self.tgt = build_targets(frames, cfg.resolution, dev)
+        # Geometry lives on the welded surface (UV-seam copies share one position), so seams never open.
+        weld_np, welded = weld_vertices(mesh.vertices)
+        self.renderer = make_diff_renderer(
+            mesh.faces, mesh.uvs, self.cams, backend="nvdiffrast" if dev.type == "cuda" else "embree", device=dev,
+            weld=weld_np,
+        )  # fmt: skip
+        self.weld = torch.as_tensor(weld_np, device=dev)
+        self.v0 = torch.as_tensor(welded.astype(np.float32), device=dev)
+        v0 = self.v0
+        self.scale = float(torch.linalg.norm(v0.max(0).values - v0.min(0).values).clamp(min=1e-9))
+        welded_faces = weld_np[np.asarray(mesh.faces, dtype=np.int64)]
+        self.L = uniform_laplacian(welded_faces, len(v0), dev)
+        self.smooth = SmoothParametrisation(welded_faces, len(v0), cfg.vertex_smoothness)
+        self.offset_param = torch.zeros_like(v0, requires_grad=True)
+        # The smooth parametrisation is the diffusion pass's exact form: it replaces those passes.
+        self.diffusion_steps = 0 if cfg.vertex_smoothness > 0 else cfg.smoothing_steps
+        self.tex_base = torch.as_tensor(np.asarray(mesh.texture, dtype=np.float32) / 255.0, device=dev)
+        self.tex_levels = texture_pyramid_params(self.tex_base.shape, cfg.resolution, dev)
+        groups = [
+            {"params": [self.offset_param], "lr": cfg.lr_vertices * self.scale},
+            {"params": self.tex_levels, "lr": cfg.lr_texture},
+        ]
+        self.opt = UniformAdam(groups) if cfg.optimizer == "uniform_adam" else torch.optim.Adam(groups)
+        self.lap0 = torch.sparse.mm(self.L, v0)
+        self.n_obj = float(self.tgt["mask"].sum().clamp(min=1))
+        self.depth_valid = self.tgt["mask"] & (self.tgt["depth"] > 0)
+        self.depth_weight = refine_depth_weight(frames, cfg)
+        self.tgt_rgb_flat = self.tgt["rgb"].reshape(-1, 3)
+        self.samples = tuple(subpixel_offsets(cfg.supersample))
+
+    def welded_positions(self) -> torch.Tensor:
+        """(V_welded, 3) the start plus the offsets the parameters stand for."""
+        return self.v0 + self.smooth.solve(diffuse(self.L, self.offset_param, self.diffusion_steps))
+
+    def loss(self, out, positions: torch.Tensor, cfg: RefineConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted loss of one render, and its terms (photometric, mask, depth, laplacian)."""
+        tgt, n_obj, scale = self.tgt, self.n_obj, self.scale
+        union = tgt["mask"] | out.mask | (out.coverage > 0)
+        # Only the union's pixels enter the term: no full-frame arithmetic, forward or backward.
+        in_union = torch.nonzero(union.reshape(-1), as_tuple=True)[0]
+        diff = out.rgb.reshape(-1, 3).index_select(0, in_union) - self.tgt_rgb_flat[in_union]
+        per_px = diff.square() if cfg.photometric_loss == "l2" else diff.abs()
+        photo = per_px.mean(-1).sum() / n_obj
+        if cfg.ssim_weight > 0:
+            photo = photo + cfg.ssim_weight * structural_loss(out.rgb, tgt["rgb"], union) / n_obj
+        sil = silhouette_loss(out, tgt["mask"], tgt["sdf"]) / n_obj
+        both = self.depth_valid & out.mask
+        dz = torch.where(both, (out.depth - tgt["depth"]) / scale, torch.zeros_like(out.depth))
+        depth = F.smooth_l1_loss(dz, torch.zeros_like(dz), beta=DEPTH_HUBER_FRACTION, reduction="sum") / n_obj
+        lap = ((torch.sparse.mm(self.L, positions) - self.lap0) / scale).pow(2).sum() / n_obj
+        loss = photo + cfg.mask_weight * sil + self.depth_weight * depth + cfg.laplacian_weight * lap
+        return loss, {"photometric": photo, "mask": sil, "depth": depth, "laplacian": lap}
+
+    def silhouette_iou(self, out) -> float:
+        with torch.no_grad():
+            inter = (out.mask & self.tgt["mask"]).sum((1, 2)).float()
+            uni = (out.mask | self.tgt["mask"]).sum((1, 2)).float().clamp(min=1)
+            return float((inter / uni).mean())
+
+    def diverged(self, reason: str, it: int, history: list[float], terms: dict, dev) -> ConvergenceError:
+        return ConvergenceError(
+            f"refinement failed at iteration {it}: the loss {'is not finite' if reason == 'nan' else 'rose'}; "
+            "keep the fusion result",
+            details={
+                "reason": reason,
+                "iteration": it,
+                "loss_tail": [v if math.isfinite(v) else None for v in history[-ERROR_CURVE_TAIL:]],
+                "terms": {k: (v[-1] if math.isfinite(v[-1]) else None) for k, v in terms.items()},
+                "resolution": max(self.cams[0].width, self.cams[0].height),
+                "device": str(dev),
+                "backend": self.renderer.name,
+            },
+        )
+
+
 def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oom_retry: bool):
     t0 = time.perf_counter()
-    cams, tgt = build_targets(frames, cfg.resolution, dev)
-    # Geometry lives on the welded surface (UV-seam copies share one position), so seams never open.
-    weld_np, welded = weld_vertices(mesh.vertices)
-    renderer = make_diff_renderer(
-        mesh.faces, mesh.uvs, cams, backend="nvdiffrast" if dev.type == "cuda" else "embree", device=dev, weld=weld_np
-    )
-    weld = torch.as_tensor(weld_np, device=dev)
-    v0 = torch.as_tensor(welded.astype(np.float32), device=dev)
-    scale = float(torch.linalg.norm(v0.max(0).values - v0.min(0).values).clamp(min=1e-9))
-    welded_faces = weld_np[np.asarray(mesh.faces, dtype=np.int64)]
-    L = uniform_laplacian(welded_faces, len(v0), dev)
-    smooth = SmoothParametrisation(welded_faces, len(v0), cfg.vertex_smoothness)
-    offset_param = torch.zeros_like(v0, requires_grad=True)
-    # The smooth parametrisation is the diffusion pass's exact form: it replaces those passes.
-    diffusion_steps = 0 if cfg.vertex_smoothness > 0 else cfg.smoothing_steps
-
-    def welded_positions() -> torch.Tensor:
-        """(V_welded, 3) the start plus the offsets the parameters stand for."""
-        return v0 + smooth.solve(diffuse(L, offset_param, diffusion_steps))
-
-    tex_base = torch.as_tensor(np.asarray(mesh.texture, dtype=np.float32) / 255.0, device=dev)
-    tex_levels = texture_pyramid_params(tex_base.shape, cfg.resolution, dev)
-    groups = [{"params": [offset_param], "lr": cfg.lr_vertices * scale}, {"params": tex_levels, "lr": cfg.lr_texture}]
-    opt = UniformAdam(groups) if cfg.optimizer == "uniform_adam" else torch.optim.Adam(groups)
+    pb = _Problem(mesh, frames, cfg, dev)
     # Exponential decay to cfg.lr_final_fraction at the last iteration: big steps early, little jitter late.
     # Once the loss stalls, the remaining steps ("settling") run at the final rate.
     settle_left: int | None = None
@@ -481,97 +534,62 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
             return cfg.lr_final_fraction
         return cfg.lr_final_fraction ** (min(it, cfg.iterations) / max(cfg.iterations, 1))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    lap0 = torch.sparse.mm(L, v0)
-    n_obj = float(tgt["mask"].sum().clamp(min=1))
-    depth_valid = tgt["mask"] & (tgt["depth"] > 0)
-    depth_weight = refine_depth_weight(frames, cfg)
-    tgt_rgb_flat = tgt["rgb"].reshape(-1, 3)
-
-    samples = tuple(subpixel_offsets(cfg.supersample))
-    history: list[float] = []
-    settle_at: int | None = None
-    terms: dict[str, list[float]] = {"photometric": [], "mask": [], "depth": [], "laplacian": []}
-    stop_reason = "iterations"
-    vis_updates = 0
-    silhouette_iou: list[float] = []
+    sched = torch.optim.lr_scheduler.LambdaLR(pb.opt, lr_factor)
+    log = {"history": [], "terms": {"photometric": [], "mask": [], "depth": [], "laplacian": []}, "iou": []}
+    log.update(stop_reason="iterations", vis_updates=0, settle_at=None)
+    history, terms = log["history"], log["terms"]
     for it in range(cfg.iterations):
         if should_cancel is not None and should_cancel():
             raise CanceledError("the job was canceled during refinement", details={"iteration": it})
         if time.perf_counter() - t0 > cfg.time_budget_s:
-            stop_reason = "time_budget"
+            log["stop_reason"] = "time_budget"
             break
-        positions = welded_positions()
-        vertices = positions[weld]
+        positions = pb.welded_positions()
+        vertices = positions[pb.weld]
         refresh = it % max(cfg.visibility_interval, 1) == 0
         if refresh:
-            renderer.update_visibility(vertices.detach())
-            vis_updates += 1
-        out = renderer.render(vertices, [tex_base, compose_corrections(tex_levels)], sample_offsets=samples)
+            pb.renderer.update_visibility(vertices.detach())
+            log["vis_updates"] += 1
+        out = pb.renderer.render(vertices, [pb.tex_base, compose_corrections(pb.tex_levels)], sample_offsets=pb.samples)
         if refresh:  # silhouette agreement, for the report
-            with torch.no_grad():
-                inter = (out.mask & tgt["mask"]).sum((1, 2)).float()
-                uni = (out.mask | tgt["mask"]).sum((1, 2)).float().clamp(min=1)
-                silhouette_iou.append(float((inter / uni).mean()))
-
-        union = tgt["mask"] | out.mask | (out.coverage > 0)
-        # Only the union's pixels enter the term: no full-frame arithmetic, forward or backward.
-        in_union = torch.nonzero(union.reshape(-1), as_tuple=True)[0]
-        diff = out.rgb.reshape(-1, 3).index_select(0, in_union) - tgt_rgb_flat[in_union]
-        per_px = diff.square() if cfg.photometric_loss == "l2" else diff.abs()
-        photo = per_px.mean(-1).sum() / n_obj
-        if cfg.ssim_weight > 0:
-            photo = photo + cfg.ssim_weight * structural_loss(out.rgb, tgt["rgb"], union) / n_obj
-        sil = silhouette_loss(out, tgt["mask"], tgt["sdf"]) / n_obj
-        both = depth_valid & out.mask
-        dz = torch.where(both, (out.depth - tgt["depth"]) / scale, torch.zeros_like(out.depth))
-        depth = F.smooth_l1_loss(dz, torch.zeros_like(dz), beta=DEPTH_HUBER_FRACTION, reduction="sum") / n_obj
-        lap = ((torch.sparse.mm(L, positions) - lap0) / scale).pow(2).sum() / n_obj
-        loss = photo + cfg.mask_weight * sil + depth_weight * depth + cfg.laplacian_weight * lap
-
-        value = float(loss.detach())
-        history.append(value)
-        for k, term in (("photometric", photo), ("mask", sil), ("depth", depth), ("laplacian", lap)):
+            log["iou"].append(pb.silhouette_iou(out))
+        loss, parts = pb.loss(out, positions, cfg)
+        history.append(float(loss.detach()))
+        for k, term in parts.items():
             terms[k].append(float(term.detach()))
         reason = check_loss_health(history, cfg.convergence_window)
         if reason is not None:
-            raise ConvergenceError(
-                f"refinement failed at iteration {it}: the loss {'is not finite' if reason == 'nan' else 'rose'}; "
-                "keep the fusion result",
-                details={
-                    "reason": reason,
-                    "iteration": it,
-                    "loss_tail": [v if math.isfinite(v) else None for v in history[-ERROR_CURVE_TAIL:]],
-                    "terms": {k: (v[-1] if math.isfinite(v[-1]) else None) for k, v in terms.items()},
-                    "resolution": max(cams[0].width, cams[0].height),
-                    "device": str(dev),
-                    "backend": renderer.name,
-                },
-            )
-        opt.zero_grad(set_to_none=True)
+            raise pb.diverged(reason, it, history, terms, dev)
+        pb.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        pb.opt.step()
         if progress is not None and (it % 5 == 0 or it == cfg.iterations - 1):
             progress(STAGE, (it + 1) / cfg.iterations)
         if settle_left is not None:
             settle_left -= 1
             if settle_left <= 0:
-                stop_reason = "converged"
+                log["stop_reason"] = "converged"
                 break
         elif has_converged(history, cfg.convergence_window, cfg.convergence_tol):
             # A stall at a large step is the step's noise floor, not the optimum: on the sneaker,
             # runs stopped at 133-255 steps scored 24.6-24.8 dB, the whole schedule 25.4. Run one
             # window at the final rate, then stop; stop at once when the rate is near its end.
             if lr_factor(it + 1) <= SETTLE_RATE_RATIO * cfg.lr_final_fraction:
-                stop_reason = "converged"
+                log["stop_reason"] = "converged"
                 break
             settle_left = cfg.convergence_window
-            settle_at = it + 1
+            log["settle_at"] = it + 1
         sched.step()  # after the test above, so a settle starts at the final rate on the next step
+    return _refined_result(mesh, pb, log, dev, progress, oom_retry, t0)
 
+
+def _refined_result(mesh, pb: _Problem, log: dict, dev, progress, oom_retry: bool, t0: float):
+    """The refined TexturedMesh and the report of the run."""
     with torch.no_grad():
-        v_out = welded_positions()[weld].cpu().numpy().astype(np.float32)
-        tex_out = (compose_texture(tex_base, tex_levels) * 255.0 + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
+        v_out = pb.welded_positions()[pb.weld].cpu().numpy().astype(np.float32)
+        tex_out = (
+            (compose_texture(pb.tex_base, pb.tex_levels) * 255.0 + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
+        )
     if not np.isfinite(v_out).all():
         raise ConvergenceError("refined vertices are not finite; keep the fusion result", details={"reason": "nan"})
     refined = TexturedMesh(
@@ -584,19 +602,19 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
     if progress is not None:
         progress(STAGE, 1.0)
     report = {
-        "loss_curve": history,
-        "terms": terms,
-        "iterations": int(len(history)),
-        "stop_reason": stop_reason,
+        "loss_curve": log["history"],
+        "terms": log["terms"],
+        "iterations": int(len(log["history"])),
+        "stop_reason": log["stop_reason"],
         "time_s": round(time.perf_counter() - t0, 3),
         "device": str(dev),
-        "backend": renderer.name,
-        "resolution": int(max(cams[0].width, cams[0].height)),
-        "visibility_updates": vis_updates,
-        "silhouette_iou": silhouette_iou,
+        "backend": pb.renderer.name,
+        "resolution": int(max(pb.cams[0].width, pb.cams[0].height)),
+        "visibility_updates": log["vis_updates"],
+        "silhouette_iou": log["iou"],
         "oom_retry": oom_retry,
-        "depth_weight": depth_weight,
-        "settled_from_iteration": settle_at,
+        "depth_weight": pb.depth_weight,
+        "settled_from_iteration": log["settle_at"],
         "vertex_offset_max": float(np.abs(v_out - np.asarray(mesh.vertices, dtype=np.float32)).max())
         if len(v_out)
         else 0.0,

@@ -21,6 +21,9 @@ from .camera import Camera, pixel_rays, ray_z_scale, transform_points
 
 Backend = Literal["auto", "embree", "nvdiffrast"]
 
+#: :meth:`EmbreeRasterizer.rasterize_many` casts at most this many rays per call (one 1024^2 image).
+MAX_RAYS_PER_CAST = 1 << 20
+
 
 @dataclass
 class Rasterization:
@@ -113,6 +116,39 @@ class EmbreeRasterizer:
         )
         return np.asarray(ids, dtype=np.int64)
 
+    def rasterize_many(self, cams: list[Camera]) -> list[Rasterization]:
+        """:meth:`rasterize` for each camera, casting many cameras' rays per embree call
+        (up to :data:`MAX_RAYS_PER_CAST`, so memory stays that of one large image)."""
+        out: list[Rasterization] = []
+        group: list[Camera] = []
+        for cam in cams:
+            if group and sum(c.width * c.height for c in group) + cam.width * cam.height > MAX_RAYS_PER_CAST:
+                out += self._rasterize_group(group)
+                group = []
+            group.append(cam)
+        if group:
+            out += self._rasterize_group(group)
+        return out
+
+    def _rasterize_group(self, cams: list[Camera]) -> list[Rasterization]:
+        rays = [pixel_rays(cam) for cam in cams]
+        tri, bary, t = self.cast(np.concatenate([o for o, _ in rays]), np.concatenate([d for _, d in rays]))
+        del rays
+        out, start = [], 0
+        for cam in cams:
+            n = cam.width * cam.height
+            z = t[start : start + n] * ray_z_scale(cam).astype(np.float32)
+            H, W = cam.height, cam.width
+            out.append(
+                Rasterization(
+                    tri[start : start + n].reshape(H, W),
+                    bary[start : start + n].reshape(H, W, 3),
+                    z.reshape(H, W).astype(np.float32),
+                )
+            )
+            start += n
+        return out
+
     def rasterize(self, cam: Camera) -> Rasterization:
         o, d = pixel_rays(cam)
         tri, bary, t = self.cast(o, d)
@@ -187,6 +223,13 @@ def make_rasterizer(vertices: np.ndarray, faces: np.ndarray, *, backend: Backend
     if backend not in ("auto", "embree"):
         raise ValueError(f"unknown render backend {backend!r}; use auto, embree or nvdiffrast")
     return EmbreeRasterizer(vertices, faces)
+
+
+def rasterize_many(rasterizer, cams: list[Camera]) -> list[Rasterization]:
+    """Every camera's :class:`Rasterization`: one embree call for all of them with the CPU backend."""
+    if hasattr(rasterizer, "rasterize_many"):
+        return rasterizer.rasterize_many(cams)
+    return [rasterizer.rasterize(cam) for cam in cams]
 
 
 def rasterize(vertices: np.ndarray, faces: np.ndarray, cam: Camera, *, backend: Backend = "auto") -> Rasterization:

@@ -34,9 +34,10 @@ def sample_texture(texture: np.ndarray, uv: np.ndarray) -> np.ndarray:
     y1 = np.minimum(y0 + 1, th - 1)
     fx = (x - x0)[:, None].astype(np.float32)
     fy = (y - y0)[:, None].astype(np.float32)
-    t = texture.astype(np.float32) if texture.dtype != np.float32 else texture
-    top = t[y0, x0] * (1 - fx) + t[y0, x1] * fx
-    bot = t[y1, x0] * (1 - fx) + t[y1, x1] * fx
+    # Gather first, then convert: converting a 2048^2 texture to float per call cost more than the lookups.
+    t = lambda yy, xx: texture[yy, xx].astype(np.float32, copy=False)  # noqa: E731
+    top = t(y0, x0) * (1 - fx) + t(y0, x1) * fx
+    bot = t(y1, x0) * (1 - fx) + t(y1, x1) * fx
     return top * (1 - fy) + bot * fy
 
 
@@ -157,7 +158,9 @@ def _supersample_texture_interior(mesh: TexturedMesh, rast: Rasterization, rgb: 
     ok[1:-1] &= m[2:] & m[:-2]
     ok[[0, -1], :] = False
     ok[:, [0, -1]] = False
-    ok &= (np.abs(du).max(-1) < _MAX_UV_PER_PIXEL) & (np.abs(dv).max(-1) < _MAX_UV_PER_PIXEL)
+    # max over the two UV components written out: numpy's max along a length-2 axis is slow.
+    ok &= np.maximum(np.abs(du[..., 0]), np.abs(du[..., 1])) < _MAX_UV_PER_PIXEL
+    ok &= np.maximum(np.abs(dv[..., 0]), np.abs(dv[..., 1])) < _MAX_UV_PER_PIXEL
     if not ok.any():
         return
     c, a, b = uv[ok], du[ok], dv[ok]

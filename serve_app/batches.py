@@ -29,10 +29,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
+from deployments.store import iter_file
 from pipeline import constants as C
 from pipeline.archive import ArchiveLimits, check_entries, copy_member, open_zip, read_member
 from pipeline.bundle import VIEWS_DIR, load_bundle
-from pipeline.config import get_preset
 from pipeline.errors import (
     InputTooLargeError,
     InvalidArchiveError,
@@ -40,15 +40,14 @@ from pipeline.errors import (
     ReconError,
     UnsupportedMediaError,
 )
+from pipeline.overrides import parse_overrides_json, validate_overrides
 
 from . import errors as E
 from .auth import Principal, can_access, principal_of
-from .experiments.overrides import parse_overrides_json, validate_overrides
-from .experiments.service import check_queue_room, enqueue_job
 from .jobs import TERMINAL, JobRecord, new_job_id, write_artifacts
 from .quotas import check_quota
 from .schemas import ErrorBody
-from .store import iter_file
+from .submission import JobSubmitter, parse_models
 from .uploads import UploadBudget, spool, temp_path, unlink_quietly
 
 BATCHES_PREFIX = "batches"
@@ -195,12 +194,12 @@ def aggregate_status(statuses: list[str]) -> str:
 
 
 class BatchService:
-    def __init__(self, ingress):
-        self.ingress = ingress
+    def __init__(self, jobs: JobSubmitter):
+        self.jobs = jobs
         self.batches: dict[str, BatchRecord] = {}
 
     async def start(self) -> None:
-        store = self.ingress.store
+        store = self.jobs.store
         for key in await asyncio.to_thread(store.list, BATCHES_PREFIX):
             if key.endswith("/batch.json"):
                 try:
@@ -221,7 +220,7 @@ class BatchService:
     def view(self, rec: BatchRecord) -> dict:
         items, statuses, progress = [], [], []
         for it in rec.items:
-            job: JobRecord | None = self.ingress.book.get(it.job_id)
+            job: JobRecord | None = self.jobs.get_job(it.job_id)
             status = job.status if job is not None else "failed"
             err = job.error.model_dump() if job is not None and job.error else None
             if job is None:
@@ -260,10 +259,10 @@ router = APIRouter(tags=["batches"])
 _service: BatchService | None = None
 
 
-async def start_batches(ingress) -> BatchService:
-    """Create the batch service of ``ingress`` (called from Ingress.__init__) and load its records."""
+async def start_batches(jobs: JobSubmitter) -> BatchService:
+    """Create the batch service (called from Ingress.__init__) and load its records."""
     global _service
-    svc = BatchService(ingress)
+    svc = BatchService(jobs)
     await svc.start()
     _service = svc
     return svc
@@ -287,22 +286,15 @@ async def submit_batch(
     ),
 ):
     svc = _svc()
-    ingress = svc.ingress
-    limit = ingress.args.batches.max_items
+    jobs = svc.jobs
+    limit = jobs.args.batches.max_items
     if (bundles and archive is not None) or (not bundles and archive is None):
         raise E.InvalidRequestError("send several `bundles` files or one `archive`", details={"field": "bundles"})
-    from .ingress import parse_models
-
     models = parse_models(model)
     if len(models) != 1:
         raise E.InvalidRequestError("a batch runs one model", details={"field": "model"})
-    if models[0] not in ingress.handles:
-        raise E.ModelUnavailableError(
-            f"model {models[0]!r} is not served by this deployment; served: {sorted(ingress.handles)}",
-            details={"models": models, "served": sorted(ingress.handles)},
-        )
-    preset = preset or ingress.args.default_preset
-    get_preset(preset)
+    jobs.check_served(models)
+    preset = jobs.resolve_preset(preset)
     checked = validate_overrides(parse_overrides_json(overrides))
 
     items: list[tuple[str, str]] = []  # (item name, path of its bundle ZIP on disk)
@@ -314,7 +306,7 @@ async def submit_batch(
 
 async def _submit_items(request, svc, bundles, archive, limit, model, preset, checked, items) -> JSONResponse:
     """Spool the bundles to temporary files (``items`` collects them), check them, record, queue."""
-    ingress = svc.ingress
+    jobs = svc.jobs
     if bundles:
         if len(bundles) > limit:
             raise BatchTooLargeError(
@@ -322,7 +314,7 @@ async def _submit_items(request, svc, bundles, archive, limit, model, preset, ch
                 details={"items": len(bundles), "limit": limit},
             )
         taken: set[str] = set()
-        budget = UploadBudget(ingress.args.max_upload_bytes)
+        budget = UploadBudget(jobs.args.max_upload_bytes)
         for f in bundles:
             path = await asyncio.to_thread(spool, f.file, budget, f.filename)
             items.append((_item_name(f.filename or "item", taken), path))
@@ -337,18 +329,18 @@ async def _submit_items(request, svc, bundles, archive, limit, model, preset, ch
             split_archive,
             archive.file,
             max_items=limit,
-            max_unpacked=ARCHIVE_EXPANSION_LIMIT * ingress.args.max_upload_bytes,
+            max_unpacked=ARCHIVE_EXPANSION_LIMIT * jobs.args.max_upload_bytes,
             to_files=True,
         )
-    check_queue_room(ingress, len(items))
+    jobs.check_queue_room(len(items))
     check_quota(
-        ingress.args.quotas,
-        ingress.book,
+        jobs.args.quotas,
+        jobs.book,
         principal_of(request),
         jobs=len(items),
         new_bytes=sum(os.path.getsize(p) for _, p in items),
     )
-    if ingress.args.validate_pixels:
+    if jobs.args.validate_pixels:
         for name, data in items:
             try:
                 await asyncio.to_thread(load_bundle, data)
@@ -361,9 +353,9 @@ async def _submit_items(request, svc, bundles, archive, limit, model, preset, ch
     rec = BatchRecord(batch_id=batch_id, model=model, preset=preset, overrides=checked, items=[], owner=owner)
     rec.items = [BatchItem(index=i, name=name, job_id=new_job_id()) for i, (name, _) in enumerate(items)]
     # The batch record first: a crash while its jobs are queued leaves a batch that names them, not orphans.
-    await asyncio.to_thread(ingress.store.put, batch_key(batch_id), rec.model_dump_json(indent=1).encode())
+    await asyncio.to_thread(jobs.store.put, batch_key(batch_id), rec.model_dump_json(indent=1).encode())
     for item, (_, data) in zip(rec.items, items, strict=True):
-        await enqueue_job(ingress, data, model=model, preset=preset, overrides=checked, owner=owner, job_id=item.job_id)
+        await jobs.enqueue(data, models=[model], preset=preset, overrides=checked, owner=owner, job_id=item.job_id)
     svc.batches[batch_id] = rec
     body = svc.view(rec)
     return JSONResponse(body, status_code=202, headers={"Location": body["links"]["self"]})
@@ -376,13 +368,13 @@ async def get_batch(request: Request, batch_id: str):
 
 
 def _zip_batch(svc: BatchService, rec: BatchRecord, view: dict) -> str:
-    store = svc.ingress.store
+    store = svc.jobs.store
     fd, path = tempfile.mkstemp(prefix=f"recon3d-{rec.batch_id}-", suffix=".zip")
     os.close(fd)
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         zf.writestr("batch.json", json.dumps(view, indent=2))
         for it in rec.items:
-            job = svc.ingress.book.get(it.job_id)
+            job = svc.jobs.get_job(it.job_id)
             if job is None or job.expired:
                 continue
             write_artifacts(zf, store, job, prefix=f"{it.name}/")

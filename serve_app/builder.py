@@ -1,9 +1,9 @@
 """App builder: ``import_path: serve_app.builder:build_app`` in serve_config.yaml.
 
 ``build_app(args)`` validates the raw dict into :class:`AppArgs`, resolves each model's
-GPU count against the cluster (keeps ``num_gpus`` when the cluster has GPUs, falls back
-to CPU with a logged warning when it has none), binds one deployment per model, and
-binds the ingress on top.
+GPU count against the cluster from its registry entry (``pipeline.registry``: keeps ``num_gpus``
+when the cluster has GPUs, falls back to CPU with a logged warning when it has none), binds one
+generic model deployment (``deployments.model_server``) per model, and binds the ingress on top.
 
 On a cluster of more than one node it refuses a local-directory store unless the
 directory is declared shared (``store.shared: true``): job records, uploads and
@@ -13,26 +13,20 @@ artifacts must be readable from every node (S3, or a filesystem all nodes mount)
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 from ray import serve
 from ray.serve import Application
 
-from deployments import constants as DC
-from deployments.base import ModelDeploymentConfig, ModelServer
-from deployments.fusion import FusionServer, build_fusion_deployment
-from deployments.nvdiffrec import NvdiffrecServer, build_nvdiffrec_deployment
+from deployments.config import ModelConfig, ModelDeploymentConfig
+from deployments.model_server import build_model_deployment
+from deployments.store import StoreConfig
+from pipeline.registry import ModelSpec, get_model
 
-from .config import AppArgs, ModelConfig, StoreConfig
+from . import constants as SC
+from .config import AppArgs
 from .ingress import Ingress
 
 logger = logging.getLogger("recon3d.serve")
-
-#: Model name -> (server class, deployment builder). Models in KNOWN_MODELS but not here are not servable yet.
-MODEL_BUILDERS: dict[str, tuple[type[ModelServer], Callable[..., Application]]] = {
-    "fusion": (FusionServer, build_fusion_deployment),
-    "nvdiffrec": (NvdiffrecServer, build_nvdiffrec_deployment),
-}
 
 #: Concurrent requests one ingress replica accepts (SSE streams hold one each).
 INGRESS_MAX_ONGOING_REQUESTS = 1000
@@ -80,7 +74,7 @@ def check_store_for_cluster(store: StoreConfig, nodes: int) -> None:
         )
 
 
-def resolve_num_gpus(m: ModelConfig, server_cls: type[ModelServer], available: float) -> float:
+def resolve_num_gpus(m: ModelConfig, spec: ModelSpec, available: float) -> float:
     """GPUs per replica.
 
     An explicit ``num_gpus`` is kept even when no GPU node is up yet (an autoscaled GPU
@@ -97,7 +91,7 @@ def resolve_num_gpus(m: ModelConfig, server_cls: type[ModelServer], available: f
                 available,
             )
         return m.num_gpus
-    wanted = 1.0 if server_cls.uses_gpu else 0.0
+    wanted = 1.0 if spec.wants_gpu else 0.0
     if wanted > 0 and available < wanted:
         logger.warning(
             "model %r asks for %g GPU(s) per replica but the cluster has %g: falling back to CPU",
@@ -127,7 +121,7 @@ def build_ingress_deployment(
         "ray_actor_options": actor_options,
         "max_ongoing_requests": INGRESS_MAX_ONGOING_REQUESTS,
         # The old replica drains its in-flight runs (or re-queues them) before it goes.
-        "graceful_shutdown_timeout_s": args.drain_timeout_s + DC.DRAIN_MARGIN_S,
+        "graceful_shutdown_timeout_s": args.drain_timeout_s + SC.DRAIN_MARGIN_S,
         **(override_serve_options or {}),
     }
     logger.info("ingress deployment options: %s", options)
@@ -140,10 +134,7 @@ def build_app(args: dict) -> Application:
     check_store_for_cluster(a.store, alive_nodes())
     available = cluster_gpus()
     model_apps: dict[str, Application] = {}
-    for m in a.models:
-        if m.name not in MODEL_BUILDERS:
-            raise ValueError(f"model {m.name!r} has no deployment yet; servable: {sorted(MODEL_BUILDERS)}")
-        server_cls, build = MODEL_BUILDERS[m.name]
-        cfg = ModelDeploymentConfig(model=m, store=a.store, num_gpus=resolve_num_gpus(m, server_cls, available))
-        model_apps[m.name] = build(cfg)
+    for m in a.models:  # every name is in the registry (AppArgs validated it)
+        cfg = ModelDeploymentConfig(model=m, store=a.store, num_gpus=resolve_num_gpus(m, get_model(m.name), available))
+        model_apps[m.name] = build_model_deployment(cfg)
     return build_ingress_deployment(a, model_apps)

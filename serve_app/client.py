@@ -308,6 +308,23 @@ def experiment_main(argv: list[str] | None = None) -> int:
     Exit codes: 0 ok, 1 unreachable / timed out, 2 rejected (the error code is printed).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    args = _experiment_args(argv)
+    with Recon3DClient(args.url, api_key=args.api_key) as c:
+        try:
+            if argv[:1] == ["show"]:
+                return _experiment_show(c, args)
+            if argv[:1] == ["compare"]:
+                return _experiment_compare(c, args)
+            return _experiment_submit(c, args)
+        except ServiceError as e:
+            print(f"error: {e.code}: {e.message} {json.dumps(e.details)[:300]}", file=sys.stderr)
+            return 2
+        except (httpx.HTTPError, TimeoutError) as e:
+            print(f"error: {args.url}: {e}", file=sys.stderr)
+            return 1
+
+
+def _experiment_args(argv: list[str]) -> argparse.Namespace:
     url_p = argparse.ArgumentParser(add_help=False)
     url_p.add_argument("--url", default=DEFAULT_URL, help=f"service URL (default {DEFAULT_URL}, or $RECON3D_URL)")
     url_p.add_argument("--api-key", default=None, help=_API_KEY_HELP)
@@ -316,54 +333,56 @@ def experiment_main(argv: list[str] | None = None) -> int:
         p.add_argument("experiment_id")
         p.add_argument("--csv", action="store_true", help="print CSV instead of the text table")
         p.add_argument("--plot", default=None, help="also save the PSNR-vs-time plot (PNG) here")
-        args = p.parse_args(argv[1:])
-    elif argv[:1] == ["compare"]:
+        return p.parse_args(argv[1:])
+    if argv[:1] == ["compare"]:
         p = argparse.ArgumentParser(prog="recon3d experiment compare", parents=[url_p])
         p.add_argument("experiment_ids", nargs="+")
         p.add_argument("--csv", action="store_true")
-        args = p.parse_args(argv[1:])
-    else:
-        p = argparse.ArgumentParser(
-            prog="recon3d experiment", parents=[url_p], description="Submit a parameter sweep (JSON or YAML spec)."
-        )
-        p.add_argument("spec", help="experiment spec file (.yaml or .json); see docs/API.md")
-        p.add_argument("--bundle", default=None, help="run on this bundle (folder or ZIP) instead of server datasets")
-        p.add_argument("--wait", action="store_true", help="wait for the end, then print the table")
-        args = p.parse_args(argv)
+        return p.parse_args(argv[1:])
+    p = argparse.ArgumentParser(
+        prog="recon3d experiment", parents=[url_p], description="Submit a parameter sweep (JSON or YAML spec)."
+    )
+    p.add_argument("spec", help="experiment spec file (.yaml or .json); see docs/API.md")
+    p.add_argument("--bundle", default=None, help="run on this bundle (folder or ZIP) instead of server datasets")
+    p.add_argument("--wait", action="store_true", help="wait for the end, then print the table")
+    return p.parse_args(argv)
+
+
+def _experiment_show(c: Recon3DClient, args) -> int:
     from serve_app.experiments.results import format_table
 
-    with Recon3DClient(args.url, api_key=args.api_key) as c:
-        try:
-            if argv[:1] == ["show"]:
-                if args.csv:
-                    print(c.get_experiment(args.experiment_id, csv=True), end="")
-                else:
-                    exp = c.get_experiment(args.experiment_id)
-                    print(f"{exp['experiment_id']}  {exp['name']}  {exp['status']}  {exp['counts']}")
-                    print(format_table(exp["runs"]))
-                    print(f"pareto front: {', '.join(exp['pareto']) or '-'}")
-                if args.plot:
-                    Path(args.plot).write_bytes(c.experiment_plot(args.experiment_id))
-                return 0
-            if argv[:1] == ["compare"]:
-                out = c.compare_experiments(args.experiment_ids, csv=args.csv)
-                if args.csv:
-                    print(out, end="")
-                else:
-                    for e in out["experiments"]:
-                        print(f"{e['experiment_id']}  {e['name']}  best PSNR {e['best_psnr']}  pareto {e['pareto']}")
-                    print(format_table(out["runs"]))
-                return 0
-            body = c.submit_experiment(Path(args.spec), bundle=args.bundle)
-            print(body["experiment_id"])
-            if args.wait:
-                exp = c.wait_experiment(body["experiment_id"])
-                print(format_table(exp["runs"]))
-                print(f"pareto front: {', '.join(exp['pareto']) or '-'}")
-            return 0
-        except ServiceError as e:
-            print(f"error: {e.code}: {e.message} {json.dumps(e.details)[:300]}", file=sys.stderr)
-            return 2
-        except (httpx.HTTPError, TimeoutError) as e:
-            print(f"error: {args.url}: {e}", file=sys.stderr)
-            return 1
+    if args.csv:
+        print(c.get_experiment(args.experiment_id, csv=True), end="")
+    else:
+        exp = c.get_experiment(args.experiment_id)
+        print(f"{exp['experiment_id']}  {exp['name']}  {exp['status']}  {exp['counts']}")
+        print(format_table(exp["runs"]))
+        print(f"pareto front: {', '.join(exp['pareto']) or '-'}")
+    if args.plot:
+        Path(args.plot).write_bytes(c.experiment_plot(args.experiment_id))
+    return 0
+
+
+def _experiment_compare(c: Recon3DClient, args) -> int:
+    from serve_app.experiments.results import format_table
+
+    out = c.compare_experiments(args.experiment_ids, csv=args.csv)
+    if args.csv:
+        print(out, end="")
+    else:
+        for e in out["experiments"]:
+            print(f"{e['experiment_id']}  {e['name']}  best PSNR {e['best_psnr']}  pareto {e['pareto']}")
+        print(format_table(out["runs"]))
+    return 0
+
+
+def _experiment_submit(c: Recon3DClient, args) -> int:
+    from serve_app.experiments.results import format_table
+
+    body = c.submit_experiment(Path(args.spec), bundle=args.bundle)
+    print(body["experiment_id"])
+    if args.wait:
+        exp = c.wait_experiment(body["experiment_id"])
+        print(format_table(exp["runs"]))
+        print(f"pareto front: {', '.join(exp['pareto']) or '-'}")
+    return 0

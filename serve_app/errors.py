@@ -6,6 +6,19 @@ share one ``to_dict()`` shape with the library's errors.
 
 from __future__ import annotations
 
+# Job-level failure codes (a job's ``error``, never an HTTP status), defined once, next to the events that carry them.
+from deployments.protocol import (  # noqa: F401
+    CANCELED,
+    INTERNAL,
+    JOB_INTERRUPTED,
+    JOB_TIMEOUT,
+    MODEL_FAILED,
+    MODEL_OOM,
+    MODEL_UNAVAILABLE,
+    QUALITY_FAILED,
+    REPLICA_LOST,
+    STALE_ATTEMPT,
+)
 from pipeline.errors import ReconError
 
 
@@ -67,7 +80,13 @@ def _rebuild_queue_full(message, details):
 class ModelUnavailableError(ServiceError):
     """The model is known but not served by this app, or its deployment is not healthy."""
 
-    code = "MODEL_UNAVAILABLE"
+    code = MODEL_UNAVAILABLE
+
+
+class NotFoundError(ServiceError):
+    """No such route or page file (HTTP 404)."""
+
+    code = "NOT_FOUND"
 
 
 class FileNotFoundInJobError(ServiceError):
@@ -84,13 +103,3 @@ class NotReadyError(ServiceError):
     """The service is starting (recovery not finished) or a dependency is down."""
 
     code = "SERVICE_NOT_READY"
-
-
-#: Job-level failure codes (they appear in a job's ``error``, never as an HTTP status).
-JOB_TIMEOUT = "JOB_TIMEOUT"
-JOB_INTERRUPTED = "JOB_INTERRUPTED"
-QUALITY_FAILED = "QUALITY_FAILED"
-MODEL_FAILED = "MODEL_FAILED"
-MODEL_OOM = "MODEL_OOM"
-CANCELED = "CANCELED"
-INTERNAL = "INTERNAL"

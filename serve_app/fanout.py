@@ -1,39 +1,39 @@
-"""Fan-out after a model run: per-view metrics and previews as Ray tasks, then quality.json.
+"""Fan-out after a model run: the evaluation path's parts as Ray tasks, then quality.json.
 
-Launched by the job scheduler (in the ingress replica) once a model deployment has
-uploaded its mesh, so the model replica is already free for the next job. Every task
-is named after the job (``<job_id>:metrics:<view>``, ``<job_id>:preview:03``...) so the
-Ray dashboard reads as a job timeline. A task that fails is retried ``max_retries``
-times by Ray; a view that still fails is *reported* in quality.json's ``failed_views``
-and in the run's warnings, never silently dropped.
+The parts are :mod:`pipeline.evaluation`'s, the same functions the CLI runs in one process
+(:func:`pipeline.evaluation.evaluate_result`): per-view metrics, preview cameras, the turntable,
+the contact sheet and quality.json. Launched by the job scheduler (in the ingress replica)
+once a model deployment has uploaded its mesh, so the model replica is already free for the
+next job. Every task is named after the job (``<job_id>:metrics:<view>``, ``<job_id>:preview:03``
+...) so the Ray dashboard reads as a job timeline. A task that fails is retried ``max_retries``
+times by Ray; a view that still fails is *reported* in quality.json's ``failed_views`` and in
+the run's warnings, never silently dropped.
 
-Tasks exchange only store keys and Ray object refs (the mesh and the posed frames are
-put in the object store once and shared by all tasks).
+The frames are prepared with the run's resolved config, typed (``result.json``'s ``config``:
+preset plus overrides), never by resolving the preset again. Tasks exchange only store keys
+and Ray object refs (the mesh and the posed frames are put in the object store once and
+shared by all tasks).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import ray
 
-from .store import Store
-
-#: Files of a model's output that the mesh loader needs.
-MESH_FILES = ("mesh.obj", "material.mtl", "texture_kd.png")
-#: Resolution of the per-index preview PNGs, pixels.
-PREVIEW_RESOLUTION = 512
+from deployments.protocol import QUALITY_FAILED
+from deployments.store import Store
+from pipeline import evaluation as EV
+from pipeline.config import ReconstructConfig
+from pipeline.result import QualitySummary, ReconstructionResult
 
 
 @dataclass
 class FanoutResult:
     files: list[str] = field(default_factory=list)
     """Paths added under the model's artifact folder (quality.json, previews/...)."""
-    quality: dict | None = None
+    quality: QualitySummary | None = None
     """Summary of quality.json: status, psnr, ssim, failed_views."""
     warnings: list[str] = field(default_factory=list)
     error: dict | None = None
@@ -43,94 +43,60 @@ class FanoutResult:
 # ---------------------------------------------------------------- tasks (run on any worker)
 
 
+def _put(store: Store, prefix: str, files: dict[str, bytes]) -> list[str]:
+    for rel, data in files.items():
+        store.put(f"{prefix}/{rel}", data)
+    return sorted(files)
+
+
 @ray.remote
 def load_mesh_task(store: Store, prefix: str):
     """The model's mesh as a TexturedMesh (read back from the store)."""
-    from pipeline.evaluate import load_mesh_file  # pipeline.export.load_mesh when that exists
-
-    with tempfile.TemporaryDirectory(prefix="recon3d-mesh-") as tmp:
-        for name in MESH_FILES:
-            (Path(tmp) / name).write_bytes(store.get(f"{prefix}/{name}"))
-        return load_mesh_file(Path(tmp) / "mesh.obj")
+    return EV.published_mesh(lambda name: store.get(f"{prefix}/{name}"))
 
 
 @ray.remote(num_returns=2)
-def prepare_frames_task(store: Store, input_key: str, preset: str, resolved: list[dict] | None):
-    """(PosedFrames, view names) of the job's upload, with the cameras and depth encodings the model resolved."""
-    from pipeline.bundle import load_bundle
-    from pipeline.config import get_preset
-    from pipeline.prepare import prepare_frames
-
-    frames = prepare_frames(load_bundle(store.get(input_key)), get_preset(preset, device="cpu"), resolved=resolved)
+def prepare_frames_task(store: Store, input_key: str, result: ReconstructionResult, cfg: ReconstructConfig):
+    """(PosedFrames, view names) of the job's upload, with the config, cameras and depth encodings the model used."""
+    frames = EV.frames_for_result(store.get(input_key), result, cfg)
     return frames, [v.name for v in frames.views]
 
 
 @ray.remote
 def evaluate_view_task(mesh, frames, index: int) -> dict:
-    from pipeline.metrics import evaluate_view
-
-    return evaluate_view(mesh, frames.views[index])
+    return EV.view_metrics(mesh, frames, index)
 
 
 @ray.remote
 def preview_task(mesh, index: int, n: int, store: Store, prefix: str) -> list[str]:
     """textured_XX.png and wireframe_XX.png of preview camera ``index``; returns their relative paths."""
-    from pipeline.previews import render_preview, render_wireframe
-    from pipeline.synthetic import png_bytes
-
-    out = []
-    for kind, fn in (("textured", render_preview), ("wireframe", render_wireframe)):
-        rel = f"previews/{kind}_{index:02d}.png"
-        store.put(f"{prefix}/{rel}", png_bytes(fn(mesh, index, n=n, resolution=PREVIEW_RESOLUTION)))
-        out.append(rel)
-    return out
+    return _put(store, prefix, EV.preview_pngs(mesh, index, n))
 
 
 @ray.remote
 def turntable_task(mesh, store: Store, prefix: str) -> list[str]:
-    from pipeline.previews import write_turntable_gif
-
-    with tempfile.TemporaryDirectory(prefix="recon3d-gif-") as tmp:
-        path = write_turntable_gif(mesh, Path(tmp) / "turntable.gif")
-        store.put_file(f"{prefix}/previews/turntable.gif", path)
-    return ["previews/turntable.gif"]
+    return _put(store, prefix, EV.turntable_gif(mesh))
 
 
 @ray.remote
 def contact_sheet_task(mesh, frames, per_view: list[dict], store: Store, prefix: str) -> list[str]:
-    from pipeline.previews import write_contact_sheet
-
-    with tempfile.TemporaryDirectory(prefix="recon3d-sheet-") as tmp:
-        path = write_contact_sheet(mesh, frames, Path(tmp) / "contact_sheet.png", per_view=per_view)
-        store.put_file(f"{prefix}/previews/contact_sheet.png", path)
-    return ["previews/contact_sheet.png"]
+    return _put(store, prefix, EV.contact_sheet_png(mesh, frames, per_view))
 
 
 @ray.remote
 def quality_task(
-    per_view: list[dict], failed_views: list[dict], mesh, frames, result: dict, store: Store, prefix: str
-) -> dict:
-    """Build quality.json (build_quality_report) and store it; returns its summary."""
-    from pipeline.quality import build_quality_report
-
-    report = build_quality_report(
-        per_view,
-        mesh=mesh,
-        model=result.get("model", ""),
-        preset=result.get("preset", ""),
-        timings=result.get("timings_s", {}),
-        camera_estimate=frames.camera_estimate,
-    )
-    doc = json.loads(report.model_dump_json())
-    doc["failed_views"] = failed_views
-    store.put(f"{prefix}/quality.json", json.dumps(doc, indent=2).encode())
-    return {
-        "status": report.status,
-        "psnr": report.psnr,
-        "ssim": report.ssim,
-        "failed_views": [f["view"] for f in failed_views],
-        "error": report.error.model_dump() if report.error is not None else None,
-    }
+    per_view: list[dict],
+    failed_views: list[dict],
+    mesh,
+    frames,
+    result: ReconstructionResult,
+    store: Store,
+    prefix: str,
+) -> EV.EvaluationOutput:
+    """Build quality.json (pipeline.evaluation.quality_document) and store it; returns its summary."""
+    doc, out = EV.quality_document(per_view, failed_views, mesh, frames, result)
+    _put(store, prefix, {EV.QUALITY_FILE: EV.quality_json(doc)})
+    return out
 
 
 # ---------------------------------------------------------------- orchestration (ingress event loop)
@@ -159,6 +125,10 @@ async def run_fanout(**kw) -> FanoutResult:
         raise
 
 
+def _quality_failed(message: str) -> dict:
+    return {"code": QUALITY_FAILED, "message": message, "details": {}}
+
+
 async def _fanout(
     *,
     refs: list,
@@ -166,8 +136,7 @@ async def _fanout(
     store: Store,
     input_key: str,
     prefix: str,
-    preset: str,
-    result: dict,
+    result: ReconstructionResult,
     max_retries: int,
     num_cpus: float,
     n_previews: int,
@@ -178,63 +147,69 @@ async def _fanout(
     try:
         mesh = load_mesh_task.options(name=f"{job_id}:load_mesh", **opts).remote(store, prefix)
         frames, names_ref = prepare_frames_task.options(name=f"{job_id}:prepare_frames", **opts).remote(
-            store, input_key, preset, result.get("cameras")
+            store, input_key, result, EV.evaluation_config(result)
         )
         refs += [mesh, frames, names_ref]
         names: list[str] = await names_ref
     except Exception as e:
-        out.error = {
-            "code": "QUALITY_FAILED",
-            "message": f"could not load the mesh or the views: {_error_text(e)}",
-            "details": {},
-        }
+        out.error = _quality_failed(f"could not load the mesh or the views: {_error_text(e)}")
         return out
 
-    metric_refs = {
-        name: evaluate_view_task.options(name=f"{job_id}:metrics:{name}", **opts).remote(mesh, frames, i)
-        for i, name in enumerate(names)
-    }
-    preview_refs = [
-        preview_task.options(name=f"{job_id}:preview:{i:02d}", **opts).remote(mesh, i, n_previews, store, prefix)
-        for i in range(n_previews)
-    ]
-    preview_refs.append(turntable_task.options(name=f"{job_id}:turntable", **opts).remote(mesh, store, prefix))
-    refs += [*metric_refs.values(), *preview_refs]
-
-    per_view: list[dict] = []
-    failed: list[dict] = []
-    for name, ref in metric_refs.items():
-        try:
-            per_view.append(await ref)
-        except Exception as e:
-            failed.append({"view": name, "error": _error_text(e)})
-            out.warnings.append(f"metrics of view {name!r} failed after {max_retries} retries: {_error_text(e)}")
-
-    tail = [
+    preview_refs = _launch_previews(job_id, mesh, n_previews, store, prefix, opts)
+    refs += preview_refs
+    per_view, failed = await _view_metrics(job_id, mesh, frames, names, opts, out, max_retries, refs)
+    preview_refs.append(
         contact_sheet_task.options(name=f"{job_id}:contact_sheet", **opts).remote(mesh, frames, per_view, store, prefix)
-    ]
+    )
     quality_ref = quality_task.options(name=f"{job_id}:quality", **opts).remote(
         per_view, failed, mesh, frames, result, store, prefix
     )
-    refs += [*tail, quality_ref]
-    for ref in [*preview_refs, *tail]:
+    refs += [preview_refs[-1], quality_ref]
+    for ref in preview_refs:
         try:
             out.files.extend(await ref)
         except Exception as e:
             out.warnings.append(f"a preview failed: {_error_text(e)}")
     try:
-        out.quality = await quality_ref
-        out.files.append("quality.json")
+        ev: EV.EvaluationOutput = await quality_ref
     except Exception as e:
+        out.error = _quality_failed(f"quality.json could not be built: {_error_text(e)}")
+        return out
+    out.quality = ev.quality
+    out.files.append(EV.QUALITY_FILE)
+    if ev.error:
         out.error = {
-            "code": "QUALITY_FAILED",
-            "message": f"quality.json could not be built: {_error_text(e)}",
+            "code": ev.error.get("code", QUALITY_FAILED),
+            "message": ev.error.get("message", ""),
             "details": {},
         }
-        return out
-    if out.quality.get("error"):
-        err = out.quality["error"]
-        out.error = {"code": err.get("code", "QUALITY_FAILED"), "message": err.get("message", ""), "details": {}}
     elif failed:
         out.warnings.append(f"{len(failed)} of {len(names)} views have no metrics")
     return out
+
+
+def _launch_previews(job_id: str, mesh, n: int, store: Store, prefix: str, opts: dict) -> list:
+    refs = [
+        preview_task.options(name=f"{job_id}:preview:{i:02d}", **opts).remote(mesh, i, n, store, prefix)
+        for i in range(n)
+    ]
+    refs.append(turntable_task.options(name=f"{job_id}:turntable", **opts).remote(mesh, store, prefix))
+    return refs
+
+
+async def _view_metrics(job_id, mesh, frames, names, opts, out: FanoutResult, max_retries: int, track: list):
+    """(per-view metrics, failed views) of every view, each a task (``track`` collects the refs to cancel)."""
+    refs = {
+        name: evaluate_view_task.options(name=f"{job_id}:metrics:{name}", **opts).remote(mesh, frames, i)
+        for i, name in enumerate(names)
+    }
+    track += refs.values()
+    per_view: list[dict] = []
+    failed: list[dict] = []
+    for name, ref in refs.items():
+        try:
+            per_view.append(await ref)
+        except Exception as e:
+            failed.append({"view": name, "error": _error_text(e)})
+            out.warnings.append(f"metrics of view {name!r} failed after {max_retries} retries: {_error_text(e)}")
+    return per_view, failed

@@ -21,17 +21,20 @@ import zipfile
 
 import ray
 from fastapi import Body, FastAPI, File, Form, Query, Request, UploadFile
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.background import BackgroundTask
 
-from deployments import constants as DC
+from deployments.model_server import deployment_name
+from deployments.store import iter_file, make_store
 from pipeline import __version__
 from pipeline.bundle import DEPTH_DIR, TRANSFORMS_FILE, VIEWS_DIR, BundleLimits, load_bundle
-from pipeline.config import get_preset
-from pipeline.errors import InvalidInputError, UnsupportedMediaError
+from pipeline.errors import UnsupportedMediaError
+from pipeline.overrides import parse_overrides_json, validate_overrides
 
+from . import constants as SC
 from . import errors as E
+from . import ui
 from .auth import (
     AuthMiddleware,
     bearer_key,
@@ -44,19 +47,14 @@ from .auth import (
 )
 from .batches import router as batches_router
 from .batches import start_batches
-from .config import KNOWN_MODELS, AppArgs
-from .experiments.overrides import parse_overrides_json, validate_overrides
+from .config import AppArgs
 from .experiments.router import router as experiments_router
 from .experiments.router import start_experiments
 from .jobs import (
     TERMINAL,
     JobBook,
     JobRecord,
-    ModelRun,
-    WebhookState,
     artifacts_prefix,
-    input_key,
-    new_job_id,
     write_artifacts,
 )
 from .limits import BodyLimitMiddleware
@@ -64,9 +62,9 @@ from .logging import configure_json_logging, job_logger
 from .metrics import ServiceMetrics
 from .middleware import add_exception_handling
 from .quotas import check_quota
-from .scheduler import JobScheduler, model_deployment_name
+from .scheduler import JobScheduler
 from .schemas import CancelAccepted, CancelRequest, ErrorBody, JobAccepted, JobList, JobView, job_view, links_for
-from .store import iter_file, make_store
+from .submission import JobSubmitter, parse_models
 from .uploads import UploadBudget, add_member, read_small, spool, temp_path, unlink_quietly
 from .webhooks import check_webhook_url
 
@@ -122,21 +120,6 @@ def _check_magic(data: bytes, magics: tuple[bytes, ...], what: str, name: str) -
         raise UnsupportedMediaError(f"{name} is not {what}", details={"file": name, "expected": what})
 
 
-def parse_models(spec: str) -> list[str]:
-    """'fusion' or 'fusion,nvdiffrec' -> unique names in order; unknown names raise (422)."""
-    names = list(dict.fromkeys(s.strip() for s in (spec or "").split(",") if s.strip()))
-    if not names:
-        raise E.InvalidRequestError("model must name at least one model", details={"field": "model"})
-    unknown = [n for n in names if n not in KNOWN_MODELS]
-    if unknown:
-        raise InvalidInputError(
-            f"unknown model(s) {unknown}; choose from {list(KNOWN_MODELS)}",
-            code="UNKNOWN_MODEL",
-            details={"models": unknown},
-        )
-    return names
-
-
 def _zip_artifacts(store, rec: JobRecord) -> str:
     """Write the job's artifacts into a temporary ZIP (``<model>/<file>``); returns its path."""
     fd, path = tempfile.mkstemp(prefix=f"recon3d-{rec.job_id}-", suffix=".zip")
@@ -144,6 +127,18 @@ def _zip_artifacts(store, rec: JobRecord) -> str:
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         write_artifacts(zf, store, rec)
     return path
+
+
+def _check_input_parts(bundle, views, depth_renders) -> None:
+    """One `bundle` ZIP, or `views` + `depth_renders` files: 422 for both or neither."""
+    if bundle is not None and (views or depth_renders):
+        raise E.InvalidRequestError(
+            "send either `bundle` or `views` + `depth_renders`, not both", details={"field": "bundle"}
+        )
+    if bundle is None and not views:
+        raise E.InvalidRequestError(
+            "no input: send `views` + `depth_renders` files, or one `bundle` ZIP", details={"field": "views"}
+        )
 
 
 def _sse(event: str, data: dict) -> str:
@@ -170,9 +165,12 @@ class Ingress:
         self.metrics = ServiceMetrics()
         self.handles = dict(model_handles)
         self.scheduler = JobScheduler(self.args, self.store, self.book, self.handles, self.metrics)
+        self.submitter = JobSubmitter(
+            self.args, self.store, self.book, self.scheduler, served=list(self.handles), metrics=self.metrics
+        )
         await self.scheduler.start()
-        await start_experiments(self)
-        await start_batches(self)
+        await start_experiments(self.submitter)
+        await start_batches(self.submitter)
 
     # ------------------------------------------------------------ helpers
 
@@ -265,36 +263,16 @@ class Ingress:
         ),
     ):
         models = parse_models(model)
-        unavailable = [m for m in models if m not in self.handles]
-        if unavailable:
-            raise E.ModelUnavailableError(
-                f"model(s) {unavailable} are not served by this deployment; served: {sorted(self.handles)}",
-                details={"models": unavailable, "served": sorted(self.handles)},
-            )
-        preset = preset or self.args.default_preset
-        get_preset(preset)  # UNKNOWN_PRESET (422) lists the valid names
+        self.submitter.check_served(models)
+        preset = self.submitter.resolve_preset(preset)  # UNKNOWN_PRESET (422) lists the valid names
         checked_overrides = validate_overrides(parse_overrides_json(overrides))  # INVALID_OVERRIDES (422)
-        webhook = None
+        wh_secret = None
         if webhook_url is not None:  # 422 for a bad URL or an address inside the network (SSRF)
             await check_webhook_url(webhook_url, self.args.webhooks)
             key = bearer_key(request) if app.state.api_keys else None
-            webhook = WebhookState(url=webhook_url, secret=webhook_secret(key) if key else None)
-        queued = self.scheduler.queued_count()
-        if queued >= self.args.max_queued_jobs:
-            raise E.QueueFullError(
-                f"{queued} jobs are queued (the limit is {self.args.max_queued_jobs}); retry later",
-                retry_after_s=DC.QUEUE_FULL_RETRY_AFTER_S,
-                details={"queued": queued},
-            )
-
-        if bundle is not None and (views or depth_renders):
-            raise E.InvalidRequestError(
-                "send either `bundle` or `views` + `depth_renders`, not both", details={"field": "bundle"}
-            )
-        if bundle is None and not views:
-            raise E.InvalidRequestError(
-                "no input: send `views` + `depth_renders` files, or one `bundle` ZIP", details={"field": "views"}
-            )
+            wh_secret = webhook_secret(key) if key else None
+        self.submitter.check_queue_room()
+        _check_input_parts(bundle, views, depth_renders)
         who = principal_of(request)
         check_quota(self.args.quotas, self.book, who, jobs=1)
         temps: list[str] = []  # the bundle is assembled on disk (serve_app/uploads.py), never whole in memory
@@ -309,23 +287,18 @@ class Ingress:
                 n_views = None
 
             rid = getattr(request.state, "request_id", None)
-            job_id = new_job_id()
-            rec = JobRecord(
-                job_id=job_id,
+            job_id = await self.submitter.enqueue(
+                path,
                 models=models,
                 preset=preset,
-                runs={m: ModelRun() for m in models},
-                webhook=webhook,
-                upload_bytes=os.path.getsize(path),
                 overrides=checked_overrides,
+                webhook_url=webhook_url,
+                webhook_secret=wh_secret,
                 request_id=rid,
-                owner=principal_of(request).name,
+                owner=who.name,
             )
-            await asyncio.to_thread(self.store.put_file, input_key(job_id), path)
         finally:
             unlink_quietly(*temps)
-        await self.scheduler.submit(rec)
-        self.metrics.submitted.inc()
         job_logger(job_id).info(
             "job queued" + (f" ({n_views} views)" if n_views else ""),
             extra={"request_id": rid, "model": ",".join(models), "status": "queued"},
@@ -388,7 +361,7 @@ class Ingress:
                     yield _sse("end", view.model_dump(mode="json"))
                     return
                 try:
-                    await asyncio.wait_for(changed.wait(), DC.SSE_KEEPALIVE_S)
+                    await asyncio.wait_for(changed.wait(), SC.SSE_KEEPALIVE_S)
                 except TimeoutError:
                     yield ": keep-alive\n\n"
 
@@ -507,7 +480,7 @@ class Ingress:
         except Exception as e:
             out["deployments"] = {"error": str(e)}
         for m, h in self.handles.items():
-            if running.get(model_deployment_name(m), self.scheduler.replicas.get(m)) == 0:
+            if running.get(deployment_name(m), self.scheduler.replicas.get(m)) == 0:
                 # Scaled to zero: a probe would wake a (GPU) replica just to answer /health.
                 out["models"][m] = {"status": "scaled_to_zero", "replicas": 0}
                 continue
@@ -520,6 +493,40 @@ class Ingress:
                 out["status"] = "degraded"
         out["jobs"] = {s: self.book.count(s) for s in ("queued", "running")}
         return out
+
+    # ------------------------------------------------------------ the web page (serve_app/ui.py)
+
+    def _ui_file(self, rel: str):
+        found = ui.static_file(rel) if self.args.ui.enabled else None
+        if found is None:
+            raise E.NotFoundError(f"no page file {rel!r}", details={"path": rel})
+        path, content_type = found
+        return FileResponse(path, media_type=content_type, headers=ui.headers_for(rel, content_type))
+
+    @app.get("/", include_in_schema=False)
+    async def ui_root(self):
+        return self._ui_file(ui.INDEX_FILE)
+
+    @app.get("/ui", include_in_schema=False)
+    async def ui_index(self):
+        return self._ui_file(ui.INDEX_FILE)
+
+    @app.get("/ui/settings.json", include_in_schema=False)
+    async def ui_settings(self):
+        if not self.args.ui.enabled:
+            raise E.NotFoundError("the web page is off (ui.enabled: false)", details={"path": "settings.json"})
+        return ui.page_settings(
+            models=sorted(self.handles),
+            default_preset=self.args.default_preset,
+            max_upload_bytes=self.args.max_upload_bytes,
+            dashboard_url=self.args.ui.dashboard_url,
+            grafana_url=self.args.ui.grafana_url,
+            version=__version__,
+        )
+
+    @app.get("/ui/{rel:path}", include_in_schema=False)
+    async def ui_file(self, rel: str):
+        return self._ui_file(rel)
 
     @app.get("/ready", responses={503: {"model": ErrorBody}})
     async def ready(self):

@@ -1,7 +1,7 @@
 """Job records and their durable store.
 
 A job is one upload reconstructed by one or more models. Its record lives at
-``jobs/<id>/job.json`` in the :class:`~serve_app.store.Store`; the upload at
+``jobs/<id>/job.json`` in the :class:`~deployments.store.Store`; the upload at
 ``jobs/<id>/input/bundle.zip``; each model's artifacts under ``jobs/<id>/models/<model>/``;
 the cancel flag a running model deployment polls at ``jobs/<id>/cancel``.
 
@@ -20,9 +20,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from deployments import constants as DC
+from deployments.store import Store
 
-from .store import Store
+from . import constants as SC
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
@@ -126,9 +126,7 @@ class JobRecord(BaseModel):
     input_ref: str | None = Field(
         None, description="Store key of a shared upload (an experiment's one copy); None = the job's own."
     )
-    overrides: dict = Field(
-        default_factory=dict, description="Config parameters over the preset (serve_app.experiments.overrides)."
-    )
+    overrides: dict = Field(default_factory=dict, description="Config parameters over the preset (pipeline.overrides).")
 
     @property
     def terminal(self) -> bool:
@@ -243,7 +241,7 @@ class JobBook:
         rec.updated_at = time.time()
         self.notify(rec.job_id)
         now = time.monotonic()
-        if not force and now - self._last_persist.get(rec.job_id, 0.0) < DC.PROGRESS_PERSIST_INTERVAL_S:
+        if not force and now - self._last_persist.get(rec.job_id, 0.0) < SC.PROGRESS_PERSIST_INTERVAL_S:
             return
         lock = self._locks.setdefault(rec.job_id, asyncio.Lock())
         async with lock:

@@ -19,6 +19,7 @@ import asyncio
 import hashlib
 import hmac
 import ipaddress
+import json
 import os
 import secrets
 import socket
@@ -188,3 +189,53 @@ async def deliver(url: str, body: bytes, headers: dict[str, str], secret: str, s
             return r.status_code
 
     return await asyncio.wait_for(attempt(), settings.deadline_s)
+
+
+def webhook_body(rec) -> dict:
+    """What the webhook of a job's terminal state POSTs: status, error, each model's status and quality, links."""
+    return {
+        "job_id": rec.job_id,
+        "status": rec.status,
+        "error": rec.error.model_dump() if rec.error else None,
+        "models": {m: {"status": r.status, "quality": r.quality} for m, r in rec.runs.items()},
+        "links": {"self": f"/jobs/{rec.job_id}", "download": f"/jobs/{rec.job_id}/download"},
+    }
+
+
+async def deliver_webhook(
+    rec,
+    *,
+    attempts: int,
+    backoff_s: float,
+    settings: WebhookSettings,
+    secret: str,
+    post=None,
+    sleep=asyncio.sleep,
+) -> bool:
+    """POST :func:`webhook_body`, signed, to ``rec.webhook.url`` until a 2xx or ``attempts`` tries, with a
+    doubling delay; updates ``rec.webhook`` and returns whether it was delivered.
+
+    ``post(url, body, headers, secret, settings) -> status`` sends one try (default :func:`deliver`, which
+    re-checks the address each time; tests pass a fake). A refused address is never retried.
+    """
+    post = post or deliver
+    wh = rec.webhook
+    raw = json.dumps(webhook_body(rec), separators=(",", ":")).encode()  # signed exactly as sent
+    delay = backoff_s
+    while wh.attempts < attempts and not wh.delivered:
+        wh.attempts += 1
+        try:
+            status = await post(wh.url, raw, {"x-recon3d-event": "job." + rec.status}, secret, settings)
+            if status < 300:
+                wh.delivered = True
+                wh.last_error = None
+                break
+            wh.last_error = f"HTTP {status}"
+        except WebhookRefusedError as e:  # the name now resolves inside the network: never retried
+            wh.last_error = e.message
+            break
+        except (httpx.HTTPError, TimeoutError, OSError) as e:
+            wh.last_error = f"{type(e).__name__}: {e}"
+        await sleep(delay)
+        delay *= 2
+    return wh.delivered

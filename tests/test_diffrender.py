@@ -11,7 +11,7 @@ from pipeline.camera import Camera, default_rig
 from pipeline.diffrender import (
     CpuDiffRenderer,
     make_diff_renderer,
-    sample_images,
+    sample_at_views,
     sample_texture_torch,
     silhouette_loss,
 )
@@ -153,7 +153,7 @@ def test_signed_distance_of_a_square():
     assert sdf[10, 10] < -4 and sdf[0, 0] > 4
     assert sdf[10, 5] == pytest.approx(-0.5) and sdf[10, 4] == pytest.approx(0.5)
     # The outline (half-way between pixel centres 4 and 5, i.e. x = 5.0) reads as zero.
-    d = sample_images(torch.tensor(sdf[None]), torch.zeros(1, dtype=torch.long), torch.tensor([[5.0, 10.5]]))
+    d = sample_at_views(torch.tensor(sdf[None]), torch.zeros(1, dtype=torch.long), torch.tensor([[5.0, 10.5]]))
     assert abs(float(d[0])) < 1e-6
 
 

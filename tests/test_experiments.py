@@ -24,9 +24,9 @@ import trimesh
 from PIL import Image
 
 from pipeline.config import get_preset
+from pipeline.overrides import InvalidOverridesError, apply_overrides, run_slug, validate_overrides
 from pipeline.synthetic import make_shape, write_bundle
 from serve_app.experiments.db import SNAPSHOT_KEY, ExperimentsDB, migrations
-from serve_app.experiments.overrides import InvalidOverridesError, apply_overrides, run_slug, validate_overrides
 from serve_app.experiments.results import pareto_front, plot_png, table_rows
 from serve_app.experiments.spec import InvalidExperimentError, expand_spec, parse_spec_text, resolve_dataset
 
@@ -156,7 +156,6 @@ from test_service_runners import with_behaviour  # noqa: E402
 from serve_app.client import experiment_main  # noqa: E402
 
 TERMINAL = {"succeeded", "failed", "canceled"}
-
 
 
 def _dataset(root: Path, name: str, behaviour: str, *, gt: bool) -> None:

@@ -123,3 +123,20 @@ def test_vertex_coloured_mesh_exports_without_texture(tmp_path):
     back = load_mesh(files[GLB_FILE])
     np.testing.assert_array_equal(back.faces, mesh.faces)
     np.testing.assert_array_equal(back.vertex_colors, mesh.vertex_colors)
+
+
+def test_glb_embeds_the_same_png_as_the_obj(tmp_path, textured_mesh):
+    """One PNG encode serves both formats: the GLB's image bytes are texture_kd.png's, its chunks consistent."""
+    export_mesh(textured_mesh, tmp_path)
+    glb = (tmp_path / GLB_FILE).read_bytes()
+    magic, version, total = struct.unpack_from("<4sII", glb, 0)
+    assert (magic, version, total) == (b"glTF", 2, len(glb))
+    json_len, _ = struct.unpack_from("<I4s", glb, 12)
+    tree = json.loads(glb[20 : 20 + json_len])
+    bin_len, bin_type = struct.unpack_from("<I4s", glb, 20 + json_len)
+    assert bin_type == b"BIN\x00" and tree["buffers"][0]["byteLength"] == bin_len
+    blob = glb[28 + json_len : 28 + json_len + bin_len]
+    view = tree["bufferViews"][tree["images"][0]["bufferView"]]
+    image = blob[view["byteOffset"] : view["byteOffset"] + view["byteLength"]]
+    assert image == (tmp_path / TEXTURE_FILE).read_bytes()
+    assert all(v["byteOffset"] % 4 == 0 for v in tree["bufferViews"])

@@ -207,3 +207,17 @@ def test_face_components_join_faces_through_shared_vertices():
     labels = face_components(faces, 13)  # vertex 12 is unused
     assert labels[0] == labels[1] and labels[3] == labels[4]
     assert len({labels[0], labels[2], labels[3]}) == 3
+
+
+def test_edge_components_split_pieces_joined_at_one_vertex():
+    from pipeline.mesh_cleanup import edge_face_components, keep_large_components
+
+    # Two triangles sharing edge (1, 2), and a third touching them only at vertex 2.
+    faces = np.array([[0, 1, 2], [2, 1, 3], [2, 4, 5]], np.int32)
+    labels = edge_face_components(faces)
+    assert labels[0] == labels[1] != labels[2]
+    v = np.random.default_rng(0).normal(size=(6, 3))
+    _, f, rep = keep_large_components(v, faces, 0.6, through="edge")
+    assert len(f) == 2 and rep["removed"] == 1
+    _, f, _ = keep_large_components(v, faces, 0.6)  # through vertices all three are one piece
+    assert len(f) == 3

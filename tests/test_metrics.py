@@ -17,6 +17,7 @@ from pipeline.metrics import (
     image_metrics,
     mean_dihedral_angle,
     sample_surface,
+    ssim_map,
 )
 from pipeline.render import make_rasterizer
 from pipeline.shading import shade_rgb
@@ -83,6 +84,30 @@ def test_depth_mae_uses_pixels_valid_in_both():
     assert m["depth_mae"] == pytest.approx(0.25)
     pd[1, 8] = 0.0  # invalid predicted depth is skipped too
     assert image_metrics(img, pm, img, rm, pred_depth=pd, ref_depth=rd)["depth_mae"] == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize(
+    "box",
+    [(slice(10, 20), slice(30, 49)), (slice(0, 3), slice(0, 2)), (slice(0, 40), slice(0, 50)), None],
+    ids=["inside", "corner", "whole", "all-white"],
+)
+def test_ssim_map_is_scikit_images_bit_for_bit(box):
+    """The white-window shortcut changes nothing: same map and mean as skimage, wherever the render's non-white box is."""
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(0)
+    pred = np.ones((40, 50, 3))
+    if box is not None:
+        pred[box] = rng.random(pred[box].shape)
+    ref = np.clip(0.9 + 0.1 * rng.random((40, 50, 3)), 0, 1)
+    ref[5:25, 20:45] = rng.random((20, 25, 3))
+    want_mean, want = structural_similarity(
+        pred, ref, data_range=1.0, channel_axis=-1, gaussian_weights=True, sigma=1.5,
+        use_sample_covariance=False, full=True,
+    )  # fmt: skip
+    got, got_mean = ssim_map(pred, ref)
+    assert np.array_equal(got, want.mean(axis=-1))
+    assert got_mean == want_mean
 
 
 def test_shape_mismatch_raises():

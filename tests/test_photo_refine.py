@@ -13,17 +13,11 @@ from pipeline.config import CameraRefineConfig, PhotoRefineConfig, get_preset
 from pipeline.frames import PosedFrames, PosedView
 from pipeline.masks import signed_distance_px
 from pipeline.mesh import graph_laplacian
-from pipeline.photo_refine import (
-    hull_targets,
-    photo_consistency,
-    prepare_pass_views,
-    refine_surface,
-    solve_offsets,
-    vertex_normals_torch,
-)
+from pipeline.photo_refine import hull_targets, photo_consistency, refine_surface, solve_offsets
 from pipeline.render import make_rasterizer
 from pipeline.shading import shade_rgb
 from pipeline.synthetic import make_shape
+from pipeline.view_sampling import prepare_pass_views, vertex_normals_torch
 
 SIZE = 192
 #: Pixel footprint at the rig distance for SIZE and the default 60-degree rig, scene units.

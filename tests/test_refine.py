@@ -20,7 +20,7 @@ from pipeline.frames import PosedFrames, PosedView
 from pipeline.mesh import TexturedMesh
 from pipeline.metrics import evaluate_views, mean_dihedral_angle
 from pipeline.refine import check_loss_health, has_converged, refine_depth_weight, refine_mesh, write_loss_plot
-from pipeline.render import make_rasterizer
+from pipeline.render import cuda_available, make_rasterizer
 from pipeline.shading import shade_rgb
 from pipeline.synthetic import checker_texture, make_shape
 
@@ -100,6 +100,21 @@ def test_refinement_reduces_loss_and_raises_psnr(scene):
     fr = [f for _, f in stages]
     assert stages[0][0] == "refine" and fr == sorted(fr) and fr[-1] == 1.0
     assert json.loads(json.dumps(rep)) == rep  # the report is plain JSON
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU with nvdiffrast")
+def test_refinement_on_cuda_matches_the_cpu_result(scene):
+    """The same refinement on nvdiffrast: it converges like the CPU path and lands on a similar surface."""
+    gt, frames, start = scene
+    cpu, _ = refine_mesh(start, frames, TINY, device="cpu")
+    out, rep = refine_mesh(start, frames, TINY, device="cuda")
+    assert rep["backend"] == "nvdiffrast" and rep["device"].startswith("cuda")
+    curve = rep["loss_curve"]
+    assert np.mean(curve[-5:]) < 0.6 * np.mean(curve[:5])
+    r_true, r_start, r_out = (np.linalg.norm(m.vertices, axis=1).mean() for m in (gt, start, out))
+    assert abs(r_out - r_true) < 0.5 * abs(r_start - r_true)
+    assert abs(_masked_psnr(out, frames) - _masked_psnr(cpu, frames)) < 1.5
 
 
 def test_coarse_pass_runs_first_and_hands_over(scene):
@@ -285,23 +300,23 @@ def test_a_stall_settles_at_the_final_rate_before_stopping(scene):
 
 def test_the_better_of_fusion_and_refined_is_returned_by_the_reports_measure(scene):
     from pipeline.metrics import mean_masked_psnr
-    from pipeline.reconstruct import _better_of
+    from pipeline.models import better_of
 
     gt, frames, worse = scene
     # The same number quality.json reports: the mean of evaluate_views' masked PSNR.
     assert mean_masked_psnr(gt, frames) == pytest.approx(np.mean([v["psnr"] for v in evaluate_views(gt, frames)]))
     report, warnings = {}, []
-    assert _better_of(worse, gt, frames, report, warnings) is gt
+    assert better_of(worse, gt, frames, report, warnings) is gt
     assert report["returned"] == "refined" and not warnings
     report, warnings = {}, []
-    assert _better_of(gt, worse, frames, report, warnings) is gt
+    assert better_of(gt, worse, frames, report, warnings) is gt
     assert report["returned"] == "fusion" and warnings[0].startswith("REFINE_NO_GAIN")
     assert report["input_view_psnr"]["fusion"] > report["input_view_psnr"]["refined"] + 3.0
 
 
 def test_a_crumpled_refinement_is_not_returned_however_well_it_scores(scene):
     from pipeline.metrics import mean_masked_psnr
-    from pipeline.reconstruct import _better_of
+    from pipeline.models import better_of
 
     gt, frames, worse = scene
     # The true texture on a surface jittered along its normals by 1% of the radius: it scores far
@@ -311,7 +326,7 @@ def test_a_crumpled_refinement_is_not_returned_however_well_it_scores(scene):
     crumpled = replace(gt, vertices=(gt.vertices * (1.0 + jitter)).astype(np.float32))
     assert mean_masked_psnr(crumpled, frames) > mean_masked_psnr(worse, frames) + 3.0
     report, warnings = {}, []
-    assert _better_of(worse, crumpled, frames, report, warnings) is worse
+    assert better_of(worse, crumpled, frames, report, warnings) is worse
     assert report["returned"] == "fusion" and warnings[0].startswith("REFINE_ROUGHENED")
     rough = report["mean_dihedral_deg"]
     assert rough["refined"] > 1.5 * rough["fusion"] and rough["refined"] > rough["fusion"] + 5.0

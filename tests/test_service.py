@@ -23,9 +23,9 @@ from ray import serve  # noqa: E402
 from serve_harness import BEHAVIOUR_MODEL, serve_app  # noqa: E402
 from test_service_runners import with_behaviour  # noqa: E402
 
+from deployments.store import LocalStore  # noqa: E402
 from pipeline.synthetic import write_bundle  # noqa: E402
 from serve_app.jobs import JobRecord, ModelRun, record_key  # noqa: E402
-from serve_app.store import LocalStore  # noqa: E402
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
@@ -35,7 +35,6 @@ TTL_S = 25.0
 JOB_TIMEOUT_S = 15.0
 MAX_UPLOAD = 3 * 1024 * 1024
 MAX_QUEUED = 3
-
 
 
 def app_args(store_dir: Path) -> dict:

@@ -7,9 +7,9 @@ import pickle
 import pytest
 from serve_harness import free_port
 
+from deployments.store import InvalidKeyError, LocalStore, S3Store, check_key, make_store
 from serve_app.config import AppArgs, StoreConfig
 from serve_app.jobs import JobBook, JobRecord, ModelRun, record_key
-from serve_app.store import InvalidKeyError, LocalStore, S3Store, check_key, make_store
 
 
 @pytest.fixture(scope="module")

@@ -190,6 +190,60 @@ def _nice_ticks(lo: float, hi: float, n: int = 6) -> list[float]:
     return [start + k * step for k in range(int((hi - start) / step) + 1)]
 
 
+def _plot_points(d, font, box: tuple[int, int, int, int], pts: list[dict]) -> None:
+    """Axes with ticks, each dataset's Pareto step line, the points and the legend inside ``box``."""
+    x0, y0, x1, y1 = box
+    xs = [r["model_s"] for r in pts]
+    ys = [r["psnr"] for r in pts]
+    groups = sorted({(r["dataset"], r["model"]) for r in pts})
+    xlo, xhi = 0.0, max(xs) * 1.1 or 1.0
+    ylo, yhi = min(ys) - 1.0, max(ys) + 1.0
+    # Headroom for the legend in the top-right corner, so no point lies under it.
+    legend_frac = min((16 * len(groups) + 16) / (y1 - y0), 0.5)
+    yhi = (yhi - ylo * legend_frac) / (1.0 - legend_frac)
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        return x0 + (x - xlo) / (xhi - xlo) * (x1 - x0), y1 - (y - ylo) / (yhi - ylo) * (y1 - y0)
+
+    for t in _nice_ticks(xlo, xhi):
+        u, _ = px(t, ylo)
+        d.line((u, y1, u, y1 + 5), fill="black")
+        d.text((u - 10, y1 + 8), f"{t:g}", fill="black", font=font)
+    for t in _nice_ticks(ylo, yhi):
+        _, v = px(xlo, t)
+        d.line((x0 - 5, v, x0, v), fill="black")
+        d.text((x0 - 45, v - 7), f"{t:g}", fill="black", font=font)
+    d.text(((x0 + x1) // 2 - 60, y1 + 28), "model time, s", fill="black", font=font)
+    d.text((8, (y0 + y1) // 2), "PSNR, dB", fill="black", font=font)
+    _plot_fronts_and_points(d, font, px, pts)
+    colour = {g: _PALETTE[i % len(_PALETTE)] for i, g in enumerate(groups)}
+    for i, g in enumerate(groups):
+        yy = y0 + 8 + 16 * i
+        d.ellipse((x1 - 200, yy, x1 - 190, yy + 10), fill=colour[g])
+        d.text((x1 - 185, yy - 2), f"{g[0]} / {g[1]}", fill="black", font=font)
+
+
+def _plot_fronts_and_points(d, font, px, pts: list[dict]) -> None:
+    groups = sorted({(r["dataset"], r["model"]) for r in pts})
+    colour = {g: _PALETTE[i % len(_PALETTE)] for i, g in enumerate(groups)}
+    for ds in sorted({r["dataset"] for r in pts}):
+        front = sorted((r for r in pts if r["dataset"] == ds and r.get("pareto")), key=lambda r: r["model_s"])
+        line = []
+        for a in front:
+            p = px(a["model_s"], a["psnr"])
+            if line:
+                line.append((p[0], line[-1][1]))
+            line.append(p)
+        if len(line) > 1:
+            d.line(line, fill="black", width=1)
+    for r in pts:
+        u, v = px(r["model_s"], r["psnr"])
+        d.ellipse((u - 5, v - 5, u + 5, v + 5), fill=colour[(r["dataset"], r["model"])])
+        if r.get("pareto"):
+            d.ellipse((u - 9, v - 9, u + 9, v + 9), outline="black", width=2)
+            d.text((u + 10, v - 16), str(r.get("slug", "")).split("/")[-1][:40], fill="black", font=font)
+
+
 def plot_png(rows: list[dict], *, title: str = "") -> bytes:
     """PSNR (dB) against model time (s): one colour per dataset/model group, the Pareto front of
     each dataset ringed in black and joined by a step line. Failed runs without metrics are listed
@@ -205,55 +259,12 @@ def plot_png(rows: list[dict], *, title: str = "") -> bytes:
     pts = [r for r in rows if r.get("psnr") is not None and r.get("model_s") is not None]
     failed = [r for r in rows if r not in pts]
     d.text((left, 8), title or "PSNR vs time (Pareto front ringed)", fill="black", font=font)
-    x0, y0, x1, y1 = left, top, W - right, H - bottom
-    d.rectangle((x0, y0, x1, y1), outline="black")
+    box = (left, top, W - right, H - bottom)
+    d.rectangle(box, outline="black")
     if pts:
-        xs = [r["model_s"] for r in pts]
-        ys = [r["psnr"] for r in pts]
-        groups = sorted({(r["dataset"], r["model"]) for r in pts})
-        xlo, xhi = 0.0, max(xs) * 1.1 or 1.0
-        ylo, yhi = min(ys) - 1.0, max(ys) + 1.0
-        # Headroom for the legend in the top-right corner, so no point lies under it.
-        legend_frac = min((16 * len(groups) + 16) / (y1 - y0), 0.5)
-        yhi = (yhi - ylo * legend_frac) / (1.0 - legend_frac)
-
-        def px(x: float, y: float) -> tuple[float, float]:
-            return x0 + (x - xlo) / (xhi - xlo) * (x1 - x0), y1 - (y - ylo) / (yhi - ylo) * (y1 - y0)
-
-        for t in _nice_ticks(xlo, xhi):
-            u, _ = px(t, ylo)
-            d.line((u, y1, u, y1 + 5), fill="black")
-            d.text((u - 10, y1 + 8), f"{t:g}", fill="black", font=font)
-        for t in _nice_ticks(ylo, yhi):
-            _, v = px(xlo, t)
-            d.line((x0 - 5, v, x0, v), fill="black")
-            d.text((x0 - 45, v - 7), f"{t:g}", fill="black", font=font)
-        d.text(((x0 + x1) // 2 - 60, y1 + 28), "model time, s", fill="black", font=font)
-        d.text((8, (y0 + y1) // 2), "PSNR, dB", fill="black", font=font)
-
-        colour = {g: _PALETTE[i % len(_PALETTE)] for i, g in enumerate(groups)}
-        for ds in sorted({r["dataset"] for r in pts}):
-            front = sorted((r for r in pts if r["dataset"] == ds and r.get("pareto")), key=lambda r: r["model_s"])
-            line = []
-            for a in front:
-                p = px(a["model_s"], a["psnr"])
-                if line:
-                    line.append((p[0], line[-1][1]))
-                line.append(p)
-            if len(line) > 1:
-                d.line(line, fill="black", width=1)
-        for r in pts:
-            u, v = px(r["model_s"], r["psnr"])
-            d.ellipse((u - 5, v - 5, u + 5, v + 5), fill=colour[(r["dataset"], r["model"])])
-            if r.get("pareto"):
-                d.ellipse((u - 9, v - 9, u + 9, v + 9), outline="black", width=2)
-                d.text((u + 10, v - 16), str(r.get("slug", "")).split("/")[-1][:40], fill="black", font=font)
-        for i, g in enumerate(groups):
-            yy = y0 + 8 + 16 * i
-            d.ellipse((x1 - 200, yy, x1 - 190, yy + 10), fill=colour[g])
-            d.text((x1 - 185, yy - 2), f"{g[0]} / {g[1]}", fill="black", font=font)
+        _plot_points(d, font, box, pts)
     else:
-        d.text((x0 + 20, (y0 + y1) // 2), "no run has metrics yet", fill="black", font=font)
+        d.text((box[0] + 20, (box[1] + box[3]) // 2), "no run has metrics yet", fill="black", font=font)
     if failed:
         names = ", ".join(f"{r.get('slug')} ({r.get('error_code') or r.get('status')})" for r in failed)
         d.text((left, H - 22), f"no metrics: {names}"[:140], fill=(180, 0, 0), font=font)

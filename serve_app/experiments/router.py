@@ -21,14 +21,15 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
+from deployments.store import STREAM_CHUNK_BYTES
 from pipeline.errors import UnsupportedMediaError
 
 from .. import errors as E
 from ..auth import principal_of
-from ..config import KNOWN_MODELS
+from ..config import known_models
 from ..quotas import check_quota
 from ..schemas import ErrorBody
-from ..store import STREAM_CHUNK_BYTES
+from ..submission import JobSubmitter
 from .results import plot_png, rows_to_csv, table_rows
 from .service import ExperimentService
 from .spec import expand_spec, parse_spec_text
@@ -45,10 +46,10 @@ router = APIRouter(tags=["experiments"])
 _service: ExperimentService | None = None
 
 
-async def start_experiments(ingress) -> ExperimentService:
-    """Create and start the experiment service of ``ingress`` (called from Ingress.__init__)."""
+async def start_experiments(jobs: JobSubmitter) -> ExperimentService:
+    """Create and start the experiment service (called from Ingress.__init__)."""
     global _service
-    svc = ExperimentService(ingress)
+    svc = ExperimentService(jobs)
     await svc.start()
     _service = svc
     return svc
@@ -123,15 +124,15 @@ async def submit_experiment(request: Request):
     doc, upload = await _read_spec(request)
     spec = expand_spec(
         doc,
-        known_models=KNOWN_MODELS,
-        served_models=sorted(svc.ingress.handles),
+        known_models=known_models(),
+        served_models=svc.jobs.served,
         max_runs=svc.settings.max_runs,
         has_upload=upload is not None,
     )
     who = principal_of(request)
     check_quota(  # the runs share one stored copy of an uploaded bundle
-        svc.ingress.args.quotas,
-        svc.ingress.book,
+        svc.jobs.args.quotas,
+        svc.jobs.book,
         who,
         jobs=len(spec.runs),
         new_bytes=len(upload or b""),

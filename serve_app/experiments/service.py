@@ -26,14 +26,14 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from deployments import constants as DC
+from deployments.store import Store
 from pipeline.bundle import load_bundle
 from pipeline.errors import ReconError
 
 from .. import errors as E
 from ..auth import Principal, can_access
-from ..jobs import TERMINAL, JobRecord, ModelRun, artifacts_prefix, input_key, new_job_id
-from ..store import Store
+from ..jobs import TERMINAL, JobRecord, artifacts_prefix, new_job_id
+from ..submission import JobSubmitter
 from .db import SNAPSHOT_KEY, ExperimentsDB, dumps, restore_snapshot
 from .spec import GT_MESH, UPLOAD_DATASET, ExperimentSpec, InvalidExperimentError, resolve_dataset
 
@@ -106,63 +106,30 @@ def default_db_path(args) -> Path:
     return Path(tempfile.gettempdir()) / "recon3d" / "experiments.sqlite"
 
 
-async def enqueue_job(
-    ingress,
-    data: bytes | str,
-    *,
-    model: str,
-    preset: str,
-    overrides: dict | None = None,
-    owner: str | None = None,
-    job_id: str | None = None,
-    input_ref: str | None = None,
-) -> str:
-    """Store ``data`` (a bundle ZIP) as a new job's input and queue it; returns the job id.
-
-    ``job_id``: an id the caller made (new_job_id) so that its own record could name the job first.
-    ``input_ref``: the store key of a copy of ``data`` the job shares (nothing is stored for it).
-    ``data`` may be the path of a bundle ZIP on disk (stored by a streamed copy).
-    """
-    job_id = job_id or new_job_id()
-    rec = JobRecord(
-        job_id=job_id,
-        models=[model],
-        preset=preset,
-        runs={model: ModelRun()},
-        upload_bytes=os.path.getsize(data) if isinstance(data, str) else len(data),
-        overrides=dict(overrides or {}),
-        owner=owner,
-        input_ref=input_ref,
-    )
-    if input_ref is None:
-        put = ingress.store.put_file if isinstance(data, str) else ingress.store.put
-        await asyncio.to_thread(put, input_key(job_id), data)
-    await ingress.scheduler.submit(rec)
-    if getattr(ingress, "metrics", None) is not None:
-        ingress.metrics.submitted.inc()
-    return job_id
-
-
-def check_queue_room(ingress, n: int) -> None:
-    """QUEUE_FULL (429) when ``n`` more jobs would pass ``max_queued_jobs``."""
-    queued = ingress.scheduler.queued_count()
-    limit = ingress.args.max_queued_jobs
-    if queued + n > limit:
-        raise E.QueueFullError(
-            f"{n} jobs would join {queued} queued ones (the limit is {limit}); retry later or send fewer",
-            retry_after_s=DC.QUEUE_FULL_RETRY_AFTER_S,
-            details={"queued": queued, "requested": n, "limit": limit},
-        )
+def _run_row(experiment_id: str, run, job_id: str, now: float) -> dict:
+    """The database row of one queued run."""
+    return {
+        "experiment_id": experiment_id,
+        "run_index": run.index,
+        "slug": run.slug,
+        "dataset": run.dataset,
+        "model": run.model,
+        "preset": run.preset,
+        "overrides_json": dumps(run.overrides),
+        "job_id": job_id,
+        "status": "queued",
+        "created_at": now,
+    }
 
 
 class ExperimentService:
     """Submission, watching and results of experiments (one per ingress replica)."""
 
-    def __init__(self, ingress):
-        self.ingress = ingress
-        self.args = ingress.args
-        self.settings = ingress.args.experiments
-        self.store: Store = ingress.store
+    def __init__(self, jobs: JobSubmitter):
+        self.jobs = jobs
+        self.args = jobs.args
+        self.settings = jobs.args.experiments
+        self.store: Store = jobs.store
         self.db_path = default_db_path(self.args)
         snap = self.settings.snapshot
         self.snapshot_enabled = (self.args.store.kind != "local") if snap is None else snap
@@ -207,9 +174,35 @@ class ExperimentService:
 
     async def submit(self, spec: ExperimentSpec, upload: bytes | None, owner: str | None = None) -> dict:
         """Validate the bundles, store them, create one job per run and the database rows."""
-        ingress = self.ingress
-        check_queue_room(ingress, len(spec.runs))
+        self.jobs.check_queue_room(len(spec.runs))
         experiment_id = new_experiment_id()
+        inputs = await self._inputs(spec, upload)
+        bundle_key = experiment_key(experiment_id, "input", "bundle.zip") if upload is not None else None
+        shared = await self._store_inputs(experiment_id, inputs, bundle_key)
+        now = time.time()
+        # The experiment's rows are written before any job is queued (they name the jobs' ids).
+        rows = [_run_row(experiment_id, run, new_job_id(), now) for run in spec.runs]
+        exp = {
+            "experiment_id": experiment_id,
+            "name": spec.name,
+            "description": spec.description,
+            "status": "running",
+            "spec_json": dumps(spec.raw),
+            "bundle_key": bundle_key,
+            "git_commit": self.commit,
+            "created_at": now,
+            "owner": owner,
+        }
+        await asyncio.to_thread(self.db.create_experiment, exp, rows)
+        await self._enqueue_runs(spec, rows, inputs, shared, owner)
+        for row in rows:
+            self.watched[row["job_id"]] = (experiment_id, row["run_index"])
+        await self._snapshot()
+        logger.info("experiment %s queued: %d runs", experiment_id, len(rows))
+        return {"experiment_id": experiment_id, "status": "running", "runs": len(rows)}
+
+    async def _inputs(self, spec: ExperimentSpec, upload: bytes | None) -> dict[str, bytes]:
+        """Dataset name -> bundle ZIP bytes of every dataset the runs use, validated when configured."""
         inputs: dict[str, bytes] = {}
         if upload is not None:
             inputs[UPLOAD_DATASET] = upload
@@ -231,66 +224,34 @@ class ExperimentService:
                             **e.details,
                         },
                     ) from None
-        bundle_key = None
-        if upload is not None:
-            bundle_key = experiment_key(experiment_id, "input", "bundle.zip")
-        # One copy of each dataset's bundle, shared by every run on it (not one per run).
+        return inputs
+
+    async def _store_inputs(self, experiment_id: str, inputs: dict[str, bytes], bundle_key: str | None) -> dict:
+        """One copy of each dataset's bundle, shared by every run on it (not one per run): dataset -> key."""
         shared = {
             ds: bundle_key if ds == UPLOAD_DATASET else experiment_key(experiment_id, "input", f"dataset-{i}.zip")
             for i, ds in enumerate(inputs)
         }
         for ds, key in shared.items():
             await asyncio.to_thread(self.store.put, key, inputs[ds])
-        now = time.time()
-        rows = []
-        for run in spec.runs:
-            job_id = new_job_id()  # the experiment's rows are written before any job is queued
-            rows.append(
-                {
-                    "experiment_id": experiment_id,
-                    "run_index": run.index,
-                    "slug": run.slug,
-                    "dataset": run.dataset,
-                    "model": run.model,
-                    "preset": run.preset,
-                    "overrides_json": dumps(run.overrides),
-                    "job_id": job_id,
-                    "status": "queued",
-                    "created_at": now,
-                }
-            )
-        exp = {
-            "experiment_id": experiment_id,
-            "name": spec.name,
-            "description": spec.description,
-            "status": "running",
-            "spec_json": dumps(spec.raw),
-            "bundle_key": bundle_key,
-            "git_commit": self.commit,
-            "created_at": now,
-            "owner": owner,
-        }
-        await asyncio.to_thread(self.db.create_experiment, exp, rows)
+        return shared
+
+    async def _enqueue_runs(self, spec: ExperimentSpec, rows: list[dict], inputs: dict, shared: dict, owner) -> None:
+        """Queue one job per run (ids already in ``rows``), each on its dataset's shared copy."""
         counted: set[str] = set()
         for run, row in zip(spec.runs, rows, strict=True):
             # Quotas count a shared copy once: on the first job that uses it.
             data = inputs[run.dataset] if run.dataset not in counted else b""
             counted.add(run.dataset)
-            await enqueue_job(
-                ingress,
+            await self.jobs.enqueue(
                 data,
-                model=run.model,
+                models=[run.model],
                 preset=run.preset,
                 overrides=run.overrides,
                 owner=owner,
                 job_id=row["job_id"],
                 input_ref=shared[run.dataset],
             )
-        for row in rows:
-            self.watched[row["job_id"]] = (experiment_id, row["run_index"])
-        await self._snapshot()
-        logger.info("experiment %s queued: %d runs", experiment_id, len(rows))
-        return {"experiment_id": experiment_id, "status": "running", "runs": len(rows)}
 
     # ------------------------------------------------------------ watcher
 
@@ -307,11 +268,10 @@ class ExperimentService:
 
     async def poll_once(self) -> None:
         """Move watched runs forward from their job records (running, then finalized at a terminal state)."""
-        book = self.ingress.book
         for job_id, (experiment_id, index) in list(self.watched.items()):
             if job_id in self._finalizing:
                 continue
-            rec = book.get(job_id)
+            rec = self.jobs.get_job(job_id)
             if rec is None:
                 self.watched.pop(job_id, None)
                 await asyncio.to_thread(

@@ -32,8 +32,7 @@ import yaml
 
 from pipeline.config import PRESETS
 from pipeline.errors import InvalidInputError
-
-from .overrides import InvalidOverridesError, run_slug, validate_overrides
+from pipeline.overrides import InvalidOverridesError, run_slug, validate_overrides
 
 INVALID_EXPERIMENT = "INVALID_EXPERIMENT"
 #: Name of the dataset of an uploaded bundle.
@@ -160,6 +159,31 @@ def expand_spec(
     has_upload: bool,
 ) -> ExperimentSpec:
     """Validate ``doc`` and expand it into runs (see the module docstring)."""
+    name, description, repeats = _check_header(doc)
+    datasets = _datasets(doc, has_upload)
+    explicit = doc.get("runs", [])
+    has_grid_axes = any(k in doc for k in ("grid", "models", "model", "presets", "preset"))
+    if not isinstance(explicit, list):
+        raise _bad("runs must be a list of {model, preset, overrides, dataset}", "runs")
+    if len(explicit) > max_runs:
+        raise _bad(f"the spec lists {len(explicit)} runs; the limit is {max_runs}", "runs", limit=max_runs)
+    if not explicit and not has_grid_axes:
+        raise _bad("the spec has no runs: give 'models'/'presets'/'grid' and/or 'runs'", "runs")
+
+    chk = _RunChecker(known_models, served_models)
+    combos = _grid_combos(doc, chk, max_runs) if has_grid_axes else []
+    combos += _explicit_combos(explicit, chk, has_upload)
+    expanded = [
+        (d if ds is None else ds, m, p, o) for ds, m, p, o in combos for d in (datasets if ds is None else [ds])
+    ]
+    n = len(expanded) * repeats
+    if n > max_runs:
+        raise _bad(f"the experiment expands to {n} runs; the limit is {max_runs}", "grid", runs=n, limit=max_runs)
+    return ExperimentSpec(name=name, description=description, runs=_numbered_runs(expanded, repeats), raw=doc)
+
+
+def _check_header(doc: dict) -> tuple[str, str, int]:
+    """(name, description, repeats), checked; unknown top-level keys refused."""
     unknown = set(doc) - _SPEC_KEYS
     if unknown:
         k = sorted(unknown)[0]
@@ -173,36 +197,37 @@ def expand_spec(
     repeats = doc.get("repeats", 1)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise _bad("repeats must be an integer >= 1", "repeats")
+    return name, description, repeats
 
+
+def _datasets(doc: dict, has_upload: bool) -> list[str]:
     if has_upload:
         if "dataset" in doc or "datasets" in doc:
             raise _bad("an uploaded bundle and 'datasets' exclude each other", "datasets")
-        datasets = [UPLOAD_DATASET]
-    else:
-        datasets = [check_dataset_name(d, "datasets") for d in _as_list(doc, "datasets", "dataset", None)]
+        return [UPLOAD_DATASET]
+    return [check_dataset_name(d, "datasets") for d in _as_list(doc, "datasets", "dataset", None)]
 
-    explicit = doc.get("runs", [])
-    has_grid_axes = any(k in doc for k in ("grid", "models", "model", "presets", "preset"))
-    if not isinstance(explicit, list):
-        raise _bad("runs must be a list of {model, preset, overrides, dataset}", "runs")
-    if len(explicit) > max_runs:
-        raise _bad(f"the spec lists {len(explicit)} runs; the limit is {max_runs}", "runs", limit=max_runs)
-    if not explicit and not has_grid_axes:
-        raise _bad("the spec has no runs: give 'models'/'presets'/'grid' and/or 'runs'", "runs")
 
-    def check_model(m: str, key: str) -> str:
-        if m not in known_models:
-            raise _bad(f"unknown model {m!r}; known: {list(known_models)}", key, model=m)
-        if m not in served_models:
-            raise _bad(f"model {m!r} is not served by this deployment; served: {served_models}", key, model=m)
+class _RunChecker:
+    """Checks of one run's model, preset and overrides; errors name the spec key."""
+
+    def __init__(self, known_models: tuple[str, ...], served_models: list[str]):
+        self.known = known_models
+        self.served = served_models
+
+    def model(self, m: str, key: str) -> str:
+        if m not in self.known:
+            raise _bad(f"unknown model {m!r}; known: {list(self.known)}", key, model=m)
+        if m not in self.served:
+            raise _bad(f"model {m!r} is not served by this deployment; served: {self.served}", key, model=m)
         return m
 
-    def check_preset(p: str, key: str) -> str:
+    def preset(self, p: str, key: str) -> str:
         if p not in PRESETS:
             raise _bad(f"unknown preset {p!r}; choose one of {sorted(PRESETS)}", key, preset=p)
         return p
 
-    def checked_overrides(o: Any, key: str) -> dict:
+    def overrides(self, o: Any, key: str) -> dict:
         try:
             return validate_overrides(o)
         except InvalidOverridesError as e:
@@ -212,33 +237,40 @@ def expand_spec(
                 **{k: v for k, v in e.details.items() if k != "key"},
             ) from None
 
-    combos: list[tuple[str | None, str, str, dict]] = []
-    if has_grid_axes:
-        models = [check_model(m, "models") for m in _as_list(doc, "models", "model", ["fusion"])]
-        presets = [check_preset(p, "presets") for p in _as_list(doc, "presets", "preset", ["balanced"])]
-        grid = doc.get("grid", {}) or {}
-        if not isinstance(grid, dict):
-            raise _bad("grid must map parameter -> list of values", "grid")
-        axes: list[tuple[str, list]] = []
-        for k, values in grid.items():
-            if not isinstance(values, list):
-                values = [values]
-            if not values:
-                raise _bad(f"grid.{k} must list at least one value", f"grid.{k}")
-            for v in values:
-                checked_overrides({k: v}, "grid")
-            axes.append((str(k), values))
-        checked_overrides({k: v[0] for k, v in axes}, "grid")  # aliases that collide across axes
-        planned = len(models) * len(presets) * math.prod(len(v) for _, v in axes)
-        if planned > max_runs:  # before the product is built: a wide grid would take minutes to expand
-            raise _bad(
-                f"the grid expands to {planned} runs; the limit is {max_runs}", "grid", runs=planned, limit=max_runs
-            )
-        for m, p in itertools.product(models, presets):
-            for values in itertools.product(*(v for _, v in axes)):
-                combos.append(
-                    (None, m, p, checked_overrides(dict(zip([k for k, _ in axes], values, strict=True)), "grid"))
-                )
+
+Combo = tuple[str | None, str, str, dict]
+
+
+def _grid_combos(doc: dict, chk: _RunChecker, max_runs: int) -> list[Combo]:
+    """models x presets x every grid axis (dataset None: each of the spec's datasets)."""
+    models = [chk.model(m, "models") for m in _as_list(doc, "models", "model", ["fusion"])]
+    presets = [chk.preset(p, "presets") for p in _as_list(doc, "presets", "preset", ["balanced"])]
+    grid = doc.get("grid", {}) or {}
+    if not isinstance(grid, dict):
+        raise _bad("grid must map parameter -> list of values", "grid")
+    axes: list[tuple[str, list]] = []
+    for k, values in grid.items():
+        if not isinstance(values, list):
+            values = [values]
+        if not values:
+            raise _bad(f"grid.{k} must list at least one value", f"grid.{k}")
+        for v in values:
+            chk.overrides({k: v}, "grid")
+        axes.append((str(k), values))
+    chk.overrides({k: v[0] for k, v in axes}, "grid")  # aliases that collide across axes
+    planned = len(models) * len(presets) * math.prod(len(v) for _, v in axes)
+    if planned > max_runs:  # before the product is built: a wide grid would take minutes to expand
+        raise _bad(f"the grid expands to {planned} runs; the limit is {max_runs}", "grid", runs=planned, limit=max_runs)
+    keys = [k for k, _ in axes]
+    return [
+        (None, m, p, chk.overrides(dict(zip(keys, values, strict=True)), "grid"))
+        for m, p in itertools.product(models, presets)
+        for values in itertools.product(*(v for _, v in axes))
+    ]
+
+
+def _explicit_combos(explicit: list, chk: _RunChecker, has_upload: bool) -> list[Combo]:
+    combos: list[Combo] = []
     for i, r in enumerate(explicit):
         key = f"runs[{i}]"
         if not isinstance(r, dict):
@@ -261,19 +293,16 @@ def expand_spec(
         combos.append(
             (
                 ds,
-                check_model(r.get("model", "fusion"), f"{key}.model"),
-                check_preset(r.get("preset", "balanced"), f"{key}.preset"),
-                checked_overrides(r.get("overrides") or {}, f"{key}.overrides"),
+                chk.model(r.get("model", "fusion"), f"{key}.model"),
+                chk.preset(r.get("preset", "balanced"), f"{key}.preset"),
+                chk.overrides(r.get("overrides") or {}, f"{key}.overrides"),
             )
         )
+    return combos
 
-    expanded = [
-        (d if ds is None else ds, m, p, o) for ds, m, p, o in combos for d in (datasets if ds is None else [ds])
-    ]
-    n = len(expanded) * repeats
-    if n > max_runs:
-        raise _bad(f"the experiment expands to {n} runs; the limit is {max_runs}", "grid", runs=n, limit=max_runs)
 
+def _numbered_runs(expanded: list[tuple[str, str, str, dict]], repeats: int) -> list[RunSpec]:
+    """One RunSpec per combination and repeat, with unique slugs (``-r2`` ... for repeats)."""
     runs: list[RunSpec] = []
     seen: dict[str, int] = {}
     for ds, m, p, o in expanded:
@@ -282,4 +311,4 @@ def expand_spec(
             seen[base] = seen.get(base, 0) + 1
             slug = base if seen[base] == 1 else f"{base}-r{seen[base]}"
             runs.append(RunSpec(index=len(runs), dataset=ds, model=m, preset=p, overrides=o, slug=slug))
-    return ExperimentSpec(name=name, description=description, runs=runs, raw=doc)
+    return runs

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import ray
 
-from ..store import Store
+from deployments.store import Store
 
 
 @ray.remote

@@ -264,13 +264,3 @@ def run_slug(model: str, preset: str, overrides: dict[str, Any]) -> str:
         label = SLUG_LABELS.get(key) or key.replace(".", "_")
         parts.append(f"{label}{_short_value(overrides[key])}")
     return "-".join(parts)
-
-
-def runner_config_kwargs(preset: str, device: str, overrides: dict | None) -> dict:
-    """Extra keyword arguments for ``reconstruct_bundle``: ``{"config": ...}`` with the overrides
-    applied to the preset, or ``{}`` without overrides (the runner resolves the preset itself)."""
-    if not overrides:
-        return {}
-    from pipeline.config import get_preset
-
-    return {"config": apply_overrides(get_preset(preset, device=device), overrides)}

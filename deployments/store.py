@@ -7,8 +7,9 @@ Keys are POSIX-style relative paths (``jobs/<id>/job.json``). Two backends:
 * :class:`S3Store` — an S3 bucket through boto3, with a configurable ``endpoint_url``
   (MinIO, moto, Ceph ...).
 
-Both are plain, picklable objects built from a :class:`~serve_app.config.StoreConfig`, so
+Both are plain, picklable objects built from a :class:`StoreConfig`, so
 the ingress, the model deployments and Ray tasks each build their own from the config.
+It lives with the model servers (the lowest layer that uses it); ``serve_app`` imports it from here.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
-from .config import StoreConfig
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 #: Chunk size of streamed downloads, bytes.
 STREAM_CHUNK_BYTES = 1024 * 1024
@@ -31,6 +33,31 @@ def iter_file(path: str) -> Iterator[bytes]:
     with open(path, "rb") as f:
         while chunk := f.read(STREAM_CHUNK_BYTES):
             yield chunk
+
+
+class StoreConfig(BaseModel):
+    """Where job records, uploads and artifacts live."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["local", "s3"] = Field("local", description="Backend: a local directory or an S3 bucket.")
+    path: str = Field("./runs/service", description="Root directory of the local store.")
+    bucket: str | None = Field(None, description="S3 bucket (kind=s3).")
+    prefix: str = Field("recon3d", description="Key prefix inside the S3 bucket.")
+    endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, moto ...); None = AWS.")
+    region: str | None = Field(None, description="S3 region name.")
+    create_bucket: bool = Field(False, description="Create the bucket at start-up when it does not exist.")
+    shared: bool = Field(
+        False,
+        description="kind=local only: the directory is a filesystem every Ray node mounts at the same path "
+        "(NFS, EFS, ...). Without it the builder refuses a local store on a cluster of more than one node.",
+    )
+
+    @model_validator(mode="after")
+    def _bucket_for_s3(self) -> StoreConfig:
+        if self.kind == "s3" and not self.bucket:
+            raise ValueError("store.kind 's3' needs store.bucket")
+        return self
 
 
 class InvalidKeyError(ValueError):

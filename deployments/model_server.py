@@ -1,92 +1,69 @@
-"""The thin model server every model deployment shares.
+"""The one model server every model deployment uses (the model comes from :mod:`pipeline.registry`).
 
-A model replica takes a :class:`ModelRequest` (plain, serialisable), reads the upload
-from the store, runs the pipeline in a worker thread (``asyncio.to_thread``) and
-uploads the artifacts back to the store. It *streams* events to the caller::
-
-    {"type": "progress", "stage": "bake_texture", "fraction": 0.62}   # any number
-    {"type": "result", "result": {...result.json...}, "files": ["mesh.obj", ...]}   # or
-    {"type": "error", "error": {"code": "MODEL_OOM", "message": "...", "details": {...}}}
-
-Errors travel as data (the last event), never as exceptions, so nothing depends on
-how Ray wraps exception types across a handle.
+A model replica takes a :class:`~deployments.protocol.ModelRequest` (plain, serialisable), reads
+the upload from the store, runs the model's pipeline in a worker thread (``asyncio.to_thread``)
+and uploads the artifacts back to the store. It *streams* events to the caller (progress, then
+one result or error: :mod:`deployments.protocol`).
 
 Cancellation: the pipeline polls ``should_cancel``, which is true once the cancel flag
 ``jobs/<id>/cancel`` exists in the store (polled at most every CANCEL_POLL_INTERVAL_S),
 once the job's deadline passed, or once the caller dropped the stream.
+
+``build_model_deployment(cfg)`` binds one Serve deployment per registered model it is given;
+the deployment's name is :func:`deployment_name` of the model.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib
-import json
 import logging
 import shutil
 import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import CanceledError, ModelOOMError, ReconError
-from serve_app.config import ModelConfig, StoreConfig
-from serve_app.experiments.overrides import runner_config_kwargs
-from serve_app.experiments.resources import PeakMemory
-from serve_app.store import Store, make_store
+from pipeline.config import ReconstructConfig, get_preset
+from pipeline.errors import CanceledError, ReconError
+from pipeline.overrides import apply_overrides
+from pipeline.registry import get_model
+from pipeline.result import ReconstructionResult
 
 from . import constants as DC
+from . import protocol as P
+from .config import ModelDeploymentConfig
+from .resources import PeakMemory
+from .store import Store, make_store
 
 logger = logging.getLogger("recon3d.model")
 
-DEFAULT_RUNNER = "pipeline.reconstruct:reconstruct_bundle"
-JOB_TIMEOUT_CODE = "JOB_TIMEOUT"
-#: Error code of a run whose attempt was superseded (its job was retried elsewhere): it publishes nothing.
-STALE_ATTEMPT_CODE = "STALE_ATTEMPT"
+#: The library's runner: returns the typed result without writing result.json (the server writes it once).
+DEFAULT_RUNNER = "pipeline.reconstruct:run_reconstruction"
 
-Runner = Callable[..., dict]
-
-
-@dataclass(frozen=True)
-class ModelRequest:
-    """What crosses the handle: ids and store keys, never bytes or arrays."""
-
-    job_id: str
-    model: str
-    preset: str
-    input_key: str
-    output_prefix: str
-    cancel_key: str
-    deadline: float
-    """Unix time after which the run stops with JOB_TIMEOUT."""
-    attempt: int = 1
-    attempt_key: str | None = None
-    """Store key holding the number of the attempt that owns ``output_prefix`` (fences a replaced attempt)."""
-    overrides: dict | None = None
-    """Config parameters over the preset, dotted keys (serve_app.experiments.overrides)."""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+#: ``reconstruct_bundle``'s signature; returns a ReconstructionResult, or result.json's content as a dict.
+Runner = Callable[..., Any]
 
 
-@dataclass(frozen=True)
-class ModelDeploymentConfig:
-    """Everything a model replica needs: its model config, the store, and the resolved GPU count."""
-
-    model: ModelConfig
-    store: StoreConfig
-    num_gpus: float
+def deployment_name(model: str) -> str:
+    """Serve deployment name of a model's server."""
+    return f"{model}-model"
 
 
 def resolve_runner(spec: str | None) -> Runner:
-    """Import ``module:function`` (default: the library's reconstruct_bundle)."""
+    """Import ``module:function`` (default: the library's run_reconstruction)."""
     module, _, attr = (spec or DEFAULT_RUNNER).partition(":")
     fn = getattr(importlib.import_module(module), attr)
     if not callable(fn):
         raise TypeError(f"runner {spec!r} is not callable")
     return fn
+
+
+def resolve_run_config(req: P.ModelRequest, device: str) -> ReconstructConfig:
+    """The run's config: the request's preset on ``device``, with its overrides applied."""
+    return apply_overrides(get_preset(req.preset, device=device), req.overrides)
 
 
 class CancelCheck:
@@ -120,13 +97,6 @@ class CancelCheck:
         return self.reason is not None
 
 
-def _is_oom(e: BaseException) -> bool:
-    if isinstance(e, (MemoryError, ModelOOMError)):
-        return True
-    name = type(e).__name__
-    return name == "OutOfMemoryError" or "out of memory" in str(e).lower()
-
-
 def set_compute_threads(requested: int | None) -> int:
     """Set torch's CPU thread count: ``requested``, or every core this process may use; returns it.
 
@@ -142,22 +112,15 @@ def set_compute_threads(requested: int | None) -> int:
     return torch.get_num_threads()
 
 
-def _json_safe(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
-
-
 class ModelServer:
-    """Base of the model deployments (the Serve class is made by ``build_<model>_deployment``)."""
-
-    #: Model id served; subclasses set it.
-    model_name: str = ""
-    #: Whether this model runs on a GPU when one is there (drives ``num_gpus``).
-    uses_gpu: bool = True
+    """Serves one registered model (``cfg.model.name``); the Serve class is made by :func:`build_model_deployment`."""
 
     def __init__(self, cfg: ModelDeploymentConfig, *, runner: Runner | None = None):
         self.cfg = cfg
         #: Compute slots (created on the replica's event loop at the first request).
         self._compute_slots: asyncio.Semaphore | None = None
+        self.spec = get_model(cfg.model.name)
+        self.model_name = self.spec.name
         self.store = make_store(cfg.store)
         self.runner = runner or resolve_runner(cfg.model.runner)
         self.device = cfg.model.device
@@ -169,44 +132,31 @@ class ModelServer:
     def get_deployment_options(cls, cfg: ModelDeploymentConfig) -> dict:
         """Serve options owned by the model: resources, concurrency, shutdown, autoscaling."""
         m = cfg.model
-        a = m.autoscaling
-        actor_options: dict[str, Any] = {"num_gpus": cfg.num_gpus, "num_cpus": m.num_cpus}
+        num_cpus = m.num_cpus if m.num_cpus is not None else get_model(m.name).num_cpus
+        actor_options: dict[str, Any] = {"num_gpus": cfg.num_gpus, "num_cpus": num_cpus}
         if m.resources:
             actor_options["resources"] = dict(m.resources)
-        initial = a.initial_replicas if a.initial_replicas is not None else a.min_replicas
-        autoscaling = {
-            "min_replicas": a.min_replicas,
-            "initial_replicas": initial,
-            "max_replicas": a.max_replicas,
-            "target_ongoing_requests": a.target_ongoing_requests,
-            "upscale_delay_s": a.upscale_delay_s,
-            "downscale_delay_s": a.downscale_delay_s,
-        }
-        if a.downscale_to_zero_delay_s is not None:
-            autoscaling["downscale_to_zero_delay_s"] = a.downscale_to_zero_delay_s
         return {
-            "name": f"{cls.model_name}-model",
+            "name": deployment_name(m.name),
             "ray_actor_options": actor_options,
             "max_ongoing_requests": m.max_ongoing_requests,
             "graceful_shutdown_timeout_s": m.graceful_shutdown_timeout_s,
             "health_check_period_s": DC.MODEL_HEALTH_CHECK_PERIOD_S,
             "health_check_timeout_s": DC.MODEL_HEALTH_CHECK_TIMEOUT_S,
-            "autoscaling_config": autoscaling,
+            "autoscaling_config": autoscaling_options(m.autoscaling),
         }
 
     # ------------------------------------------------------------ handle methods
 
     async def run(self, request: dict) -> AsyncIterator[dict]:
         """Run one job; yields progress events, then exactly one result or error event."""
-        req = ModelRequest(**request)
+        req = P.ModelRequest(**request)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         cancel = CancelCheck(self.store, req.cancel_key, req.deadline)
 
         def progress(stage: str, fraction: float) -> None:
-            loop.call_soon_threadsafe(
-                events.put_nowait, {"type": "progress", "stage": stage, "fraction": float(fraction)}
-            )
+            loop.call_soon_threadsafe(events.put_nowait, P.ProgressEvent(stage, fraction).to_dict())
 
         # One compute slot per ongoing request, held until the worker THREAD ends, not the request:
         # Serve frees a canceled request at once, while its thread computes on to its next checkpoint.
@@ -221,7 +171,7 @@ class ModelServer:
         work.add_done_callback(lambda _: self._compute_slots.release())
         try:
             # First event at once: the caller learns a replica took the job (it may have waited for a scale-up).
-            yield {"type": "progress", "stage": "started", "fraction": 0.0}
+            yield P.ProgressEvent("started", 0.0).to_dict()
             while True:
                 getter = asyncio.ensure_future(events.get())
                 done, _ = await asyncio.wait({work, getter}, return_when=asyncio.FIRST_COMPLETED)
@@ -256,71 +206,68 @@ class ModelServer:
 
     # ------------------------------------------------------------ work (worker thread)
 
-    def _run_sync(self, req: ModelRequest, progress, cancel: CancelCheck) -> dict:
+    def _run_sync(self, req: P.ModelRequest, progress, cancel: CancelCheck) -> dict:
         t0 = time.perf_counter()
         work_dir = Path(tempfile.mkdtemp(prefix=f"recon3d-{req.job_id}-"))
         try:
-            src = self.store.get(req.input_key)
             out = work_dir / "out"
-            extra = runner_config_kwargs(req.preset, self.device, req.overrides)
-            mem = PeakMemory(self.device).start()
-            result = self.runner(
-                src,
-                out,
-                model=req.model,
-                preset=req.preset,
-                device=self.device,
-                progress=progress,
-                should_cancel=cancel,
-                evaluate=False,
-                previews=False,
-                **extra,
-            )
-            resources = mem.stop()
-            if cancel():  # the last checkpoint may have passed; don't publish a canceled job's files
-                raise CanceledError("the job was canceled")
-            result_path = out / "result.json"
-            result = json.loads(result_path.read_text()) if result_path.is_file() else _json_safe(result or {})
-            result["resources"] = resources  # peak memory of this run (experiments database)
-            result_path.parent.mkdir(parents=True, exist_ok=True)
-            result_path.write_text(json.dumps(result, indent=2))
+            result = self._reconstruct(req, out, progress, cancel)
             if not self._owns_output(req):
-                return {
-                    "type": "error",
-                    "error": {
-                        "code": STALE_ATTEMPT_CODE,
-                        "message": f"attempt {req.attempt} was superseded by a retry; its output is discarded",
-                        "details": {"attempt": req.attempt},
-                    },
-                }
-            # Replace whatever an interrupted earlier attempt left behind (same keys: a retry is idempotent).
-            self.store.delete_prefix(req.output_prefix)
-            files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-            for rel in files:
-                self.store.put_file(f"{req.output_prefix}/{rel}", out / rel)
-            return {"type": "result", "result": result, "files": files, "elapsed_s": round(time.perf_counter() - t0, 3)}
-        except CanceledError as e:
-            if cancel.reason == "timeout":
-                err = {
-                    "code": JOB_TIMEOUT_CODE,
-                    "message": "the job ran past its time limit",
-                    "details": {"deadline": req.deadline},
-                }
-            else:
-                err = e.to_dict()
-            return {"type": "error", "error": err}
-        except ReconError as e:
-            if _is_oom(e):
-                return {"type": "error", "error": {"code": "MODEL_OOM", "message": e.message, "details": e.details}}
-            return {"type": "error", "error": e.to_dict()}
+                return P.ErrorEvent(
+                    P.STALE_ATTEMPT,
+                    f"attempt {req.attempt} was superseded by a retry; its output is discarded",
+                    {"attempt": req.attempt},
+                ).to_dict()
+            files = self._publish(req, out)
+            return P.ResultEvent(result, files, round(time.perf_counter() - t0, 3)).to_dict()
         except Exception as e:
-            logger.exception("model run failed", extra={"job_id": req.job_id, "model": req.model})
-            code = "MODEL_OOM" if _is_oom(e) else "MODEL_FAILED"
-            return {"type": "error", "error": {"code": code, "message": f"{type(e).__name__}: {e}", "details": {}}}
+            return self._error_event(e, req, cancel).to_dict()
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
 
-    def _owns_output(self, req: ModelRequest) -> bool:
+    def _reconstruct(self, req: P.ModelRequest, out: Path, progress, cancel: CancelCheck) -> ReconstructionResult:
+        """Run the model into ``out``; write result.json there once, with the run's resources added."""
+        src = self.store.get(req.input_key)
+        cfg = resolve_run_config(req, self.device)
+        mem = PeakMemory(self.device).start()
+        returned = self.runner(
+            src, out, model=req.model, preset=req.preset, device=self.device, config=cfg,
+            progress=progress, should_cancel=cancel, evaluate=False, previews=False,
+        )  # fmt: skip
+        resources = mem.stop()
+        if cancel():  # the last checkpoint may have passed; don't publish a canceled job's files
+            raise CanceledError("the job was canceled")
+        if isinstance(returned, ReconstructionResult):
+            result = returned
+        elif returned:  # a custom runner's dict: the request names what it may leave out
+            result = ReconstructionResult.from_dict({"model": req.model, "preset": req.preset, **returned})
+        else:
+            result = ReconstructionResult.read(out / "result.json")
+        if not result.config:
+            result.config = cfg.to_dict()  # a custom runner: record what it was given
+        result.resources = resources  # peak memory of this run (experiments database)
+        result.write(out)
+        return result
+
+    def _publish(self, req: P.ModelRequest, out: Path) -> list[str]:
+        """Replace whatever an interrupted earlier attempt left (same keys: a retry is idempotent)."""
+        self.store.delete_prefix(req.output_prefix)
+        files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+        for rel in files:
+            self.store.put_file(f"{req.output_prefix}/{rel}", out / rel)
+        return files
+
+    def _error_event(self, e: Exception, req: P.ModelRequest, cancel: CancelCheck) -> P.ErrorEvent:
+        if isinstance(e, CanceledError):
+            if cancel.reason == "timeout":
+                return P.ErrorEvent(P.JOB_TIMEOUT, "the job ran past its time limit", {"deadline": req.deadline})
+            return P.ErrorEvent(e.code, e.message, dict(e.details))
+        if isinstance(e, ReconError):
+            return P.ErrorEvent(P.MODEL_OOM if P.is_oom(e) else e.code, e.message, dict(e.details))
+        logger.exception("model run failed", extra={"job_id": req.job_id, "model": req.model}, exc_info=e)
+        return P.ErrorEvent(P.MODEL_OOM if P.is_oom(e) else P.MODEL_FAILED, f"{type(e).__name__}: {e}", {})
+
+    def _owns_output(self, req: P.ModelRequest) -> bool:
         """Whether this attempt may publish to ``output_prefix`` (the scheduler records the current one)."""
         if req.attempt_key is None:
             return True
@@ -351,12 +298,31 @@ class ModelServer:
         return out
 
 
-def bind_model_deployment(
-    cls: type[ModelServer], cfg: ModelDeploymentConfig, override_serve_options: dict | None = None
+def autoscaling_options(a) -> dict:
+    """Serve's ``autoscaling_config`` of an :class:`~deployments.config.AutoscalingConfig`."""
+    out = {
+        "min_replicas": a.min_replicas,
+        "initial_replicas": a.initial_replicas if a.initial_replicas is not None else a.min_replicas,
+        "max_replicas": a.max_replicas,
+        "target_ongoing_requests": a.target_ongoing_requests,
+        "upscale_delay_s": a.upscale_delay_s,
+        "downscale_delay_s": a.downscale_delay_s,
+    }
+    if a.downscale_to_zero_delay_s is not None:
+        out["downscale_to_zero_delay_s"] = a.downscale_to_zero_delay_s
+    return out
+
+
+def build_model_deployment(
+    cfg: ModelDeploymentConfig,
+    *,
+    override_serve_options: dict | None = None,
+    deployment_cls: type[ModelServer] | None = None,
 ) -> Any:
-    """``serve.deployment(cls)`` with ``cls.get_deployment_options(cfg)`` merged with the overrides, bound to ``cfg``."""
+    """Bind the model's deployment: options from ``get_deployment_options(cfg)``, then the overrides."""
     from ray import serve
 
+    cls = deployment_cls or ModelServer
     options = {**cls.get_deployment_options(cfg), **(override_serve_options or {})}
-    logger.info("%s deployment options: %s", cls.model_name, options)
+    logger.info("%s deployment options: %s", cfg.model.name, options)
     return serve.deployment(cls).options(**options).bind(cfg)

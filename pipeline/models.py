@@ -1,0 +1,145 @@
+"""The pipeline functions of the registered models (:mod:`pipeline.registry`).
+
+Each takes ``(stages, frames, cfg)`` and returns a :class:`~pipeline.reconstruct.ModelOutput`:
+
+* :func:`fusion_model` — ``reconstruct_geometry -> [refine_cameras -> refuse_geometry] -> [photo_refine]
+  -> bake_texture``;
+* :func:`nvdiffrec_model` — the fusion stages, then ``refine -> compare_refined``.
+
+``stages.run(name, fn, ...)`` times a named stage, reports its progress and polls cancellation.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .config import ReconstructConfig
+from .errors import ConvergenceError
+from .frames import PosedFrames
+from .reconstruct import ModelOutput
+
+if TYPE_CHECKING:
+    from .reconstruct import StageRunner
+
+#: The refined mesh is returned only if its mean dihedral angle stays within this multiple of the fusion mesh's ...
+ROUGHENING_RATIO = 1.5
+#: ... or within this many degrees of it.
+ROUGHENING_MIN_DEG = 5.0
+
+
+def fusion_model(stages: StageRunner, frames: PosedFrames, cfg: ReconstructConfig) -> ModelOutput:
+    """Depth fusion (with optional camera and photo-consistency refinement), then texture baking."""
+    from .camera_refine import refine_cameras
+    from .fusion import reconstruct_geometry
+    from .photo_refine import refine_surface
+    from .rig import torch_device
+    from .texture import bake_texture
+
+    def fuse(name: str):
+        return stages.run(
+            name, reconstruct_geometry, frames, cfg, progress=stages.progress(name), should_cancel=stages.should_cancel
+        )
+
+    out = ModelOutput(mesh=None, frames=frames)
+    vertices, faces, out.reports["geometry"] = fuse("reconstruct_geometry")
+    out.reports["camera_refinement"] = None
+    if stages.enabled("refine_cameras"):
+        frames, camera_report = stages.run("refine_cameras", refine_cameras, vertices, faces, frames, cfg.camera_refine)
+        out.frames, out.reports["camera_refinement"] = frames, camera_report
+        if camera_report.get("applied") and cfg.camera_refine.refuse:
+            vertices, faces, out.reports["geometry"] = fuse("refuse_geometry")
+    out.reports["photo_refinement"] = None
+    if stages.enabled("photo_refine"):
+        vertices, out.reports["photo_refinement"] = stages.run(
+            "photo_refine",
+            refine_surface,
+            vertices,
+            faces,
+            frames,
+            cfg.photo_refine,
+            device=torch_device(cfg.device),
+            progress=stages.progress("photo_refine"),
+        )
+    out.mesh = stages.run(
+        "bake_texture", bake_texture, vertices, faces, frames, cfg.texture, progress=stages.progress("bake_texture")
+    )
+    return out
+
+
+def nvdiffrec_model(stages: StageRunner, frames: PosedFrames, cfg: ReconstructConfig) -> ModelOutput:
+    """The fusion model's mesh refined by differentiable rendering; the better of the two is returned."""
+    from .refine import refine_mesh, write_loss_plot
+
+    out = fusion_model(stages, frames, cfg)
+    fused = out.mesh
+    try:
+        refined, report = stages.run(
+            "refine",
+            refine_mesh,
+            fused,
+            out.frames,
+            cfg.refine,
+            device=cfg.device,
+            progress=stages.progress("refine"),
+            should_cancel=stages.should_cancel,
+        )
+    except ConvergenceError as e:
+        # The fusion mesh stays the output; the failure is reported, not fatal.
+        out.reports["refine"] = {"error": e.to_dict(), "fallback": "fusion"}
+        out.warnings.append(
+            f"{e.code}: refinement did not converge ({e.details.get('reason')}); the fusion result is returned"
+        )
+        return out
+    out.reports["refine"] = report
+    if report.get("loss_curve"):
+        write_loss_plot(report, stages.out_dir / "loss.png")
+        out.files.append("loss.png")
+        out.mesh = stages.run("compare_refined", better_of, fused, refined, out.frames, report, out.warnings)
+    else:
+        out.mesh = refined
+    return out
+
+
+def better_of(fused, refined, frames, report: dict, warnings: list[str]):
+    """The refined mesh, unless it is much rougher than the fusion mesh, or scores a lower masked
+    PSNR at the input views.
+
+    Rougher: its mean dihedral angle (:func:`pipeline.metrics.mean_dihedral_angle`) is more than
+    :data:`ROUGHENING_RATIO` times the fusion mesh's and at least :data:`ROUGHENING_MIN_DEG`
+    higher. That is a surface crumpled to fit the input views, which looks wrong from every other
+    angle however well it scores at the inputs (Adam's steps did it: sneaker 10 -> 31 degrees,
+    spot 15 -> 40; the default uniform steps stay within half a degree).
+
+    Lower PSNR: the refinement fits point-sampled renders, while the quality report area-averages
+    its renders like the photos; on a surface that is already close (spot: 32.1 dB), the fit can
+    trade one for the other and lose 0.5 dB by the report's measure.
+
+    Records both meshes' values and the choice in ``report`` (``mean_dihedral_deg``,
+    ``input_view_psnr``, ``returned``).
+    """
+    from .metrics import mean_dihedral_angle, mean_masked_psnr
+
+    rough = {"fusion": mean_dihedral_angle(fused.vertices, fused.faces)}
+    rough["refined"] = mean_dihedral_angle(refined.vertices, refined.faces)
+    report["mean_dihedral_deg"] = {k: round(v, 3) for k, v in rough.items()}
+    if (
+        rough["refined"] > ROUGHENING_RATIO * rough["fusion"]
+        and rough["refined"] - rough["fusion"] >= ROUGHENING_MIN_DEG
+    ):
+        report["returned"] = "fusion"
+        warnings.append(
+            f"REFINE_ROUGHENED: refinement crumpled the surface (mean dihedral angle {rough['fusion']:.1f} -> "
+            f"{rough['refined']:.1f} degrees); the fusion result is returned"
+        )
+        return fused
+    before, after = mean_masked_psnr(fused, frames), mean_masked_psnr(refined, frames)
+    report["input_view_psnr"] = {"fusion": before, "refined": after}
+    if before is None or after is None or after >= before:
+        report["returned"] = "refined"
+        return refined
+    report["returned"] = "fusion"
+    warnings.append(
+        f"REFINE_NO_GAIN: refinement lowered the masked PSNR at the input views "
+        f"({before:.2f} -> {after:.2f} dB); the fusion result is returned"
+    )
+    return fused
