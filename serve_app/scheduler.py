@@ -300,6 +300,9 @@ class JobScheduler:
             rec.refresh_summary()
             await self.book.save(rec, force=False)
 
+        def on_deadline(cm: asyncio.Timeout) -> None:
+            self._deadlines[(rec.job_id, model)] = cm  # cancel() shortens it to CANCEL_STOP_S
+
         req = D.model_request(rec, model, run.attempts, self.args.job_timeout_s)
         try:
             final = await D.stream_run(
@@ -307,7 +310,7 @@ class JobScheduler:
                 req,
                 on_progress=on_progress,
                 timeout_s=self.args.job_timeout_s + SC.CANCEL_GRACE_S,
-                on_deadline=lambda cm: self._deadlines.__setitem__((rec.job_id, model), cm),
+                on_deadline=on_deadline,
                 canceled=lambda: rec.cancel_requested,
             )
         except asyncio.CancelledError:

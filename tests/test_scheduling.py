@@ -123,6 +123,37 @@ def test_stream_run_times_out_and_cancels_the_stream():
     assert stream.canceled
 
 
+def test_stream_run_shortened_by_a_cancel_ends_canceled_not_timed_out():
+    """A cancel reschedules the call's deadline (CANCEL_STOP_S in the scheduler); when it fires, CANCELED."""
+    stream = FakeStream([progress(0.1)] * 100, delay_s=0.05)
+    seen: list = []
+
+    async def on_progress(_ev):
+        pass
+
+    def on_deadline(cm):
+        seen.append(cm)
+        cm.reschedule(asyncio.get_running_loop().time() + 0.15)  # what cancel() does to a running call
+
+    final = run(
+        D.stream_run(
+            FakeHandle(stream),
+            D.model_request(new_record(), "fusion", 1, 1),
+            on_progress=on_progress,
+            timeout_s=60,
+            on_deadline=on_deadline,
+            canceled=lambda: True,
+        )
+    )
+    assert len(seen) == 1 and stream.canceled
+    assert isinstance(final, ErrorEvent) and final.code == E.CANCELED and "did not stop" in final.message
+
+
+def test_model_request_reads_a_shared_upload():
+    rec = new_record(input_ref="experiments/exp-1/input/bundle.zip")
+    assert D.model_request(rec, "fusion", 1, 1).input_key == "experiments/exp-1/input/bundle.zip"
+
+
 def test_stream_run_without_a_final_event_is_model_failed():
     async def on_progress(_ev):
         pass
@@ -372,6 +403,21 @@ def test_sweep_deletes_only_expired_artifacts(tmp_path):
     assert not store.exists(job_key(old.job_id, "models", "fusion", "mesh.obj"))
     assert store.exists(job_key(fresh.job_id, "input", "bundle.zip"))
     assert run(sweep_expired(book, store, now=500.0)) == 0  # once
+
+
+def test_sweep_deletes_records_past_the_record_ttl(tmp_path):
+    store = LocalStore(tmp_path)
+    book = JobBook(store)
+    rec = new_record("0000000000001-aaaaaaaaaa")
+    rec.runs["fusion"].status = "succeeded"
+    rec.refresh_summary()
+    book.add(rec)
+    set_expiry(rec, 10.0, now=100.0)
+    assert run(sweep_expired(book, store, now=200.0, record_ttl_s=1000.0)) == 1 and rec.expired
+    run(sweep_expired(book, store, now=500.0, record_ttl_s=1000.0))
+    assert book.get(rec.job_id) is not None  # 410 JOB_EXPIRED until the record TTL
+    run(sweep_expired(book, store, now=1200.0, record_ttl_s=1000.0))
+    assert book.get(rec.job_id) is None  # then 404
 
 
 @pytest.mark.parametrize("ttl", [5.0])
