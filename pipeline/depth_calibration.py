@@ -367,7 +367,7 @@ def _report(cands, chosen: _Candidate, prior: DepthEncoding, prior_source: str, 
     kept = chosen is cands[0]
     uncertain = chosen.score["misfit"] > UNCERTAIN_MISFIT
     report = {
-        "method": prior_source if kept else HULL_FIT_METHOD,
+        "method": ("default" if prior_source == "default" else "given") if kept else HULL_FIT_METHOD,
         "source": prior_source if kept else "estimated",
         "choice": chosen.name,
         "prior": prior.to_dict(),
