@@ -178,11 +178,15 @@ def gather_depth_evidence(
     return DepthEvidence(raw_s, valid, inside, hull_z, cams, points, float(grid.spacing))
 
 
+def _median_hull_depth(ev: DepthEvidence, prior: DepthEncoding) -> float:
+    """Median z of the hull's first hits over all views (the prior's far where the hull misses everything)."""
+    z = ev.hull_z[ev.hull_z > 0]
+    return float(z.median()) if len(z) else prior.far
+
+
 def _tolerance(ev: DepthEvidence, prior: DepthEncoding) -> float:
     """Scene units: one depth level of the prior plus one pixel's footprint at the median hull depth."""
-    z = ev.hull_z[ev.hull_z > 0]
-    z_med = float(z.median()) if len(z) else prior.far
-    pixel = z_med / float(ev.cams.K[:, 0, 0].mean())
+    pixel = _median_hull_depth(ev, prior) / float(ev.cams.K[:, 0, 0].mean())
     level = (prior.far - prior.near) / prior.max_value
     return TOLERANCE_FACTOR * (level + pixel)
 
@@ -330,9 +334,7 @@ def estimate_depth_encodings(
 
     ones = np.ones(N)
     cands = [_Candidate("prior", ones * prior.near, ones * prior.far, score(ones * prior.near, ones * prior.far))]
-    z_hull = ev.hull_z[ev.hull_z > 0]
-    z_med = float(z_hull.median()) if len(z_hull) else prior.far
-    cands.append(_shared_scale(prior, ones, score, (tol + ev.hull_voxel) / z_med))
+    cands.append(_shared_scale(prior, ones, score, (tol + ev.hull_voxel) / _median_hull_depth(ev, prior)))
     samples = _hull_samples(ev)
     cands.append(_shared_affine(cands[-1], samples, prior, ones, score))
     cands.append(_per_view(cands[-1], samples, prior, score))
@@ -367,7 +369,7 @@ def _report(cands, chosen: _Candidate, prior: DepthEncoding, prior_source: str, 
     kept = chosen is cands[0]
     uncertain = chosen.score["misfit"] > UNCERTAIN_MISFIT
     report = {
-        "method": prior_source if kept else HULL_FIT_METHOD,
+        "method": ("default" if prior_source == "default" else "given") if kept else HULL_FIT_METHOD,
         "source": prior_source if kept else "estimated",
         "choice": chosen.name,
         "prior": prior.to_dict(),

@@ -83,7 +83,7 @@ def test_views_of_different_objects_are_flagged(tmp_path):
 
 def test_stated_encoding_without_transforms(tmp_path):
     enc = DepthEncoding(near=1.0, far=3.0, max_value=65535.0)
-    b, _ = write_rig_bundle(tmp_path / "b", "capsule", enc=DepthEncoding(near=1.0, far=3.0, max_value=65535.0))
+    b, _ = write_rig_bundle(tmp_path / "b", "capsule", enc=enc)
     # write_rig_bundle's PNGs are 8-bit: write 16-bit ones for this encoding
     mesh = make_shape("capsule")
     cams = default_rig(SIZE, SIZE)

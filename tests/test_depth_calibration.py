@@ -27,16 +27,8 @@ def test_envelope_line_ignores_concavities():
 
 def test_estimate_recovers_non_default_encoding():
     enc = DepthEncoding(near=1.6, far=3.4)
-    mesh = make_shape("capsule")
-    r = make_rasterizer(mesh.vertices, mesh.faces, backend="embree")
-    cams = default_rig(SIZE, SIZE)
-    raws, masks, truth = [], [], []
-    for n in RIG_VIEW_NAMES:
-        rast = r.rasterize(cams[n])
-        raws.append(encode_depth(rast.depth, rast.mask, enc).astype(np.float32))
-        masks.append(rast.mask)
-        truth.append(rast.depth)
-    encs, report = estimate_depth_encodings(np.stack(raws), np.stack(masks), [cams[n] for n in RIG_VIEW_NAMES])
+    raws, masks, cams, truth = _render_raw("capsule", enc)
+    encs, report = estimate_depth_encodings(raws, masks, cams)
     assert report["choice"] != "prior" and report["method"] == "hull_fit"
     assert report["candidates"]["prior"]["misfit"] > 0.3  # the default contradicts this data
     for e, raw, m, zt in zip(encs, raws, masks, truth, strict=True):
