@@ -21,6 +21,7 @@ from .depth import decode_depth
 from .depth_calibration import estimate_depth_encodings
 from .errors import CanceledError, EmptyDepthError, InvalidInputError
 from .frames import PosedFrames, PosedView
+from .reports import CameraEstimateReport, DepthEncodingReport
 from .rig import estimate_rig, torch_device
 
 #: Mask components smaller than this fraction of the view's largest one are specks, not object.
@@ -112,7 +113,8 @@ def prepare_frames(
 
     Returns
     -------
-    PosedFrames with ``camera_estimate`` and ``depth_encoding`` reports (JSON-serialisable)
+    PosedFrames with ``camera_estimate`` and ``depth_encoding`` reports
+    (:class:`~pipeline.reports.CameraEstimateReport`, :class:`~pipeline.reports.DepthEncodingReport`)
     """
 
     def report(fraction: float) -> None:
@@ -136,10 +138,10 @@ def prepare_frames(
     names = fs.names
     if resolved is not None:
         cameras, res_encodings = _cameras_from_resolved(fs, resolved)
-        camera_report = {"method": "resolved", "source": "an earlier run"}
+        camera_report = CameraEstimateReport(method="resolved", source="an earlier run")
     elif fs.cameras_given:
         cameras = [v.camera for v in fs.views]
-        camera_report = {"method": "given", "source": "transforms.json"}
+        camera_report = CameraEstimateReport(method="given", source="transforms.json")
     elif cfg.camera.estimate_rig:
         m = torch.as_tensor(np.stack(masks), device=device)
         rig, camera_report = estimate_rig(
@@ -152,17 +154,17 @@ def prepare_frames(
             should_cancel=should_cancel,
         )
         cameras = [rig[n] for n in names]
-        if camera_report["score_mean_iou"] < CAMERAS_UNCERTAIN_IOU:
-            camera_report["uncertain"] = True
+        if camera_report.score_mean_iou < CAMERAS_UNCERTAIN_IOU:
+            camera_report.uncertain = True
             warnings.append(
                 f"CAMERAS_UNCERTAIN: no rig explains the silhouettes well (best mean IoU "
-                f"{camera_report['score_mean_iou']:.2f} < {CAMERAS_UNCERTAIN_IOU}); the views may not be the six-view rig"
+                f"{camera_report.score_mean_iou:.2f} < {CAMERAS_UNCERTAIN_IOU}); the views may not be the six-view rig"
             )
     else:
         rig = default_rig(W, H, names=tuple(names))
         cameras = [rig[n] for n in names]
-        camera_report = {"method": "default_rig", "fov_x_deg": RIG_FOV_X_DEG}
-    camera_report["seconds"] = round(time.perf_counter() - t0, 3)
+        camera_report = CameraEstimateReport(method="default_rig", fov_x_deg=RIG_FOV_X_DEG)
+    camera_report.seconds = round(time.perf_counter() - t0, 3)
     report(0.5)
     depth_cameras = [c.scaled(*size) for c in cameras]
 
@@ -171,7 +173,7 @@ def prepare_frames(
     have_depth = [r is not None for r in raws]
     if resolved is not None:
         encodings = res_encodings
-        depth_report = {"method": "resolved", "source": "an earlier run"}
+        depth_report = DepthEncodingReport(method="resolved", source="an earlier run")
     elif cfg.camera.estimate_depth_encoding and all(have_depth):
         # The stated encoding, else the documented default, is the prior: an estimate replaces it
         # only where it explains the masks and the other views measurably better.
@@ -184,18 +186,18 @@ def prepare_frames(
             prior_source=fs.depth_encoding_source if stated else "default",
             device=device,
         )
-        if "warning" in depth_report:
-            warnings.append(depth_report["warning"])
+        if depth_report.warning is not None:
+            warnings.append(depth_report.warning)
     elif fs.depth_encoding is not None:
         encodings = [fs.depth_encoding] * len(raws)
-        depth_report = {"method": "given", "source": fs.depth_encoding_source, **fs.depth_encoding.to_dict()}
+        depth_report = DepthEncodingReport(method="given", source=fs.depth_encoding_source, **fs.depth_encoding.to_dict())
     else:
         enc = DepthEncoding(max_value=fs.depth_max_value, background=background)
         encodings = [enc] * len(raws)
-        depth_report = {"method": "default", **enc.to_dict()}
+        depth_report = DepthEncodingReport(method="default", **enc.to_dict())
         if any(have_depth):
             warnings.append("depth encoding not stated and not estimated: assumed the default")
-    depth_report["seconds"] = round(time.perf_counter() - t1, 3)
+    depth_report.seconds = round(time.perf_counter() - t1, 3)
     report(0.9)
 
     views = []

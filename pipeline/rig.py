@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .camera import RIG_DISTANCE, RIG_FOV_X_DEG, RIG_LAYOUT, Camera, default_rig
+from .reports import CameraEstimateReport
 
 #: Silhouette images used by the rig search are resampled to this size (longest side, pixels).
 SEARCH_IMAGE_SIZE = 96
@@ -390,7 +391,7 @@ def estimate_rig(
     fov_range_deg: tuple[float, float] = (40.0, 80.0),
     carve_resolution: int = 64,
     should_cancel=None,
-) -> tuple[dict[str, Camera], dict]:
+) -> tuple[dict[str, Camera], CameraEstimateReport]:
     """Estimate the six-view rig from foreground masks.
 
     Parameters
@@ -403,7 +404,7 @@ def estimate_rig(
     Returns
     -------
     cameras : name -> Camera at (width, height)
-    report : JSON-serialisable dict: fov_x_deg, distance, layout, score, per-view IoU,
+    report : CameraEstimateReport: fov_x_deg, distance, layout, score, per-view IoU,
         the scores of the field-of-view and layout candidates
     """
     H, W = masks.shape[1:]
@@ -505,17 +506,17 @@ def estimate_rig(
         fov_scores.update(more)
     final_score, per_view = score(fov, layout)
     cameras = default_rig(width, height, fov_x_deg=fov, names=tuple(names), layout=layout)
-    report = {
-        "method": "silhouette_carving",
-        "fov_x_deg": round(float(fov), 3),
-        "distance": RIG_DISTANCE,
-        "layout": chosen or ["default"],
-        "layout_vectors": {n: {"direction": list(layout[n][0]), "image_up": list(layout[n][1])} for n in names},
-        "score_mean_iou": round(final_score, 4),
-        "per_view_iou": dict(zip(names, per_view, strict=True)),
-        "fov_candidates": {str(k): round(v, 4) for k, v in sorted(fov_scores.items())},
-        "layout_candidates": layout_scores,
-        "search_crop_px": [int(x0), int(y0), int(2 * half), int(2 * half)],
-        "carve_resolution": carve_resolution,
-    }
+    report = CameraEstimateReport(
+        method="silhouette_carving",
+        fov_x_deg=round(float(fov), 3),
+        distance=RIG_DISTANCE,
+        layout=chosen or ["default"],
+        layout_vectors={n: {"direction": list(layout[n][0]), "image_up": list(layout[n][1])} for n in names},
+        score_mean_iou=round(final_score, 4),
+        per_view_iou=dict(zip(names, per_view, strict=True)),
+        fov_candidates={str(k): round(v, 4) for k, v in sorted(fov_scores.items())},
+        layout_candidates=layout_scores,
+        search_crop_px=[int(x0), int(y0), int(2 * half), int(2 * half)],
+        carve_resolution=carve_resolution,
+    )
     return cameras, report
