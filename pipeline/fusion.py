@@ -27,13 +27,16 @@ import torch
 import torch.nn.functional as F
 
 from .camera import transform_points
+from .camera_stack import CameraStack
 from .config import ReconstructConfig
+from .device import torch_device
 from .errors import CanceledError, EmptyReconstructionError
 from .frames import PosedFrames
 from .masks import mask_box, signed_distance_px
 from .mesh_cleanup import decimate, keep_large_components, orient_outward, taubin_smooth
 from .reports import GeometryReport
-from .rig import CameraStack, VoxelGrid, carve_hull, resize_masks, torch_device
+from .rig import carve_hull, resize_masks
+from .voxel_grid import VoxelGrid
 
 #: Masks are resampled to at most this size (longest side) to find the hull's bounding box.
 BOUNDS_IMAGE_SIZE = 192

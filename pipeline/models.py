@@ -31,9 +31,9 @@ ROUGHENING_MIN_DEG = 5.0
 def fusion_model(stages: StageRunner, frames: PosedFrames, cfg: ReconstructConfig) -> ModelOutput:
     """Depth fusion (with optional camera and photo-consistency refinement), then texture baking."""
     from .camera_refine import refine_cameras
+    from .device import torch_device
     from .fusion import reconstruct_geometry
     from .photo_refine import refine_surface
-    from .rig import torch_device
     from .texture import bake_texture
 
     def fuse(name: str):
