@@ -407,7 +407,9 @@ def _scaled_progress(progress: ProgressFn | None, lo: float, hi: float) -> Progr
     return lambda stage, fraction: progress(stage, lo + (hi - lo) * fraction)
 
 
-def _refine_with_retry(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel) -> tuple[TexturedMesh, RefineReport]:
+def _refine_with_retry(
+    mesh, frames, cfg: RefineConfig, dev, progress, should_cancel
+) -> tuple[TexturedMesh, RefineReport]:
     """One optimisation pass; on CUDA out-of-memory, one retry at half the render size."""
     try:
         return _refine(mesh, frames, cfg, dev, progress, should_cancel, oom_retry=False)
