@@ -116,11 +116,11 @@ def main(argv=None) -> None:
             "prepare_s": round(t1 - t0, 2),
             "geometry_s": round(t2 - t1, 2),
             "faces": int(len(f)),
-            "components": rep["components"] - rep["components_removed"],
-            "fov": frames.camera_estimate.get("fov_x_deg"),
+            "components": rep.components - rep.components_removed,
+            "fov": frames.camera_estimate.fov_x_deg,
             "iou": silhouette_ious(v, f, frames),
-            "geometry": rep,
-            "depth_encoding": frames.depth_encoding,
+            "geometry": rep.to_dict(),
+            "depth_encoding": frames.depth_encoding.to_dict(),
         }
         row["iou_mean"] = round(float(np.mean(list(row["iou"].values()))), 4)
         if gt is not None:

@@ -158,7 +158,7 @@ def main(argv=None) -> int:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_loss_plot(report, run_dir / "loss.png")
             (run_dir / "report.json").write_text(
-                json.dumps({"before": before, "after": after, "report": report}, indent=1)
+                json.dumps({"before": before, "after": after, "report": report.to_dict()}, indent=1)
             )
             rows.append((name, ss, optimizer, lam, before, after, report, wall))
             print(

@@ -34,6 +34,7 @@ from .camera import Camera
 from .config import CameraRefineConfig
 from .frames import PosedFrames, PosedView
 from .render import Backend
+from .reports import CameraEstimateReport, CameraRefinementReport
 from .view_sampling import (
     MIN_VIEW_COS,
     RAY_OFFSET_PX,
@@ -80,7 +81,7 @@ def refine_cameras(
     *,
     device: str | torch.device = "cpu",
     backend: Backend = "auto",
-) -> tuple[PosedFrames, dict]:
+) -> tuple[PosedFrames, CameraRefinementReport]:
     """Refine estimated cameras against the current surface.
 
     Parameters
@@ -93,15 +94,15 @@ def refine_cameras(
     -------
     frames : PosedFrames with refined ``camera`` and ``depth_camera`` per view (the same object
         when nothing was refined); its ``camera_estimate`` gains a ``refinement`` entry
-    report : JSON-serialisable dict: per-view rotation (degrees) and translation (pixels at
+    report : CameraRefinementReport: per-view rotation (degrees) and translation (pixels at
         the object's distance), loss before and after, seconds
     """
     t0 = time.perf_counter()
-    report: dict = {"enabled": bool(cfg.enabled), "applied": False}
+    report = CameraRefinementReport(enabled=bool(cfg.enabled), applied=False)
     reason = _skip_reason(frames, faces, cfg)
     if reason is not None:
-        report["reason"] = reason
-        report["seconds"] = round(time.perf_counter() - t0, 3)
+        report.reason = reason
+        report.seconds = round(time.perf_counter() - t0, 3)
         return frames, report
     device = torch.device(device)
     v = torch.as_tensor(np.asarray(vertices, np.float32), device=device)
@@ -137,9 +138,8 @@ def refine_cameras(
     if not cfg.level_image_sizes:
         omega_f, tau_f = omega_f * 0, tau_f * 0
     out, per_view = _corrected_frames(frames, omega_f, tau_f, v)
-    report.update(
-        {"applied": True, "levels": history, "views": per_view, "seconds": round(time.perf_counter() - t0, 3)}
-    )
+    report.applied, report.levels, report.views = True, history, per_view
+    report.seconds = round(time.perf_counter() - t0, 3)
     return out, report
 
 
@@ -242,7 +242,9 @@ def _corrected_frames(frames: PosedFrames, omega_f, tau_f, v) -> tuple[PosedFram
                 "translation_px": round(float(tau_f[n].norm()) / float(work_px), 3),
             }
         )
-    estimate = dict(frames.camera_estimate or {})
-    estimate["refinement"] = {"method": "photometric_rigid", "views": per_view}
+    estimate = dataclasses.replace(
+        CameraEstimateReport.coerce(frames.camera_estimate) or CameraEstimateReport(),
+        refinement={"method": "photometric_rigid", "views": per_view},
+    )
     out = dataclasses.replace(frames, views=new_views, camera_estimate=estimate, warnings=list(frames.warnings))
     return out, per_view

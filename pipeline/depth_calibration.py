@@ -28,8 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from .camera import Camera
+from .camera_stack import CameraStack
 from .config import DepthEncoding
-from .rig import CameraStack, carve_hull, render_hull, resize_masks
+from .reports import DepthEncodingReport
+from .rig import carve_hull, render_hull, resize_masks
 
 #: ``method`` of the depth-encoding report when an estimate replaced the prior (not a statement).
 HULL_FIT_METHOD = "hull_fit"
@@ -288,7 +290,7 @@ def estimate_depth_encodings(
     background: float = 0.0,
     device: torch.device | str = "cpu",
     carve_resolution: int = 96,
-) -> tuple[list[DepthEncoding], dict]:
+) -> tuple[list[DepthEncoding], DepthEncodingReport]:
     """Choose the depth encoding of each view: the prior, unless an estimate explains the data measurably better.
 
     Parameters
@@ -302,7 +304,7 @@ def estimate_depth_encodings(
     Returns
     -------
     encodings : N DepthEncoding
-    report : JSON-serialisable: ``method`` (``prior_source`` when the prior is kept, else
+    report : DepthEncodingReport: ``method`` (``prior_source`` when the prior is kept, else
         :data:`HULL_FIT_METHOD`), ``choice``, every candidate with its near/far and scores,
         ``tolerance``, ``uncertain`` and, when uncertain, ``warning``
     """
@@ -321,12 +323,9 @@ def estimate_depth_encodings(
         carve_resolution=carve_resolution,
     )
     if int(ev.valid.sum()) < MIN_FIT_PIXELS:
-        return [prior] * N, {
-            "method": prior_source,
-            "choice": "prior",
-            "reason": "too few foreground pixels to check",
-            **prior.to_dict(),
-        }
+        return [prior] * N, DepthEncodingReport(
+            method=prior_source, choice="prior", reason="too few foreground pixels to check", **prior.to_dict()
+        )
     tol = _tolerance(ev, prior)
 
     def score(near, far) -> dict:
@@ -365,26 +364,28 @@ def _choose(ev: DepthEvidence, cands: list[_Candidate], max_value: float, tol: f
     return chosen
 
 
-def _report(cands, chosen: _Candidate, prior: DepthEncoding, prior_source: str, cameras, tol: float) -> dict:
+def _report(
+    cands, chosen: _Candidate, prior: DepthEncoding, prior_source: str, cameras, tol: float
+) -> DepthEncodingReport:
     kept = chosen is cands[0]
     uncertain = chosen.score["misfit"] > UNCERTAIN_MISFIT
-    report = {
-        "method": ("default" if prior_source == "default" else "given") if kept else HULL_FIT_METHOD,
-        "source": prior_source if kept else "estimated",
-        "choice": chosen.name,
-        "prior": prior.to_dict(),
-        "tolerance": round(tol, 5),
-        "candidates": {c.name: _candidate_report(c, cameras) for c in cands},
-        "per_view": {
+    report = DepthEncodingReport(
+        method=("default" if prior_source == "default" else "given") if kept else HULL_FIT_METHOD,
+        source=prior_source if kept else "estimated",
+        choice=chosen.name,
+        prior=prior.to_dict(),
+        tolerance=round(tol, 5),
+        candidates={c.name: _candidate_report(c, cameras) for c in cands},
+        per_view={
             cam.name: {"near": round(float(a), 4), "far": round(float(b), 4)}
             for cam, a, b in zip(cameras, chosen.near, chosen.far, strict=True)
         },
-        "max_value": prior.max_value,
-        "background": prior.background,
-        "uncertain": bool(uncertain),
-    }
+        max_value=prior.max_value,
+        background=prior.background,
+        uncertain=bool(uncertain),
+    )
     if uncertain:
-        report["warning"] = (
+        report.warning = (
             f"DEPTH_ENCODING_UNCERTAIN: no candidate encoding explains the depth maps well "
             f"(best misfit {chosen.score['misfit']:.2f} > {UNCERTAIN_MISFIT}); used {chosen.name!r}"
         )

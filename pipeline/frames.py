@@ -8,6 +8,7 @@ import numpy as np
 
 from .camera import Camera
 from .config import DepthEncoding
+from .reports import CameraEstimateReport, DepthEncodingReport
 
 
 @dataclass
@@ -39,9 +40,14 @@ class PosedFrames:
     """All views of a bundle, posed and decoded, plus the reports of how cameras and depth were resolved."""
 
     views: list[PosedView]
-    camera_estimate: dict = field(default_factory=dict)
-    depth_encoding: dict = field(default_factory=dict)
+    camera_estimate: CameraEstimateReport = field(default_factory=CameraEstimateReport)
+    depth_encoding: DepthEncodingReport = field(default_factory=DepthEncodingReport)
     warnings: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        # Callers that build frames by hand (tests, benchmarks) may pass the reports' dict form.
+        self.camera_estimate = CameraEstimateReport.coerce(self.camera_estimate) or CameraEstimateReport()
+        self.depth_encoding = DepthEncodingReport.coerce(self.depth_encoding) or DepthEncodingReport()
 
     @property
     def cameras(self) -> list[Camera]:

@@ -27,12 +27,16 @@ import torch
 import torch.nn.functional as F
 
 from .camera import transform_points
+from .camera_stack import CameraStack
 from .config import ReconstructConfig
+from .device import torch_device
 from .errors import CanceledError, EmptyReconstructionError
 from .frames import PosedFrames
 from .masks import mask_box, signed_distance_px
 from .mesh_cleanup import decimate, keep_large_components, orient_outward, taubin_smooth
-from .rig import CameraStack, VoxelGrid, carve_hull, resize_masks, torch_device
+from .reports import GeometryReport
+from .rig import carve_hull, resize_masks
+from .voxel_grid import VoxelGrid
 
 #: Masks are resampled to at most this size (longest side) to find the hull's bounding box.
 BOUNDS_IMAGE_SIZE = 192
@@ -361,7 +365,7 @@ def _depth_inside_hull(depth, valid, cams: CameraStack, hull: SilhouetteHull, to
 
 def reconstruct_geometry(
     frames: PosedFrames, cfg: ReconstructConfig, *, progress=None, should_cancel=None
-) -> tuple[np.ndarray, np.ndarray, dict]:
+) -> tuple[np.ndarray, np.ndarray, GeometryReport]:
     """Fuse the posed depth maps inside the silhouette hull and extract one clean mesh.
 
     Parameters
@@ -373,7 +377,7 @@ def reconstruct_geometry(
     -------
     vertices : (V, 3) float32, world (the cameras' frame)
     faces : (F, 3) int32, counter-clockwise seen from outside
-    report : JSON-serialisable dict: grid, voxel size, components removed, face counts, timings
+    report : GeometryReport: grid, voxel size, components removed, face counts, timings
     """
     fc = cfg.fusion
     t0 = time.perf_counter()
@@ -457,22 +461,22 @@ def reconstruct_geometry(
     _check(should_cancel, progress, 1.0)
     timings["total"] = round(time.perf_counter() - t0, 3)
 
-    report = {
-        "method": "hull_bounded_tsdf",
-        "device": str(device),
-        "grid": grid.to_dict(),
-        "voxel_size": round(grid.spacing, 6),
-        "truncation": round(truncation, 6),
-        "depth_pixels_used_fraction": round(depth_used, 4),
-        "samples_evaluated_fraction": round(n_evaluated / float(np.prod(grid.shape)), 4),
-        "marching_cubes_faces": int(n_mc),
-        "components": comp["components"],
-        "components_removed": comp["removed"],
-        "fragments_removed_after_decimation": comp["fragments_removed"],
-        "faces_removed_with_components": comp["removed_faces"],
-        "vertices": int(len(verts)),
-        "faces": int(len(faces)),
-        "bounds": {"lo": verts.min(0).round(5).tolist(), "hi": verts.max(0).round(5).tolist()},
-        "timings_s": timings,
-    }
+    report = GeometryReport(
+        method="hull_bounded_tsdf",
+        device=str(device),
+        grid=grid.to_dict(),
+        voxel_size=round(grid.spacing, 6),
+        truncation=round(truncation, 6),
+        depth_pixels_used_fraction=round(depth_used, 4),
+        samples_evaluated_fraction=round(n_evaluated / float(np.prod(grid.shape)), 4),
+        marching_cubes_faces=int(n_mc),
+        components=comp["components"],
+        components_removed=comp["removed"],
+        fragments_removed_after_decimation=comp["fragments_removed"],
+        faces_removed_with_components=comp["removed_faces"],
+        vertices=int(len(verts)),
+        faces=int(len(faces)),
+        bounds={"lo": verts.min(0).round(5).tolist(), "hi": verts.max(0).round(5).tolist()},
+        timings_s=timings,
+    )
     return verts.astype(np.float32), faces.astype(np.int32), report

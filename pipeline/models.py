@@ -17,6 +17,7 @@ from .config import ReconstructConfig
 from .errors import ConvergenceError
 from .frames import PosedFrames
 from .reconstruct import ModelOutput
+from .reports import RefineReport
 
 if TYPE_CHECKING:
     from .reconstruct import StageRunner
@@ -30,9 +31,9 @@ ROUGHENING_MIN_DEG = 5.0
 def fusion_model(stages: StageRunner, frames: PosedFrames, cfg: ReconstructConfig) -> ModelOutput:
     """Depth fusion (with optional camera and photo-consistency refinement), then texture baking."""
     from .camera_refine import refine_cameras
+    from .device import torch_device
     from .fusion import reconstruct_geometry
     from .photo_refine import refine_surface
-    from .rig import torch_device
     from .texture import bake_texture
 
     def fuse(name: str):
@@ -46,7 +47,7 @@ def fusion_model(stages: StageRunner, frames: PosedFrames, cfg: ReconstructConfi
     if stages.enabled("refine_cameras"):
         frames, camera_report = stages.run("refine_cameras", refine_cameras, vertices, faces, frames, cfg.camera_refine)
         out.frames, out.reports["camera_refinement"] = frames, camera_report
-        if camera_report.get("applied") and cfg.camera_refine.refuse:
+        if camera_report.applied and cfg.camera_refine.refuse:
             vertices, faces, out.reports["geometry"] = fuse("refuse_geometry")
     out.reports["photo_refinement"] = None
     if stages.enabled("photo_refine"):
@@ -85,13 +86,13 @@ def nvdiffrec_model(stages: StageRunner, frames: PosedFrames, cfg: ReconstructCo
         )
     except ConvergenceError as e:
         # The fusion mesh stays the output; the failure is reported, not fatal.
-        out.reports["refine"] = {"error": e.to_dict(), "fallback": "fusion"}
+        out.reports["refine"] = RefineReport(error=e.to_dict(), fallback="fusion")
         out.warnings.append(
             f"{e.code}: refinement did not converge ({e.details.get('reason')}); the fusion result is returned"
         )
         return out
     out.reports["refine"] = report
-    if report.get("loss_curve"):
+    if report.loss_curve:
         write_loss_plot(report, stages.out_dir / "loss.png")
         out.files.append("loss.png")
         out.mesh = stages.run("compare_refined", better_of, fused, refined, out.frames, report, out.warnings)
@@ -100,7 +101,7 @@ def nvdiffrec_model(stages: StageRunner, frames: PosedFrames, cfg: ReconstructCo
     return out
 
 
-def better_of(fused, refined, frames, report: dict, warnings: list[str]):
+def better_of(fused, refined, frames, report: RefineReport, warnings: list[str]):
     """The refined mesh, unless it is much rougher than the fusion mesh, or scores a lower masked
     PSNR at the input views.
 
@@ -121,23 +122,23 @@ def better_of(fused, refined, frames, report: dict, warnings: list[str]):
 
     rough = {"fusion": mean_dihedral_angle(fused.vertices, fused.faces)}
     rough["refined"] = mean_dihedral_angle(refined.vertices, refined.faces)
-    report["mean_dihedral_deg"] = {k: round(v, 3) for k, v in rough.items()}
+    report.mean_dihedral_deg = {k: round(v, 3) for k, v in rough.items()}
     if (
         rough["refined"] > ROUGHENING_RATIO * rough["fusion"]
         and rough["refined"] - rough["fusion"] >= ROUGHENING_MIN_DEG
     ):
-        report["returned"] = "fusion"
+        report.returned = "fusion"
         warnings.append(
             f"REFINE_ROUGHENED: refinement crumpled the surface (mean dihedral angle {rough['fusion']:.1f} -> "
             f"{rough['refined']:.1f} degrees); the fusion result is returned"
         )
         return fused
     before, after = mean_masked_psnr(fused, frames), mean_masked_psnr(refined, frames)
-    report["input_view_psnr"] = {"fusion": before, "refined": after}
+    report.input_view_psnr = {"fusion": before, "refined": after}
     if before is None or after is None or after >= before:
-        report["returned"] = "refined"
+        report.returned = "refined"
         return refined
-    report["returned"] = "fusion"
+    report.returned = "fusion"
     warnings.append(
         f"REFINE_NO_GAIN: refinement lowered the masked PSNR at the input views "
         f"({before:.2f} -> {after:.2f} dB); the fusion result is returned"

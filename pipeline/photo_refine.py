@@ -45,6 +45,7 @@ from .config import PhotoRefineConfig
 from .frames import PosedFrames
 from .mesh import TexturedMesh, graph_laplacian
 from .render import Backend
+from .reports import PhotoRefinementReport
 from .view_sampling import (
     MIN_VIEW_COS,
     RAY_OFFSET_PX,
@@ -364,7 +365,7 @@ def refine_surface(
     device: str | torch.device = "cpu",
     backend: Backend = "auto",
     progress: ProgressFn | None = None,
-) -> tuple[np.ndarray, dict]:
+) -> tuple[np.ndarray, PhotoRefinementReport]:
     """Move vertices along their normals to make the views photo-consistent (see the module docstring).
 
     Parameters
@@ -377,14 +378,14 @@ def refine_surface(
     Returns
     -------
     vertices : (V, 3) float32, refined, same order as the input
-    report : JSON-serialisable dict: per-pass statistics, total offset, timings
+    report : PhotoRefinementReport: per-pass statistics, total offset, timings
     """
     t0 = time.perf_counter()
     v_in = np.asarray(vertices, np.float32)
     f_in = np.asarray(faces, np.int64)
-    report: dict = {"enabled": bool(cfg.enabled), "passes": []}
+    report = PhotoRefinementReport(enabled=bool(cfg.enabled))
     if not cfg.enabled or len(f_in) == 0 or len(frames.views) < 2:
-        report["seconds"] = round(time.perf_counter() - t0, 3)
+        report.seconds = round(time.perf_counter() - t0, 3)
         return v_in.copy(), report
     device = torch.device(device)
     v = torch.as_tensor(v_in, device=device)
@@ -406,16 +407,16 @@ def refine_surface(
         v = v + (new_total - total)[:, None] * nrm
         total = new_total
         rep["image_size"] = list(pv.size)
-        report["passes"].append(rep)
+        report.passes.append(rep)
     if progress is not None:
         progress("photo_refine", 1.0)
-    report["mean_abs_offset"] = round(float(total.abs().mean()), 6)
-    report["max_abs_offset"] = round(float(total.abs().max()), 6)
-    report["seconds"] = round(time.perf_counter() - t0, 3)
+    report.mean_abs_offset = round(float(total.abs().mean()), 6)
+    report.max_abs_offset = round(float(total.abs().max()), 6)
+    report.seconds = round(time.perf_counter() - t0, 3)
     return v.cpu().numpy().astype(np.float32), report
 
 
-def refine_textured_surface(mesh: TexturedMesh, frames: PosedFrames, cfg: PhotoRefineConfig, **kw) -> tuple[TexturedMesh, dict]:
+def refine_textured_surface(mesh: TexturedMesh, frames: PosedFrames, cfg: PhotoRefineConfig, **kw) -> tuple[TexturedMesh, PhotoRefinementReport]:
     """:func:`refine_surface` on a :class:`TexturedMesh` (its texture, if any, is kept as is)."""
     v, report = refine_surface(mesh.vertices, mesh.faces, frames, cfg, **kw)
     return TexturedMesh(v, mesh.faces, mesh.uvs, mesh.texture, mesh.vertex_colors), report

@@ -19,9 +19,11 @@ from .camera import RIG_FOV_X_DEG, Camera, default_rig
 from .config import DepthEncoding, ReconstructConfig
 from .depth import decode_depth
 from .depth_calibration import estimate_depth_encodings
+from .device import torch_device
 from .errors import CanceledError, EmptyDepthError, InvalidInputError
 from .frames import PosedFrames, PosedView
-from .rig import estimate_rig, torch_device
+from .reports import CameraEstimateReport, DepthEncodingReport
+from .rig import estimate_rig
 
 #: Mask components smaller than this fraction of the view's largest one are specks, not object.
 MASK_SPECK_FRACTION = 0.002
@@ -112,7 +114,8 @@ def prepare_frames(
 
     Returns
     -------
-    PosedFrames with ``camera_estimate`` and ``depth_encoding`` reports (JSON-serialisable)
+    PosedFrames with ``camera_estimate`` and ``depth_encoding`` reports
+    (:class:`~pipeline.reports.CameraEstimateReport`, :class:`~pipeline.reports.DepthEncodingReport`)
     """
 
     def report(fraction: float) -> None:
@@ -123,56 +126,90 @@ def prepare_frames(
 
     t0 = time.perf_counter()
     device = torch_device(cfg.device)
-    W, H = fs.views[0].size
-    depth_sizes = [(v.depth_raw.shape[1], v.depth_raw.shape[0]) for v in fs.views if v.depth_raw is not None]
-    src_w, src_h = depth_sizes[0] if depth_sizes else (W, H)
-    size = working_size(src_w, src_h, cfg.max_working_resolution)
+    size = depth_working_size(fs, cfg.max_working_resolution)
     background = fs.depth_encoding.background if fs.depth_encoding is not None else 0.0
     masks, raws = build_masks(fs, size, background)
     warnings: list[str] = []
     report(0.1)
 
-    # ---- cameras
-    names = fs.names
-    if resolved is not None:
-        cameras, res_encodings = _cameras_from_resolved(fs, resolved)
-        camera_report = {"method": "resolved", "source": "an earlier run"}
-    elif fs.cameras_given:
-        cameras = [v.camera for v in fs.views]
-        camera_report = {"method": "given", "source": "transforms.json"}
-    elif cfg.camera.estimate_rig:
-        m = torch.as_tensor(np.stack(masks), device=device)
-        rig, camera_report = estimate_rig(
-            m,
-            names,
-            W,
-            H,
-            fov_range_deg=cfg.camera.fov_search_deg,
-            carve_resolution=cfg.camera.carve_resolution,
-            should_cancel=should_cancel,
-        )
-        cameras = [rig[n] for n in names]
-        if camera_report["score_mean_iou"] < CAMERAS_UNCERTAIN_IOU:
-            camera_report["uncertain"] = True
-            warnings.append(
-                f"CAMERAS_UNCERTAIN: no rig explains the silhouettes well (best mean IoU "
-                f"{camera_report['score_mean_iou']:.2f} < {CAMERAS_UNCERTAIN_IOU}); the views may not be the six-view rig"
-            )
+    from_run = _cameras_from_resolved(fs, resolved) if resolved is not None else None
+    if from_run is not None:
+        cameras, camera_report = from_run[0], CameraEstimateReport(method="resolved", source="an earlier run")
     else:
-        rig = default_rig(W, H, names=tuple(names))
-        cameras = [rig[n] for n in names]
-        camera_report = {"method": "default_rig", "fov_x_deg": RIG_FOV_X_DEG}
-    camera_report["seconds"] = round(time.perf_counter() - t0, 3)
+        cameras, camera_report = resolve_cameras(fs, cfg, masks, device, warnings, should_cancel=should_cancel)
+    camera_report.seconds = round(time.perf_counter() - t0, 3)
     report(0.5)
     depth_cameras = [c.scaled(*size) for c in cameras]
 
-    # ---- depth encoding
     t1 = time.perf_counter()
+    if from_run is not None:
+        encodings, depth_report = from_run[1], DepthEncodingReport(method="resolved", source="an earlier run")
+    else:
+        encodings, depth_report = resolve_depth_encodings(fs, cfg, masks, raws, depth_cameras, device, warnings)
+    depth_report.seconds = round(time.perf_counter() - t1, 3)
+    report(0.9)
+
+    views = decode_views(fs, cameras, depth_cameras, masks, raws, encodings)
+    report(1.0)
+    return PosedFrames(views=views, camera_estimate=camera_report, depth_encoding=depth_report, warnings=warnings)
+
+
+def depth_working_size(fs: FrameSet, max_side: int) -> tuple[int, int]:
+    """(w, h) of depth and masks: the depth renders' size (else the photos'), at most ``max_side``."""
+    W, H = fs.views[0].size
+    depth_sizes = [(v.depth_raw.shape[1], v.depth_raw.shape[0]) for v in fs.views if v.depth_raw is not None]
+    src_w, src_h = depth_sizes[0] if depth_sizes else (W, H)
+    return working_size(src_w, src_h, max_side)
+
+
+def resolve_cameras(
+    fs: FrameSet, cfg: ReconstructConfig, masks: list[np.ndarray], device, warnings: list[str], *, should_cancel=None
+) -> tuple[list[Camera], CameraEstimateReport]:
+    """The views' cameras (at photo size): transforms.json's, else the rig estimated from the
+    masks (``cfg.camera.estimate_rig``; warning CAMERAS_UNCERTAIN when it fits poorly), else the
+    default rig. Warnings are appended to ``warnings``.
+    """
+    names = fs.names
+    W, H = fs.views[0].size
+    if fs.cameras_given:
+        return [v.camera for v in fs.views], CameraEstimateReport(method="given", source="transforms.json")
+    if not cfg.camera.estimate_rig:
+        rig = default_rig(W, H, names=tuple(names))
+        return [rig[n] for n in names], CameraEstimateReport(method="default_rig", fov_x_deg=RIG_FOV_X_DEG)
+    m = torch.as_tensor(np.stack(masks), device=device)
+    rig, camera_report = estimate_rig(
+        m,
+        names,
+        W,
+        H,
+        fov_range_deg=cfg.camera.fov_search_deg,
+        carve_resolution=cfg.camera.carve_resolution,
+        should_cancel=should_cancel,
+    )
+    if camera_report.score_mean_iou < CAMERAS_UNCERTAIN_IOU:
+        camera_report.uncertain = True
+        warnings.append(
+            f"CAMERAS_UNCERTAIN: no rig explains the silhouettes well (best mean IoU "
+            f"{camera_report.score_mean_iou:.2f} < {CAMERAS_UNCERTAIN_IOU}); the views may not be the six-view rig"
+        )
+    return [rig[n] for n in names], camera_report
+
+
+def resolve_depth_encodings(
+    fs: FrameSet,
+    cfg: ReconstructConfig,
+    masks: list[np.ndarray],
+    raws: list[np.ndarray | None],
+    depth_cameras: list[Camera],
+    device,
+    warnings: list[str],
+) -> tuple[list[DepthEncoding], DepthEncodingReport]:
+    """Each view's depth encoding: fitted against the silhouette hull (``cfg.camera.estimate_depth_encoding``,
+    every view has depth), else the stated one, else the documented default. Warnings go to ``warnings``.
+    """
+    background = fs.depth_encoding.background if fs.depth_encoding is not None else 0.0
     have_depth = [r is not None for r in raws]
-    if resolved is not None:
-        encodings = res_encodings
-        depth_report = {"method": "resolved", "source": "an earlier run"}
-    elif cfg.camera.estimate_depth_encoding and all(have_depth):
+    if cfg.camera.estimate_depth_encoding and all(have_depth):
         # The stated encoding, else the documented default, is the prior: an estimate replaces it
         # only where it explains the masks and the other views measurably better.
         stated = fs.depth_encoding is not None
@@ -184,20 +221,29 @@ def prepare_frames(
             prior_source=fs.depth_encoding_source if stated else "default",
             device=device,
         )
-        if "warning" in depth_report:
-            warnings.append(depth_report["warning"])
-    elif fs.depth_encoding is not None:
-        encodings = [fs.depth_encoding] * len(raws)
-        depth_report = {"method": "given", "source": fs.depth_encoding_source, **fs.depth_encoding.to_dict()}
-    else:
-        enc = DepthEncoding(max_value=fs.depth_max_value, background=background)
-        encodings = [enc] * len(raws)
-        depth_report = {"method": "default", **enc.to_dict()}
-        if any(have_depth):
-            warnings.append("depth encoding not stated and not estimated: assumed the default")
-    depth_report["seconds"] = round(time.perf_counter() - t1, 3)
-    report(0.9)
+        if depth_report.warning is not None:
+            warnings.append(depth_report.warning)
+        return encodings, depth_report
+    if fs.depth_encoding is not None:
+        depth_report = DepthEncodingReport(
+            method="given", source=fs.depth_encoding_source, **fs.depth_encoding.to_dict()
+        )
+        return [fs.depth_encoding] * len(raws), depth_report
+    enc = DepthEncoding(max_value=fs.depth_max_value, background=background)
+    if any(have_depth):
+        warnings.append("depth encoding not stated and not estimated: assumed the default")
+    return [enc] * len(raws), DepthEncodingReport(method="default", **enc.to_dict())
 
+
+def decode_views(
+    fs: FrameSet,
+    cameras: list[Camera],
+    depth_cameras: list[Camera],
+    masks: list[np.ndarray],
+    raws: list[np.ndarray | None],
+    encodings: list[DepthEncoding | None],
+) -> list[PosedView]:
+    """One PosedView per view: depth decoded (0 outside the mask and where clipped at ``max_value``)."""
     views = []
     for v, cam, dcam, m, raw, enc in zip(fs.views, cameras, depth_cameras, masks, raws, encodings, strict=True):
         if raw is not None and enc is not None:
@@ -208,8 +254,7 @@ def prepare_frames(
         views.append(
             PosedView(name=v.name, rgb=v.rgb, camera=cam, depth=z, mask=m, depth_camera=dcam, depth_encoding=enc)
         )
-    report(1.0)
-    return PosedFrames(views=views, camera_estimate=camera_report, depth_encoding=depth_report, warnings=warnings)
+    return views
 
 
 def _cameras_from_resolved(fs: FrameSet, resolved: list[dict]) -> tuple[list[Camera], list[DepthEncoding | None]]:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from .mesh import TexturedMesh
 from .metrics import mean_dihedral_angle
+from .reports import CameraEstimateReport, StageReport
 
 Status = Literal["normal", "warning", "failure"]
 
@@ -185,7 +186,7 @@ def build_quality_report(
     model: str,
     preset: str,
     timings: dict[str, float],
-    camera_estimate: dict,
+    camera_estimate: CameraEstimateReport | dict,
     thresholds: QualityThresholds | None = None,
     geometry: dict | None = None,
 ) -> QualityReport:
@@ -224,7 +225,9 @@ def build_quality_report(
         model=model,
         preset=preset,
         timings={k: float(x) for k, x in timings.items()},
-        camera_estimate=_jsonable(dict(camera_estimate or {})),
+        camera_estimate=_jsonable(
+            camera_estimate.to_dict() if isinstance(camera_estimate, StageReport) else dict(camera_estimate or {})
+        ),
         mesh=MeshStats(**mesh_stats(mesh)),
         geometry=GeometryMetrics(**geometry) if geometry is not None else None,
         error=error,

@@ -45,6 +45,7 @@ from .mesh import TexturedMesh, graph_laplacian, weld_vertices
 from .metrics import SSIM_SIGMA
 from .optim import UniformAdam
 from .render import cuda_available
+from .reports import RefineReport
 from .shading import subpixel_offsets
 from .smooth_param import SmoothParametrisation
 
@@ -328,7 +329,7 @@ def refine_mesh(
     device: str = "auto",
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
-) -> tuple[TexturedMesh, dict]:
+) -> tuple[TexturedMesh, RefineReport]:
     """Refine vertex positions and the kd texture of a textured mesh against the input views.
 
     Parameters
@@ -344,7 +345,7 @@ def refine_mesh(
     -------
     mesh : TexturedMesh with the same faces, UVs and world frame; refined vertices (float32)
         and texture (uint8)
-    report : dict with ``loss_curve`` (list of float, one per iteration), ``terms`` (dict of
+    report : RefineReport with ``loss_curve`` (list of float, one per iteration), ``terms`` (dict of
         per-iteration lists: photometric, mask, depth, laplacian), ``iterations``,
         ``stop_reason`` ("converged", "iterations" or "time_budget"), ``time_s``, ``device``,
         ``backend``, ``resolution`` (render size, longest side), ``visibility_updates``,
@@ -392,10 +393,10 @@ def refine_mesh(
         progress = _scaled_progress(progress, share, 1.0)
     refined, report = _refine_with_retry(mesh, frames, cfg, dev, progress, should_cancel)
     if coarse_report is not None:
-        report["coarse_pass"] = {
-            k: coarse_report[k] for k in ("iterations", "stop_reason", "time_s", "resolution", "oom_retry")
+        report.coarse_pass = {
+            k: getattr(coarse_report, k) for k in ("iterations", "stop_reason", "time_s", "resolution", "oom_retry")
         }
-        report["time_s"] = round(time.perf_counter() - t0, 3)
+        report.time_s = round(time.perf_counter() - t0, 3)
     return refined, report
 
 
@@ -406,7 +407,9 @@ def _scaled_progress(progress: ProgressFn | None, lo: float, hi: float) -> Progr
     return lambda stage, fraction: progress(stage, lo + (hi - lo) * fraction)
 
 
-def _refine_with_retry(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel) -> tuple[TexturedMesh, dict]:
+def _refine_with_retry(
+    mesh, frames, cfg: RefineConfig, dev, progress, should_cancel
+) -> tuple[TexturedMesh, RefineReport]:
     """One optimisation pass; on CUDA out-of-memory, one retry at half the render size."""
     try:
         return _refine(mesh, frames, cfg, dev, progress, should_cancel, oom_retry=False)
@@ -601,24 +604,24 @@ def _refined_result(mesh, pb: _Problem, log: dict, dev, progress, oom_retry: boo
     )
     if progress is not None:
         progress(STAGE, 1.0)
-    report = {
-        "loss_curve": log["history"],
-        "terms": log["terms"],
-        "iterations": int(len(log["history"])),
-        "stop_reason": log["stop_reason"],
-        "time_s": round(time.perf_counter() - t0, 3),
-        "device": str(dev),
-        "backend": pb.renderer.name,
-        "resolution": int(max(pb.cams[0].width, pb.cams[0].height)),
-        "visibility_updates": log["vis_updates"],
-        "silhouette_iou": log["iou"],
-        "oom_retry": oom_retry,
-        "depth_weight": pb.depth_weight,
-        "settled_from_iteration": log["settle_at"],
-        "vertex_offset_max": float(np.abs(v_out - np.asarray(mesh.vertices, dtype=np.float32)).max())
+    report = RefineReport(
+        loss_curve=log["history"],
+        terms=log["terms"],
+        iterations=int(len(log["history"])),
+        stop_reason=log["stop_reason"],
+        time_s=round(time.perf_counter() - t0, 3),
+        device=str(dev),
+        backend=pb.renderer.name,
+        resolution=int(max(pb.cams[0].width, pb.cams[0].height)),
+        visibility_updates=log["vis_updates"],
+        silhouette_iou=log["iou"],
+        oom_retry=oom_retry,
+        depth_weight=pb.depth_weight,
+        settled_from_iteration=log["settle_at"],
+        vertex_offset_max=float(np.abs(v_out - np.asarray(mesh.vertices, dtype=np.float32)).max())
         if len(v_out)
         else 0.0,
-    }
+    )
     return refined, report
 
 

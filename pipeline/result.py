@@ -17,6 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from .config import ReconstructConfig
+from .reports import (
+    CameraEstimateReport,
+    CameraRefinementReport,
+    DepthEncodingReport,
+    GeometryReport,
+    PhotoRefinementReport,
+    RefineReport,
+    StageReport,
+)
 
 RESULT_FILE = "result.json"
 #: Keys written only when they hold something (the CLI's evaluation, nvdiffrec, the deployment).
@@ -52,22 +61,27 @@ class ReconstructionResult:
     config: dict[str, Any] = field(default_factory=dict)
     """The resolved :class:`~pipeline.config.ReconstructConfig` (preset + overrides), ``to_dict()`` form."""
     views: list[str] = field(default_factory=list)
-    camera_estimate: dict | None = None
+    camera_estimate: CameraEstimateReport | None = None
     cameras: list[dict] | None = None
     """Resolved cameras and depth encodings per view (``PosedFrames.resolved_views``), reused by evaluation."""
-    depth_encoding: dict | None = None
-    geometry: dict | None = None
-    camera_refinement: dict | None = None
-    photo_refinement: dict | None = None
+    depth_encoding: DepthEncodingReport | None = None
+    geometry: GeometryReport | None = None
+    camera_refinement: CameraRefinementReport | None = None
+    photo_refinement: PhotoRefinementReport | None = None
     mesh: MeshSummary = field(default_factory=MeshSummary)
     warnings: list[str] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
-    refine: dict | None = None
+    refine: RefineReport | None = None
     quality: QualitySummary | None = None
     previews: dict[str, list[str]] | None = None
     resources: dict | None = None
     """Peak memory of the run (added by the model deployment)."""
+
+    def __post_init__(self):
+        # The stage reports are typed; their dict form (a model's own report, result.json) is read into them.
+        for name, report_cls in _REPORTS.items():
+            setattr(self, name, report_cls.coerce(getattr(self, name)))
 
     def resolved_config(self) -> ReconstructConfig:
         """The config the run used, typed (a runner that wrote none: its preset's)."""
@@ -78,7 +92,7 @@ class ReconstructionResult:
         return get_preset(self.preset or "balanced")
 
     def to_dict(self) -> dict:
-        d = _json_safe(dataclasses.asdict(self))
+        d = _json_safe({f.name: _section(getattr(self, f.name)) for f in dataclasses.fields(self)})
         for k in _OPTIONAL:
             if d.get(k) is None:
                 d.pop(k, None)
@@ -107,6 +121,26 @@ class ReconstructionResult:
         """Read a result.json (a path, or its bytes from a store)."""
         raw = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes()
         return cls.from_dict(json.loads(raw))
+
+
+#: The stage reports' sections of result.json and their types (:mod:`pipeline.reports`).
+_REPORTS: dict[str, type[StageReport]] = {
+    "camera_estimate": CameraEstimateReport,
+    "depth_encoding": DepthEncodingReport,
+    "geometry": GeometryReport,
+    "camera_refinement": CameraRefinementReport,
+    "photo_refinement": PhotoRefinementReport,
+    "refine": RefineReport,
+}
+
+
+def _section(value: Any) -> Any:
+    """A field's JSON form: a report's :meth:`~pipeline.reports.StageReport.to_dict`, a dataclass's fields."""
+    if isinstance(value, StageReport):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    return value
 
 
 def _json_safe(obj: Any) -> Any:

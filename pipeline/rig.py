@@ -7,7 +7,10 @@ Everything here works on torch tensors on one device (CPU or CUDA):
 - :func:`render_hull` ray-marches that grid into a view: silhouette and first-hit depth;
 - :func:`estimate_rig` searches the rig's horizontal field of view and checks the
   view-to-axis assignment by re-projecting the carved hull into every view and
-  comparing it with the masks (mean IoU).
+  comparing it with the masks (mean IoU); :class:`RigSearch` scores the candidates.
+
+Cameras as tensors are :class:`~pipeline.camera_stack.CameraStack`, the grid
+:class:`~pipeline.voxel_grid.VoxelGrid`, the device :func:`~pipeline.device.torch_device`.
 
 Only the ratio of field of view to camera distance is determined by silhouettes, so
 the distance stays at :data:`~pipeline.camera.RIG_DISTANCE`.
@@ -16,6 +19,7 @@ the distance stays at :data:`~pipeline.camera.RIG_DISTANCE`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from .camera import RIG_DISTANCE, RIG_FOV_X_DEG, RIG_LAYOUT, Camera, default_rig
+from .camera_stack import CameraStack, sample_images
+from .reports import CameraEstimateReport
+from .voxel_grid import VoxelGrid
 
 #: Silhouette images used by the rig search are resampled to this size (longest side, pixels).
 SEARCH_IMAGE_SIZE = 96
@@ -45,117 +52,10 @@ FOV_PRIOR_MARGIN = 0.005
 FOV_PRIOR_NOISE_FRACTION = 0.1
 
 
-def torch_device(device: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when torch sees a GPU, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-# ---------------------------------------------------------------- cameras as tensors
-
-
-@dataclass
-class CameraStack:
-    """N cameras as tensors on one device.
-
-    Attributes
-    ----------
-    K : (N, 3, 3) float32
-    world_to_cam : (N, 4, 4) float32
-    width, height : int, the common image size
-    """
-
-    K: torch.Tensor
-    world_to_cam: torch.Tensor
-    width: int
-    height: int
-
-    @classmethod
-    def from_cameras(cls, cameras: list[Camera], device: torch.device) -> CameraStack:
-        w, h = cameras[0].width, cameras[0].height
-        if any((c.width, c.height) != (w, h) for c in cameras):
-            raise ValueError("CameraStack needs cameras of one image size")
-        K = torch.as_tensor(np.stack([c.K for c in cameras]), dtype=torch.float32, device=device)
-        w2c = torch.as_tensor(np.stack([c.world_to_cam for c in cameras]), dtype=torch.float32, device=device)
-        return cls(K=K, world_to_cam=w2c, width=w, height=h)
-
-    def __len__(self) -> int:
-        return self.K.shape[0]
-
-    def project(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Project (P, 3) world points into every camera.
-
-        Returns
-        -------
-        uv : (N, P, 2) pixel coordinates (pixel centres at +0.5)
-        z : (N, P) depth along each optical axis
-        """
-        R, t = self.world_to_cam[:, :3, :3], self.world_to_cam[:, :3, 3]
-        pc = torch.einsum("nij,pj->npi", R, points) + t[:, None, :]
-        z = pc[..., 2]
-        zs = z.clamp(min=1e-6)
-        u = self.K[:, None, 0, 0] * pc[..., 0] / zs + self.K[:, None, 0, 2]
-        v = self.K[:, None, 1, 1] * pc[..., 1] / zs + self.K[:, None, 1, 2]
-        return torch.stack([u, v], dim=-1), z
-
-
-def sample_images(images: torch.Tensor, uv: torch.Tensor, *, mode: str = "bilinear") -> torch.Tensor:
-    """Sample (N, h, w) images at (N, P, 2) pixel coordinates -> (N, P); 0 outside the image."""
-    N, h, w = images.shape
-    g = torch.stack([uv[..., 0] / w * 2.0 - 1.0, uv[..., 1] / h * 2.0 - 1.0], dim=-1)
-    out = F.grid_sample(images[:, None], g[:, None], mode=mode, padding_mode="zeros", align_corners=False)
-    return out[:, 0, 0]
-
-
 def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(N, H, W) bool/float masks -> (N, h, w) float coverage in [0, 1] (area average)."""
     m = masks.float()[:, None]
     return F.interpolate(m, size=size, mode="area")[:, 0]
-
-
-# ---------------------------------------------------------------- voxel grid
-
-
-@dataclass
-class VoxelGrid:
-    """A regular grid of sample points ``lo + index * spacing`` (index ``i, j, k`` along x, y, z).
-
-    Attributes
-    ----------
-    lo : (3,) float64, world position of sample (0, 0, 0)
-    spacing : float, distance between neighbouring samples, scene units
-    shape : (3,) int, samples along x, y, z
-    """
-
-    lo: np.ndarray
-    spacing: float
-    shape: tuple[int, int, int]
-
-    @classmethod
-    def around(cls, lo, hi, resolution: int, *, margin_voxels: float = 2.0) -> VoxelGrid:
-        """Grid over the box [lo, hi] with ``resolution`` samples on its longest side, plus a margin."""
-        lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
-        spacing = float((hi - lo).max()) / max(resolution - 1, 1)
-        lo = lo - margin_voxels * spacing
-        hi = hi + margin_voxels * spacing
-        shape = tuple(int(n) for n in np.ceil((hi - lo) / spacing).astype(int) + 1)
-        return cls(lo=lo, spacing=spacing, shape=shape)
-
-    @property
-    def hi(self) -> np.ndarray:
-        return self.lo + (np.asarray(self.shape) - 1) * self.spacing
-
-    def points(self, device: torch.device) -> torch.Tensor:
-        """(X * Y * Z, 3) float32 world positions, x slowest."""
-        axes = [
-            torch.arange(n, device=device, dtype=torch.float32) * self.spacing + float(o)
-            for n, o in zip(self.shape, self.lo, strict=True)
-        ]
-        return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
-
-    def to_dict(self) -> dict:
-        return {"lo": self.lo.round(6).tolist(), "spacing": round(self.spacing, 6), "shape": list(self.shape)}
 
 
 def carve_occupancy(masks: torch.Tensor, cams: CameraStack, grid: VoxelGrid, *, chunk: int = 1 << 20) -> torch.Tensor:
@@ -390,7 +290,7 @@ def estimate_rig(
     fov_range_deg: tuple[float, float] = (40.0, 80.0),
     carve_resolution: int = 64,
     should_cancel=None,
-) -> tuple[dict[str, Camera], dict]:
+) -> tuple[dict[str, Camera], CameraEstimateReport]:
     """Estimate the six-view rig from foreground masks.
 
     Parameters
@@ -403,12 +303,42 @@ def estimate_rig(
     Returns
     -------
     cameras : name -> Camera at (width, height)
-    report : JSON-serialisable dict: fov_x_deg, distance, layout, score, per-view IoU,
+    report : CameraEstimateReport: fov_x_deg, distance, layout, score, per-view IoU,
         the scores of the field-of-view and layout candidates
     """
+    search = RigSearch.on_masks(masks, names, carve_resolution, should_cancel)
+    variants = layout_variants(names)
+    fov, best_score, fov_scores = search.best_fov(variants["default"], fov_range_deg)
+    chosen, layout_scores = search.choose_layout(variants, fov, best_score)
+    layout = _combine_layouts(variants, chosen, names)
+    if chosen:  # the assignment changed: the field of view may move with it
+        fov, best_score, more = search.best_fov(layout, fov_range_deg)
+        fov_scores.update(more)
+    final_score, per_view = search.score(fov, layout)
+    cameras = default_rig(width, height, fov_x_deg=fov, names=tuple(names), layout=layout)
+    report = CameraEstimateReport(
+        method="silhouette_carving",
+        fov_x_deg=round(float(fov), 3),
+        distance=RIG_DISTANCE,
+        layout=chosen or ["default"],
+        layout_vectors={n: {"direction": list(layout[n][0]), "image_up": list(layout[n][1])} for n in names},
+        score_mean_iou=round(final_score, 4),
+        per_view_iou=dict(zip(names, per_view, strict=True)),
+        fov_candidates={str(k): round(v, 4) for k, v in sorted(fov_scores.items())},
+        layout_candidates=layout_scores,
+        search_crop_px=[int(search.x0), int(search.y0), int(2 * search.half), int(2 * search.half)],
+        carve_resolution=carve_resolution,
+    )
+    return cameras, report
+
+
+def search_crop(masks: torch.Tensor) -> tuple[int, int, int]:
+    """The centred square that holds every mask: (x0, y0, half), its corner and half side, pixels.
+
+    A crop of the same size in every view keeps the rig's shared intrinsics (the principal point
+    moves), and the object fills it, so the search's small silhouettes keep their detail.
+    """
     H, W = masks.shape[1:]
-    # Search on the centred square that holds every mask (the object fills it): a crop of the
-    # same size in every view keeps the rig's shared intrinsics, with the principal point moved.
     fg = masks.flatten(0, 0).any(dim=0)
     ys, xs = torch.nonzero(fg, as_tuple=True)
     half = (
@@ -423,39 +353,76 @@ def estimate_rig(
         + 2
     )
     half = min(half, max(H, W) // 2 + 2)
-    x0, y0 = W // 2 - half, H // 2 - half
-    crop = F.pad(masks.float(), (max(0, -x0), max(0, x0 + 2 * half - W), max(0, -y0), max(0, y0 + 2 * half - H)))
-    crop = crop[:, max(0, y0) : max(0, y0) + 2 * half, max(0, x0) : max(0, x0) + 2 * half]
-    sw = sh = SEARCH_IMAGE_SIZE
-    small = resize_masks(crop, (sh, sw))
-    variants = layout_variants(names)
+    return W // 2 - half, H // 2 - half, half
 
-    def search_cameras(fov: float, layout: dict) -> list[Camera]:
-        full = default_rig(W, H, fov_x_deg=fov, names=tuple(names), layout=layout)
+
+@dataclass
+class RigSearch:
+    """Scores rig candidates (field of view, layout) on the masks' search crop.
+
+    Attributes
+    ----------
+    small : (N, s, s) float, mask coverage of the crop at :data:`SEARCH_IMAGE_SIZE`
+    names : N view names
+    width, height : int, the masks' size
+    x0, y0, half : the crop (:func:`search_crop`)
+    """
+
+    small: torch.Tensor
+    names: list[str]
+    width: int
+    height: int
+    x0: int
+    y0: int
+    half: int
+    carve_resolution: int
+    should_cancel: Callable[[], bool] | None = None
+
+    @classmethod
+    def on_masks(cls, masks: torch.Tensor, names: list[str], carve_resolution: int, should_cancel=None) -> RigSearch:
+        H, W = masks.shape[1:]
+        x0, y0, half = search_crop(masks)
+        pad = (max(0, -x0), max(0, x0 + 2 * half - W), max(0, -y0), max(0, y0 + 2 * half - H))
+        crop = F.pad(masks.float(), pad)
+        crop = crop[:, max(0, y0) : max(0, y0) + 2 * half, max(0, x0) : max(0, x0) + 2 * half]
+        small = resize_masks(crop, (SEARCH_IMAGE_SIZE, SEARCH_IMAGE_SIZE))
+        return cls(small, list(names), W, H, x0, y0, half, carve_resolution, should_cancel)
+
+    def cameras(self, fov: float, layout: dict) -> list[Camera]:
+        """The rig's cameras for the search crop, at the search size."""
+        full = default_rig(self.width, self.height, fov_x_deg=fov, names=tuple(self.names), layout=layout)
         out = []
-        for n in names:
+        for n in self.names:
             K = full[n].K.copy()
-            K[0, 2] -= x0
-            K[1, 2] -= y0
-            c = Camera(K=K, cam_to_world=full[n].cam_to_world, width=2 * half, height=2 * half, name=n)
-            out.append(c.scaled(sw, sh))
+            K[0, 2] -= self.x0
+            K[1, 2] -= self.y0
+            side = 2 * self.half
+            c = Camera(K=K, cam_to_world=full[n].cam_to_world, width=side, height=side, name=n)
+            out.append(c.scaled(SEARCH_IMAGE_SIZE, SEARCH_IMAGE_SIZE))
         return out
 
-    def score(fov: float, layout: dict) -> tuple[float, list[float]]:
-        if should_cancel is not None and should_cancel():
+    def score(self, fov: float, layout: dict) -> tuple[float, list[float]]:
+        """Mean and per-view IoU of the hull carved with this rig (:func:`hull_score`)."""
+        if self.should_cancel is not None and self.should_cancel():
             from .errors import CanceledError
 
             raise CanceledError("the job was canceled during rig estimation")
-        return hull_score(small, search_cameras(fov, layout), carve_resolution)
+        return hull_score(self.small, self.cameras(fov, layout), self.carve_resolution)
 
-    def search_fov(layout: dict) -> tuple[float, float, dict[float, float]]:
+    def best_fov(self, layout: dict, fov_range_deg: tuple[float, float]) -> tuple[float, float, dict[float, float]]:
+        """The field of view that explains the masks best: (fov, its mean IoU, every fov tried -> IoU).
+
+        A coarse scan, refined by halving the step around the best, then the vertex of the parabola
+        through the best and its neighbours; among the fields of view within the noise margin of the
+        best, the one nearest the nominal rig wins.
+        """
         lo, hi = fov_range_deg
         tried: dict[float, float] = {}
 
         def at(f: float) -> float:
             key = round(float(f), 3)
             if key not in tried:
-                tried[key] = score(key, layout)[0]
+                tried[key] = self.score(key, layout)[0]
             return tried[key]
 
         n = max(2, int(math.ceil((hi - lo) / FOV_COARSE_STEP_DEG)))
@@ -484,38 +451,23 @@ def estimate_rig(
         best = min(close, key=lambda f: (abs(f - RIG_FOV_X_DEG), -tried[f]))
         return best, tried[best], tried
 
-    fov, best_score, fov_scores = search_fov(variants["default"])
-    layout_scores = {"default": round(best_score, 4)}
-    # Check each alternative assignment at the best field of view; keep those that help clearly.
-    chosen = []
-    groups = {"left_right": ["swap_left_right"], "front_back": ["swap_front_back"]}
-    for name in ("top", "bottom"):
-        groups[name] = [k for k in variants if k.startswith(f"{name}_up_rot")]
-    for keys in groups.values():
-        cand = {k: score(fov, _combine_layouts(variants, chosen + [k], names))[0] for k in keys if k in variants}
-        layout_scores.update({k: round(v, 4) for k, v in cand.items()})
-        if cand:
-            k = max(cand, key=cand.get)
-            if cand[k] > best_score + LAYOUT_MARGIN:
-                chosen.append(k)
-                best_score = cand[k]
-    layout = _combine_layouts(variants, chosen, names)
-    if chosen:  # the assignment changed: the field of view may move with it
-        fov, best_score, more = search_fov(layout)
-        fov_scores.update(more)
-    final_score, per_view = score(fov, layout)
-    cameras = default_rig(width, height, fov_x_deg=fov, names=tuple(names), layout=layout)
-    report = {
-        "method": "silhouette_carving",
-        "fov_x_deg": round(float(fov), 3),
-        "distance": RIG_DISTANCE,
-        "layout": chosen or ["default"],
-        "layout_vectors": {n: {"direction": list(layout[n][0]), "image_up": list(layout[n][1])} for n in names},
-        "score_mean_iou": round(final_score, 4),
-        "per_view_iou": dict(zip(names, per_view, strict=True)),
-        "fov_candidates": {str(k): round(v, 4) for k, v in sorted(fov_scores.items())},
-        "layout_candidates": layout_scores,
-        "search_crop_px": [int(x0), int(y0), int(2 * half), int(2 * half)],
-        "carve_resolution": carve_resolution,
-    }
-    return cameras, report
+    def choose_layout(self, variants: dict[str, dict], fov: float, best_score: float) -> tuple[list[str], dict]:
+        """The alternative view-to-axis assignments that clearly help at ``fov``: (chosen, every score)."""
+        layout_scores = {"default": round(best_score, 4)}
+        chosen: list[str] = []
+        groups = {"left_right": ["swap_left_right"], "front_back": ["swap_front_back"]}
+        for name in ("top", "bottom"):
+            groups[name] = [k for k in variants if k.startswith(f"{name}_up_rot")]
+        for keys in groups.values():
+            cand = {
+                k: self.score(fov, _combine_layouts(variants, chosen + [k], self.names))[0]
+                for k in keys
+                if k in variants
+            }
+            layout_scores.update({k: round(v, 4) for k, v in cand.items()})
+            if cand:
+                k = max(cand, key=cand.get)
+                if cand[k] > best_score + LAYOUT_MARGIN:
+                    chosen.append(k)
+                    best_score = cand[k]
+        return chosen, layout_scores

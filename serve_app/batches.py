@@ -224,7 +224,7 @@ class BatchService:
             status = job.status if job is not None else "failed"
             err = job.error.model_dump() if job is not None and job.error else None
             if job is None:
-                err = {"code": "JOB_NOT_FOUND", "message": "the item's job was deleted", "details": {}}
+                err = {"code": E.JobNotFoundError.code, "message": "the item's job was deleted", "details": {}}
             statuses.append(status)
             progress.append(job.progress if job is not None else 100.0)
             items.append(

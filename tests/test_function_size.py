@@ -17,8 +17,6 @@ LIMITS = {"serve_app": 60, "deployments": 60, "pipeline": 100}
 #: preparation and the rig); each is split there. Listed by name so no new long function slips in.
 KNOWN_LONG = {
     "pipeline/fusion.py reconstruct_geometry",
-    "pipeline/prepare.py prepare_frames",
-    "pipeline/rig.py estimate_rig",
 }
 
 

@@ -124,7 +124,7 @@ def test_sparse_evaluation_gives_marching_cubes_the_dense_surface():
     from skimage.measure import marching_cubes
 
     from pipeline.fusion import evaluate_sparse, surface_cells
-    from pipeline.rig import VoxelGrid
+    from pipeline.voxel_grid import VoxelGrid
 
     grid = VoxelGrid.around(np.array([-0.7, -0.4, -0.7]), np.array([0.7, 0.4, 0.7]), 72, margin_voxels=4)
     trunc = 3 * grid.spacing
@@ -162,8 +162,8 @@ def test_hull_bounded_tsdf_matches_a_per_view_reference():
     from scipy.ndimage import map_coordinates
 
     from pipeline.camera import project_points
+    from pipeline.camera_stack import CameraStack
     from pipeline.fusion import HullBoundedTSDF, SilhouetteHull
-    from pipeline.rig import CameraStack
 
     rng = np.random.default_rng(5)
     cams = list(default_rig(48, 40).values())

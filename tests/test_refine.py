@@ -21,6 +21,7 @@ from pipeline.mesh import TexturedMesh
 from pipeline.metrics import evaluate_views, mean_dihedral_angle
 from pipeline.refine import check_loss_health, has_converged, refine_depth_weight, refine_mesh, write_loss_plot
 from pipeline.render import cuda_available, make_rasterizer
+from pipeline.reports import RefineReport
 from pipeline.shading import shade_rgb
 from pipeline.synthetic import checker_texture, make_shape
 
@@ -99,7 +100,8 @@ def test_refinement_reduces_loss_and_raises_psnr(scene):
     assert _masked_psnr(out, frames) > _masked_psnr(start, frames) + 2.0
     fr = [f for _, f in stages]
     assert stages[0][0] == "refine" and fr == sorted(fr) and fr[-1] == 1.0
-    assert json.loads(json.dumps(rep)) == rep  # the report is plain JSON
+    assert isinstance(rep, RefineReport)
+    assert json.loads(json.dumps(rep.to_dict())) == rep.to_dict()  # its JSON form is plain JSON
 
 
 @pytest.mark.cuda
@@ -305,10 +307,10 @@ def test_the_better_of_fusion_and_refined_is_returned_by_the_reports_measure(sce
     gt, frames, worse = scene
     # The same number quality.json reports: the mean of evaluate_views' masked PSNR.
     assert mean_masked_psnr(gt, frames) == pytest.approx(np.mean([v["psnr"] for v in evaluate_views(gt, frames)]))
-    report, warnings = {}, []
+    report, warnings = RefineReport(), []
     assert better_of(worse, gt, frames, report, warnings) is gt
     assert report["returned"] == "refined" and not warnings
-    report, warnings = {}, []
+    report, warnings = RefineReport(), []
     assert better_of(gt, worse, frames, report, warnings) is gt
     assert report["returned"] == "fusion" and warnings[0].startswith("REFINE_NO_GAIN")
     assert report["input_view_psnr"]["fusion"] > report["input_view_psnr"]["refined"] + 3.0
@@ -325,7 +327,7 @@ def test_a_crumpled_refinement_is_not_returned_however_well_it_scores(scene):
     jitter = np.random.default_rng(0).normal(0.0, 0.01, (len(n), 1))
     crumpled = replace(gt, vertices=(gt.vertices * (1.0 + jitter)).astype(np.float32))
     assert mean_masked_psnr(crumpled, frames) > mean_masked_psnr(worse, frames) + 3.0
-    report, warnings = {}, []
+    report, warnings = RefineReport(), []
     assert better_of(worse, crumpled, frames, report, warnings) is worse
     assert report["returned"] == "fusion" and warnings[0].startswith("REFINE_ROUGHENED")
     rough = report["mean_dihedral_deg"]

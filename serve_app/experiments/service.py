@@ -279,7 +279,7 @@ class ExperimentService:
                     experiment_id,
                     index,
                     status="failed",
-                    error_code="JOB_NOT_FOUND",
+                    error_code=E.JobNotFoundError.code,
                     error_message="the run's job was deleted before its metrics were recorded",
                     finished_at=time.time(),
                 )
