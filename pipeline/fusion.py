@@ -194,10 +194,16 @@ class HullBoundedTSDF:
     depth : (N, h, w) float32 z-depth, scene units; valid : (N, h, w) bool, the pixels to fuse
     """
 
-    def __init__(self, hull: SilhouetteHull, depth: torch.Tensor, valid: torch.Tensor):
+    def __init__(
+        self, hull: SilhouetteHull, depth: torch.Tensor, valid: torch.Tensor, free_depth: torch.Tensor | None = None
+    ):
         self.hull = hull
         table = torch.where(valid, depth, torch.full_like(depth, -math.inf))
         self._depth = F.pad(table, (1, 1, 1, 1), value=-math.inf).reshape(len(depth), -1)
+        self._free = None
+        if free_depth is not None and bool((free_depth > 0).any()):
+            # 0 (no clipped pixel, or off the image) carves nothing: every z > 0 lies beyond it.
+            self._free = F.pad(free_depth, (1, 1, 1, 1), value=0.0).reshape(len(depth), -1)
 
     def __call__(self, points: torch.Tensor, truncation: float) -> torch.Tensor:
         """(P, 3) float32 world points -> (P,) float32 field values in [-1, 1] (positive outside)."""
@@ -210,7 +216,12 @@ class HullBoundedTSDF:
         # Clamped onto the border; truncation towards zero is floor for these non-negatives.
         col = (ph[:, 2] * inv_z).clamp_(0.0, float(w + 1))
         row = (ph[:, 3] * inv_z).clamp_(0.0, float(h + 1)).floor_()
-        sdf = torch.gather(self._depth, 1, torch.add(col, row, alpha=float(w + 2)).long()).sub_(z)
+        pixel = torch.add(col, row, alpha=float(w + 2)).long()
+        sdf = torch.gather(self._depth, 1, pixel).sub_(z)
+        if self._free is not None:
+            # A clipped pixel's ray is empty up to its free depth: outside there, whatever the others say.
+            free = torch.gather(self._free, 1, pixel).sub_(z).amax(0)
+            hull = torch.maximum(hull, (free / truncation).clamp_(-1.0, 1.0))
         seen = sdf > -truncation
         if float(z.min()) <= 0.0:
             seen &= z > 0
@@ -419,7 +430,11 @@ def reconstruct_geometry(
     t = lap("depth_check", t)
     _check(should_cancel, progress, 0.3)
 
-    fused = HullBoundedTSDF(hull, depth, valid)
+    free_depth = None
+    if any(v.free_depth is not None for v in views):
+        free_np = np.stack([v.free_depth if v.free_depth is not None else np.zeros(v.mask.shape, np.float32) for v in views])
+        free_depth = torch.as_tensor(free_np, device=device) * interior
+    fused = HullBoundedTSDF(hull, depth, valid, free_depth)
     field, n_evaluated = evaluate_sparse(fused, grid, truncation, device)
     cells_np = surface_cells(field).cpu().numpy()
     field_np = field.cpu().numpy()
