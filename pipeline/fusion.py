@@ -31,7 +31,7 @@ from .config import ReconstructConfig
 from .errors import CanceledError, EmptyReconstructionError
 from .frames import PosedFrames
 from .masks import mask_box, signed_distance_px
-from .mesh_cleanup import decimate, keep_large_components, orient_outward, taubin_smooth
+from .mesh_cleanup import decimate, drop_hanging_pieces, keep_large_components, orient_outward, taubin_smooth
 from .rig import CameraStack, VoxelGrid, carve_hull, resize_masks, torch_device
 
 #: Masks are resampled to at most this size (longest side) to find the hull's bounding box.
@@ -462,7 +462,7 @@ def reconstruct_geometry(
     _check(should_cancel, progress, 0.8)
     verts, faces = decimate(verts, faces, fc.target_faces)
     # Decimation can leave fans hanging on one vertex: drop pieces not joined to the object by an edge.
-    verts, faces, pieces = keep_large_components(verts, faces, fc.min_component_fraction, through="edge")
+    verts, faces, pieces = drop_hanging_pieces(verts, faces, fc.min_component_fraction)
     comp["removed_faces"] += pieces["removed_faces"]
     comp["fragments_removed"] = pieces["removed"]
     faces = orient_outward(verts, faces)
