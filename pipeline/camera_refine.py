@@ -232,8 +232,14 @@ def _corrected_frames(frames: PosedFrames, omega_f, tau_f, v) -> tuple[PosedFram
         )
         new_views.append(
             PosedView(
-                name=vw.name, rgb=vw.rgb, camera=cam, depth=vw.depth, mask=vw.mask, depth_camera=dcam,
-                depth_encoding=vw.depth_encoding, free_depth=vw.free_depth,
+                name=vw.name,
+                rgb=vw.rgb,
+                camera=cam,
+                depth=vw.depth,
+                mask=vw.mask,
+                depth_camera=dcam,
+                depth_encoding=vw.depth_encoding,
+                free_depth=vw.free_depth,
             )
         )
         d = float(np.linalg.norm(vw.depth_camera.center - v.mean(0).cpu().numpy()))

@@ -208,7 +208,14 @@ def prepare_frames(
             z, enc, free = np.zeros(m.shape, np.float32), None, None
         views.append(
             PosedView(
-                name=v.name, rgb=v.rgb, camera=cam, depth=z, mask=m, depth_camera=dcam, depth_encoding=enc, free_depth=free
+                name=v.name,
+                rgb=v.rgb,
+                camera=cam,
+                depth=z,
+                mask=m,
+                depth_camera=dcam,
+                depth_encoding=enc,
+                free_depth=free,
             )
         )
     report(1.0)
