@@ -11,7 +11,12 @@ Steps (torch, on ``cfg.device``; marching cubes and mesh clean-up on the CPU):
    object or cut deep into it from outside the hull;
 4. the field is the larger of the two (the intersection of the shapes); samples no depth
    map saw are inside when inside the hull: where depth is missing, the hull decides;
-5. marching cubes, small-component removal, Taubin smoothing, decimation, outward winding.
+   a pixel whose depth the encoding clipped at ``far`` (``PosedView.free_depth``) is no surface:
+   its ray is empty up to far, so the field is outside there whatever the other views say;
+5. marching cubes, small-component removal, Taubin smoothing, decimation, then (after welding
+   coincident vertices) removal of the small pieces that hang off non-manifold edges or single
+   vertices, which a viewer that welds UV seams and splits the mesh shows as floating fragments;
+   outward winding.
 
 The mesh stays in the cameras' world frame: nothing is re-centred or rescaled.
 """
