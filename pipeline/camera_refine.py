@@ -231,7 +231,16 @@ def _corrected_frames(frames: PosedFrames, omega_f, tau_f, v) -> tuple[PosedFram
             name=vw.depth_camera.name,
         )
         new_views.append(
-            PosedView(name=vw.name, rgb=vw.rgb, camera=cam, depth=vw.depth, mask=vw.mask, depth_camera=dcam)
+            PosedView(
+                name=vw.name,
+                rgb=vw.rgb,
+                camera=cam,
+                depth=vw.depth,
+                mask=vw.mask,
+                depth_camera=dcam,
+                depth_encoding=vw.depth_encoding,
+                free_depth=vw.free_depth,
+            )
         )
         d = float(np.linalg.norm(vw.depth_camera.center - v.mean(0).cpu().numpy()))
         work_px = d / vw.depth_camera.K[0, 0]

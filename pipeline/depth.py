@@ -27,6 +27,30 @@ def decode_depth(raw: np.ndarray, enc: DepthEncoding) -> tuple[np.ndarray, np.nd
     return z, valid
 
 
+def clipped_free_depth(raw: np.ndarray, foreground: np.ndarray, enc: DepthEncoding) -> np.ndarray | None:
+    """Where the encoding clipped the depth, how far the ray is known to be empty.
+
+    A value of ``max_value`` means the surface lies at or beyond ``far``: the ray is empty up to
+    the lowest z that rounds to ``max_value`` (half a step before ``far``), and says nothing past it.
+
+    Parameters
+    ----------
+    raw : (H, W) float32, PNG values
+    foreground : (H, W) bool, the pixels that see the object
+    enc : DepthEncoding
+
+    Returns
+    -------
+    (H, W) float32 z-depth (scene units) at clipped foreground pixels, 0 elsewhere; None when no
+    pixel is clipped
+    """
+    clipped = foreground & (np.asarray(raw) >= enc.max_value)
+    if not clipped.any():
+        return None
+    step = (enc.far - enc.near) / enc.max_value
+    return np.where(clipped, np.float32(enc.far - 0.5 * step), np.float32(0.0)).astype(np.float32)
+
+
 def encode_depth(z: np.ndarray, valid: np.ndarray, enc: DepthEncoding, *, dtype=np.uint8) -> np.ndarray:
     """Inverse of :func:`decode_depth`: (H, W) z-depth -> PNG values (rounded, clipped).
 

@@ -24,6 +24,9 @@ class PosedView:
     mask : (h, w) bool, foreground (working resolution)
     depth_camera : Camera, ``camera`` scaled to (w, h)
     depth_encoding : DepthEncoding or None, how ``depth`` was decoded (None: no depth)
+    free_depth : (h, w) float32 or None; at foreground pixels whose depth the encoding clipped at
+        ``far`` (``depth`` 0 there), the z-depth up to which the ray is known to be empty (the
+        surface lies at or beyond it); 0 elsewhere. None: no clipped pixel
     """
 
     name: str
@@ -33,6 +36,7 @@ class PosedView:
     mask: np.ndarray
     depth_camera: Camera
     depth_encoding: DepthEncoding | None = None
+    free_depth: np.ndarray | None = None
 
 
 @dataclass

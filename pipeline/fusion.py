@@ -11,7 +11,12 @@ Steps (torch, on ``cfg.device``; marching cubes and mesh clean-up on the CPU):
    object or cut deep into it from outside the hull;
 4. the field is the larger of the two (the intersection of the shapes); samples no depth
    map saw are inside when inside the hull: where depth is missing, the hull decides;
-5. marching cubes, small-component removal, Taubin smoothing, decimation, outward winding.
+   a pixel whose depth the encoding clipped at ``far`` (``PosedView.free_depth``) is no surface:
+   its ray is empty up to far, so the field is outside there whatever the other views say;
+5. marching cubes, small-component removal, Taubin smoothing, decimation, then (after welding
+   coincident vertices) removal of the small pieces that hang off non-manifold edges or single
+   vertices, which a viewer that welds UV seams and splits the mesh shows as floating fragments;
+   outward winding.
 
 The mesh stays in the cameras' world frame: nothing is re-centred or rescaled.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,7 +39,7 @@ from .device import torch_device
 from .errors import CanceledError, EmptyReconstructionError
 from .frames import PosedFrames
 from .masks import mask_box, signed_distance_px
-from .mesh_cleanup import decimate, keep_large_components, orient_outward, taubin_smooth
+from .mesh_cleanup import decimate, drop_hanging_pieces, keep_large_components, orient_outward, taubin_smooth
 from .reports import GeometryReport
 from .rig import carve_hull, resize_masks
 from .voxel_grid import VoxelGrid
@@ -198,10 +204,16 @@ class HullBoundedTSDF:
     depth : (N, h, w) float32 z-depth, scene units; valid : (N, h, w) bool, the pixels to fuse
     """
 
-    def __init__(self, hull: SilhouetteHull, depth: torch.Tensor, valid: torch.Tensor):
+    def __init__(
+        self, hull: SilhouetteHull, depth: torch.Tensor, valid: torch.Tensor, free_depth: torch.Tensor | None = None
+    ):
         self.hull = hull
         table = torch.where(valid, depth, torch.full_like(depth, -math.inf))
         self._depth = F.pad(table, (1, 1, 1, 1), value=-math.inf).reshape(len(depth), -1)
+        self._free = None
+        if free_depth is not None and bool((free_depth > 0).any()):
+            # 0 (no clipped pixel, or off the image) carves nothing: every z > 0 lies beyond it.
+            self._free = F.pad(free_depth, (1, 1, 1, 1), value=0.0).reshape(len(depth), -1)
 
     def __call__(self, points: torch.Tensor, truncation: float) -> torch.Tensor:
         """(P, 3) float32 world points -> (P,) float32 field values in [-1, 1] (positive outside)."""
@@ -214,7 +226,12 @@ class HullBoundedTSDF:
         # Clamped onto the border; truncation towards zero is floor for these non-negatives.
         col = (ph[:, 2] * inv_z).clamp_(0.0, float(w + 1))
         row = (ph[:, 3] * inv_z).clamp_(0.0, float(h + 1)).floor_()
-        sdf = torch.gather(self._depth, 1, torch.add(col, row, alpha=float(w + 2)).long()).sub_(z)
+        pixel = torch.add(col, row, alpha=float(w + 2)).long()
+        sdf = torch.gather(self._depth, 1, pixel).sub_(z)
+        if self._free is not None:
+            # A clipped pixel's ray is empty up to its free depth: outside there, whatever the others say.
+            free = torch.gather(self._free, 1, pixel).sub_(z).amax(0)
+            hull = torch.maximum(hull, (free / truncation).clamp_(-1.0, 1.0))
         seen = sdf > -truncation
         if float(z.min()) <= 0.0:
             seen &= z > 0
@@ -363,6 +380,111 @@ def _depth_inside_hull(depth, valid, cams: CameraStack, hull: SilhouetteHull, to
     return out
 
 
+class _StageClock:
+    """Per-step wall times (seconds) of one geometry reconstruction, with cancellation and progress checks."""
+
+    def __init__(self, progress, should_cancel):
+        self.t0 = self._last = time.perf_counter()
+        self.timings: dict[str, float] = {}
+        self._progress, self._should_cancel = progress, should_cancel
+
+    def lap(self, name: str, fraction: float) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(now - self._last, 3)
+        self._last = now
+        _check(self._should_cancel, self._progress, fraction)
+
+    def total(self) -> dict[str, float]:
+        self.timings["total"] = round(time.perf_counter() - self.t0, 3)
+        return self.timings
+
+
+@dataclass
+class _FusionInputs:
+    """The views as tensors on the fusion device (working resolution, N views of (h, w))."""
+
+    cams_full: list
+    cams: CameraStack
+    masks_np: np.ndarray  # (N, h, w) bool
+    masks: torch.Tensor  # (N, h, w) bool
+    depth: torch.Tensor  # (N, h, w) float32 z-depth, 0 where invalid
+    free_depth: torch.Tensor | None  # (N, h, w) float32 at clipped pixels, 0 elsewhere; None: none clipped
+
+
+def _fusion_inputs(frames: PosedFrames, device) -> _FusionInputs:
+    views = frames.views
+    cams_full = [v.depth_camera for v in views]
+    masks_np = np.stack([v.mask for v in views])
+    free = None
+    if any(v.free_depth is not None for v in views):
+        free_np = np.stack(
+            [v.free_depth if v.free_depth is not None else np.zeros(v.mask.shape, np.float32) for v in views]
+        )
+        free = torch.as_tensor(free_np, dtype=torch.float32, device=device)
+    return _FusionInputs(
+        cams_full=cams_full,
+        cams=CameraStack.from_cameras(cams_full, device),
+        masks_np=masks_np,
+        masks=torch.as_tensor(masks_np, device=device),
+        depth=torch.as_tensor(np.stack([v.depth for v in views]), dtype=torch.float32, device=device),
+        free_depth=free,
+    )
+
+
+def _hull(inp: _FusionInputs, grid: VoxelGrid, truncation: float, tolerance_px: float) -> SilhouetteHull:
+    """The silhouette hull; its distance table is exact only as far as the field reads it (truncation)."""
+    cap_px = relevant_distance_px(inp.cams_full, grid.lo, grid.hi, truncation) + tolerance_px
+    cap = cap_px if np.isfinite(cap_px).all() else None
+    sdf_px = mask_signed_distance(inp.masks_np, tolerance_px, max_distance_px=cap)
+    return SilhouetteHull(inp.cams, torch.as_tensor(sdf_px, device=inp.depth.device))
+
+
+def _fused_field(inp: _FusionInputs, hull: SilhouetteHull, truncation: float) -> tuple[HullBoundedTSDF, float]:
+    """The fused field and the fraction of depth pixels it uses.
+
+    Depth pixels count away from mask edges (edge values mix with the background) and where
+    their surface points lie near the hull; clipped pixels carve free space, also away from edges.
+    """
+    k = 2 * DEPTH_EDGE_PX + 1
+    interior = -F.max_pool2d(-inp.masks.float()[:, None], k, stride=1, padding=DEPTH_EDGE_PX)[:, 0] > 0.5
+    valid = interior & (inp.depth > 0)
+    n_valid = int(valid.sum())
+    valid = _depth_inside_hull(inp.depth, valid, inp.cams, hull, DEPTH_HULL_TOLERANCE * truncation)
+    free = None if inp.free_depth is None else inp.free_depth * interior
+    return HullBoundedTSDF(hull, inp.depth, valid, free), float(valid.sum()) / max(n_valid, 1)
+
+
+def _marching_cubes(field: torch.Tensor, grid: VoxelGrid) -> tuple[np.ndarray, np.ndarray]:
+    """Zero level set of the (X, Y, Z) field -> (V, 3) float32 world vertices, (F, 3) int32 faces."""
+    from skimage.measure import marching_cubes
+
+    cells_np = surface_cells(field).cpu().numpy()
+    field_np = field.cpu().numpy()
+    if not (field_np.min() < 0.0 < field_np.max()):
+        raise EmptyReconstructionError("the fused volume has no surface", details={"grid": grid.to_dict()})
+    verts, faces, _, _ = marching_cubes(
+        field_np, level=0.0, spacing=(grid.spacing,) * 3, allow_degenerate=False, mask=cells_np
+    )
+    return (verts + grid.lo).astype(np.float32), faces.astype(np.int32)
+
+
+def _clean_mesh(verts: np.ndarray, faces: np.ndarray, fc, clock: _StageClock) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Small components out, Taubin smoothing, decimation, hanging pieces out, outward winding."""
+    verts, faces, comp = keep_large_components(verts, faces, fc.min_component_fraction)
+    verts = taubin_smooth(verts, faces, fc.smooth_iterations)
+    clock.lap("clean_smooth", 0.8)
+    verts, faces = decimate(verts, faces, fc.target_faces)
+    # Decimation can leave fans on one vertex and pieces on non-manifold edges: a viewer that welds
+    # UV seams and splits the mesh would show them as floating fragments.
+    verts, faces, pieces = drop_hanging_pieces(verts, faces, fc.min_component_fraction)
+    comp["removed_faces"] += pieces["removed_faces"]
+    comp["fragments_removed"] = pieces["removed"]
+    comp["non_manifold_edges"] = pieces["non_manifold_edges"]
+    if len(faces) == 0:
+        raise EmptyReconstructionError("the reconstructed mesh is empty")
+    return verts, orient_outward(verts, faces), comp
+
+
 def reconstruct_geometry(
     frames: PosedFrames, cfg: ReconstructConfig, *, progress=None, should_cancel=None
 ) -> tuple[np.ndarray, np.ndarray, GeometryReport]:
@@ -380,86 +502,27 @@ def reconstruct_geometry(
     report : GeometryReport: grid, voxel size, components removed, face counts, timings
     """
     fc = cfg.fusion
-    t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    def lap(name: str, t: float) -> float:
-        now = time.perf_counter()
-        timings[name] = round(now - t, 3)
-        return now
-
+    clock = _StageClock(progress, should_cancel)
     device = torch_device(cfg.device)
-    views = frames.views
-    cams_full = [v.depth_camera for v in views]
-    masks_np = np.stack([v.mask for v in views])
-    masks = torch.as_tensor(masks_np, device=device)
-    depth = torch.as_tensor(np.stack([v.depth for v in views]), dtype=torch.float32, device=device)
-    cams = CameraStack.from_cameras(cams_full, device)
+    inp = _fusion_inputs(frames, device)
     _check(should_cancel, progress, 0.02)
 
-    lo, hi = object_bounds(masks, cams_full, cfg.camera.carve_resolution)
+    lo, hi = object_bounds(inp.masks, inp.cams_full, cfg.camera.carve_resolution)
     grid = VoxelGrid.around(lo, hi, fc.resolution, margin_voxels=fc.truncation_voxels + 2)
     truncation = fc.truncation_voxels * grid.spacing
-    t = lap("bounds", t0)
-    _check(should_cancel, progress, 0.1)
-
-    # The hull enters the field clamped at the truncation distance, and the depth check well inside it.
-    cap_px = relevant_distance_px(cams_full, grid.lo, grid.hi, truncation) + fc.hull_tolerance_px
-    cap = cap_px if np.isfinite(cap_px).all() else None
-    sdf_px = torch.as_tensor(
-        mask_signed_distance(masks_np, fc.hull_tolerance_px, max_distance_px=cap), device=device
-    )
-    t = lap("mask_distance", t)
-    _check(should_cancel, progress, 0.2)
-
-    # Depth pixels: away from mask edges, and their surface points near the hull.
-    k = 2 * DEPTH_EDGE_PX + 1
-    interior = -F.max_pool2d(-masks.float()[:, None], k, stride=1, padding=DEPTH_EDGE_PX)[:, 0] > 0.5
-    valid = interior & (depth > 0)
-    n_valid = int(valid.sum())
-    hull = SilhouetteHull(cams, sdf_px)
-    valid = _depth_inside_hull(depth, valid, cams, hull, DEPTH_HULL_TOLERANCE * truncation)
-    depth_used = float(valid.sum()) / max(n_valid, 1)
-    t = lap("depth_check", t)
-    _check(should_cancel, progress, 0.3)
-
-    fused = HullBoundedTSDF(hull, depth, valid)
+    clock.lap("bounds", 0.1)
+    hull = _hull(inp, grid, truncation, fc.hull_tolerance_px)
+    clock.lap("mask_distance", 0.2)
+    fused, depth_used = _fused_field(inp, hull, truncation)
+    clock.lap("depth_check", 0.3)
     field, n_evaluated = evaluate_sparse(fused, grid, truncation, device)
-    cells_np = surface_cells(field).cpu().numpy()
-    field_np = field.cpu().numpy()
+    clock.lap("fuse", 0.55)
+    verts, faces = _marching_cubes(field, grid)
     del field
-    t = lap("fuse", t)
-    _check(should_cancel, progress, 0.55)
-
-    if not (field_np.min() < 0.0 < field_np.max()):
-        raise EmptyReconstructionError("the fused volume has no surface", details={"grid": grid.to_dict()})
-    from skimage.measure import marching_cubes
-
-    verts, faces, _, _ = marching_cubes(
-        field_np, level=0.0, spacing=(grid.spacing,) * 3, allow_degenerate=False, mask=cells_np
-    )
-    del field_np, cells_np
-    verts = (verts + grid.lo).astype(np.float32)
-    faces = faces.astype(np.int32)
     n_mc = len(faces)
-    t = lap("marching_cubes", t)
-    _check(should_cancel, progress, 0.7)
-
-    verts, faces, comp = keep_large_components(verts, faces, fc.min_component_fraction)
-    verts = taubin_smooth(verts, faces, fc.smooth_iterations)
-    t = lap("clean_smooth", t)
-    _check(should_cancel, progress, 0.8)
-    verts, faces = decimate(verts, faces, fc.target_faces)
-    # Decimation can leave fans hanging on one vertex: drop pieces not joined to the object by an edge.
-    verts, faces, pieces = keep_large_components(verts, faces, fc.min_component_fraction, through="edge")
-    comp["removed_faces"] += pieces["removed_faces"]
-    comp["fragments_removed"] = pieces["removed"]
-    faces = orient_outward(verts, faces)
-    if len(faces) == 0:
-        raise EmptyReconstructionError("the reconstructed mesh is empty")
-    t = lap("decimate", t)
-    _check(should_cancel, progress, 1.0)
-    timings["total"] = round(time.perf_counter() - t0, 3)
+    clock.lap("marching_cubes", 0.7)
+    verts, faces, comp = _clean_mesh(verts, faces, fc, clock)
+    clock.lap("decimate", 1.0)
 
     report = GeometryReport(
         method="hull_bounded_tsdf",
@@ -468,15 +531,17 @@ def reconstruct_geometry(
         voxel_size=round(grid.spacing, 6),
         truncation=round(truncation, 6),
         depth_pixels_used_fraction=round(depth_used, 4),
+        clipped_pixels_carved=int((inp.free_depth > 0).sum()) if inp.free_depth is not None else 0,
         samples_evaluated_fraction=round(n_evaluated / float(np.prod(grid.shape)), 4),
         marching_cubes_faces=int(n_mc),
         components=comp["components"],
         components_removed=comp["removed"],
         fragments_removed_after_decimation=comp["fragments_removed"],
+        non_manifold_edges=comp["non_manifold_edges"],
         faces_removed_with_components=comp["removed_faces"],
         vertices=int(len(verts)),
         faces=int(len(faces)),
         bounds={"lo": verts.min(0).round(5).tolist(), "hi": verts.max(0).round(5).tolist()},
-        timings_s=timings,
+        timings_s=clock.total(),
     )
     return verts.astype(np.float32), faces.astype(np.int32), report

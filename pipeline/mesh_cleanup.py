@@ -52,6 +52,80 @@ def edge_face_components(faces: np.ndarray) -> np.ndarray:
     return labels[:n_f]
 
 
+def weld_coincident(vertices: np.ndarray, faces: np.ndarray, *, decimals: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Merge vertices at the same position (rounded to ``decimals``), as trimesh's ``merge_vertices`` does.
+
+    Decimation can leave distinct vertices on one spot; any tool that welds UV seams by position
+    joins them, so connectivity must be judged on the welded mesh. Faces that collapse (two
+    corners on one vertex) are dropped. Returns (vertices (V', 3), faces (F', 3)).
+    """
+    if len(faces) == 0:
+        return vertices, faces
+    key = np.round(np.asarray(vertices, dtype=np.float64), decimals)
+    _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
+    f = inverse.ravel()[faces].astype(faces.dtype)
+    ok = (f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 2] != f[:, 0])
+    return remove_unreferenced(vertices[first], f[ok])
+
+
+def manifold_edge_components(faces: np.ndarray) -> np.ndarray:
+    """(F,) int component label of each face, faces joined only through edges that exactly two faces share.
+
+    This is the connectivity trimesh's ``split`` uses: a piece hanging off a non-manifold edge
+    (three or more faces) or touching the rest at one vertex comes out separate.
+    """
+    n_f = len(faces)
+    e = np.sort(np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]), axis=1)
+    owner = np.tile(np.arange(n_f), 3)
+    _, edge_id, count = np.unique(e, axis=0, return_inverse=True, return_counts=True)
+    edge_id = edge_id.ravel()
+    two = count[edge_id] == 2
+    # Each two-face edge appears twice: sorted by edge id, its two owners are adjacent.
+    order = np.argsort(edge_id[two], kind="stable")
+    pairs = owner[two][order].reshape(-1, 2)
+    g = sp.csr_matrix((np.ones(len(pairs), np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n_f, n_f))
+    _, labels = connected_components(g, directed=False)
+    return labels
+
+
+def non_manifold_edge_count(faces: np.ndarray) -> int:
+    """Edges that three or more faces share."""
+    e = np.sort(np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]), axis=1)
+    _, count = np.unique(e, axis=0, return_counts=True)
+    return int((count > 2).sum())
+
+
+def drop_hanging_pieces(
+    vertices: np.ndarray, faces: np.ndarray, min_fraction: float, *, max_rounds: int = 3
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Weld coincident vertices, then remove the small pieces that hang off non-manifold edges or single vertices.
+
+    Pieces are judged by :func:`manifold_edge_components` (as a viewer that welds UV seams and
+    splits the mesh sees them); those with fewer faces than ``min_fraction`` of the largest go.
+    Removing a piece can make the edge it hung on manifold and free the next one, so this
+    repeats up to ``max_rounds`` times.
+
+    Returns (vertices, faces, report) with report ``{"removed": pieces, "removed_faces": faces,
+    "non_manifold_edges": left}``.
+    """
+    vertices, faces = weld_coincident(vertices, faces)
+    removed = removed_faces = 0
+    for _ in range(max_rounds):
+        if len(faces) == 0:
+            break
+        labels = manifold_edge_components(faces)
+        _, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        small = counts < min_fraction * counts.max()
+        if not small.any():
+            break
+        keep = ~small[inv.ravel()]
+        removed += int(small.sum())
+        removed_faces += int((~keep).sum())
+        vertices, faces = remove_unreferenced(vertices, faces[keep])
+    nm = non_manifold_edge_count(faces) if len(faces) else 0
+    return vertices, faces, {"removed": removed, "removed_faces": removed_faces, "non_manifold_edges": nm}
+
+
 def keep_large_components(
     vertices: np.ndarray, faces: np.ndarray, min_fraction: float, *, through: str = "vertex"
 ) -> tuple[np.ndarray, np.ndarray, dict]:

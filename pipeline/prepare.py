@@ -17,7 +17,7 @@ from scipy import ndimage
 from .bundle import FrameSet
 from .camera import RIG_FOV_X_DEG, Camera, default_rig
 from .config import DepthEncoding, ReconstructConfig
-from .depth import decode_depth
+from .depth import clipped_free_depth, decode_depth
 from .depth_calibration import estimate_depth_encodings
 from .device import torch_device
 from .errors import CanceledError, EmptyDepthError, InvalidInputError
@@ -248,11 +248,21 @@ def decode_views(
     for v, cam, dcam, m, raw, enc in zip(fs.views, cameras, depth_cameras, masks, raws, encodings, strict=True):
         if raw is not None and enc is not None:
             z, valid = decode_depth(raw, enc)
+            free = clipped_free_depth(raw, valid & m, enc)
             z[~(valid & m) | (raw >= enc.max_value)] = 0.0
         else:
-            z, enc = np.zeros(m.shape, np.float32), None
+            z, enc, free = np.zeros(m.shape, np.float32), None, None
         views.append(
-            PosedView(name=v.name, rgb=v.rgb, camera=cam, depth=z, mask=m, depth_camera=dcam, depth_encoding=enc)
+            PosedView(
+                name=v.name,
+                rgb=v.rgb,
+                camera=cam,
+                depth=z,
+                mask=m,
+                depth_camera=dcam,
+                depth_encoding=enc,
+                free_depth=free,
+            )
         )
     return views
 

@@ -171,11 +171,14 @@ class GeometryReport(StageReport):
     truncation: float | None = None
     """TSDF truncation distance, scene units."""
     depth_pixels_used_fraction: float | None = None
+    clipped_pixels_carved: int | None = None
+    """Depth pixels at the encoding's clip value, used only as free space up to ``far``."""
     samples_evaluated_fraction: float | None = None
     marching_cubes_faces: int | None = None
     components: int | None = None
     components_removed: int | None = None
     fragments_removed_after_decimation: int | None = None
+    non_manifold_edges: int | None = None
     faces_removed_with_components: int | None = None
     vertices: int | None = None
     faces: int | None = None
