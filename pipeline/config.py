@@ -118,7 +118,7 @@ class TextureConfig:
     that corrects the blended bake so its re-renders match the photos; 0 keeps the blended bake."""
     fit_prior: float = 0.1
     """Fit: weight of the pull towards the blended bake, relative to each texel's own data weight."""
-    fit_smoothness: float = 0.5
+    fit_smoothness: float = 2.0
     """Fit: weight of the smoothness of the correction between neighbouring texels, relative to their data weight."""
 
 

@@ -59,9 +59,13 @@ UNSEEN_UV_FILL_STRETCH = 3.0
 VISIBILITY_SLOPE_PX = 1.5
 #: ... with the slope (tan of the angle between normal and view ray) capped here (75 degrees).
 MAX_SLOPE_TAN = 3.7
-#: Texels per node of the least-squares correction grid along each axis: the presets' textures have
-#: twice the working resolution, so one node is about one input pixel.
-FIT_SCALE = 2
+#: The texture fit leaves out the photo's foreground pixels this close to its edge, pixels at the working resolution ...
+FIT_MASK_ERODE_PX = 1.0
+#: A pixel's fit confidence is multiplied by cos(normal, view ray) ** this: obliquely seen surface moves
+#: most in the view when the surface is off, so those pixels say least about the texture.
+FIT_ANGLE_POWER = 1.0
+#: ... and ramps its confidence from 0 to 1 over this many pixels inside that (0: no ramp).
+FIT_EDGE_RAMP_PX = 0.0
 #: Texels whose summed view weight is below this count as unseen and are filled from the surface.
 MIN_VIEW_WEIGHT = 1e-4
 #: Surface fill: vertex colours are estimated from every this-many-th seen texel.
@@ -169,7 +173,10 @@ def bake_texture(
         wsum.index_add_(0, idx, w)
         if fit:
             photo = resize_rgb(view.rgb, view.depth_camera.width, view.depth_camera.height)
-            observations.append(view_observations(rendered.tri_id, rendered.bary, face_uvs, photo, edge))
+            conf = fit_confidence(view.mask, device)
+            if FIT_ANGLE_POWER > 0:
+                conf = conf * _pixel_cos(rendered.tri_id, rendered.bary, vt, ft, center).pow(FIT_ANGLE_POWER)
+            observations.append(view_observations(rendered.tri_id, rendered.bary, face_uvs, photo, conf))
     seen = wsum > MIN_VIEW_WEIGHT
     if not bool(seen.any()):
         raise ReconstructionFailedError(
@@ -190,7 +197,7 @@ def bake_texture(
     image = torch.zeros((T, T, 3), dtype=torch.float32, device=device)
     image[covered] = colors
     report("pad charts", 0.9)
-    source = nearest_valid_index(covered)
+    source = nearest_valid_index(covered)  # the gutter filling, kept for the fit's lookups
     image = image.reshape(-1, 3)[source].view(T, T, 3)
     if fit:
         report("fit texture to the views", 0.92)
@@ -199,7 +206,7 @@ def bake_texture(
             covered,
             source,
             PixelObservations.concatenate(observations),
-            scale=FIT_SCALE,
+            scale=fit_grid_scale(T, frames),
             prior=cfg.fit_prior,
             smoothness=cfg.fit_smoothness,
             iterations=cfg.fit_iterations,
@@ -343,6 +350,40 @@ def sample_view(
     H, W = view.rgb.shape[:2]
     colors = _bilinear(view.rgb, x * (W / w), y * (H / h), device)
     return cand[sel[keep]], colors, wv
+
+
+def fit_grid_scale(size: int, frames: PosedFrames) -> int:
+    """Texels per node of the fit's correction grid along each axis: the largest power of two not above
+    the texture size over the working resolution, so one node is about one input pixel (2 for every preset)."""
+    work = max(max(v.depth_camera.width, v.depth_camera.height) for v in frames.views)
+    return 1 << max(int(math.floor(math.log2(max(size / max(work, 1), 1.0)))), 0)
+
+
+def _pixel_cos(tri_id: np.ndarray, bary: np.ndarray, vt: torch.Tensor, ft: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """(h, w) float32: cos of the angle between the face normal and the ray to the camera at each pixel, 0 off the mesh."""
+    tri = torch.as_tensor(tri_id).reshape(-1).to(vt.device)
+    on = torch.nonzero(tri >= 0).squeeze(1)
+    corners = vt[ft[tri[on]]]  # (M, 3, 3)
+    n = F.normalize(torch.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0], dim=-1), dim=-1)
+    b = torch.as_tensor(bary).reshape(-1, 3).to(vt.device)[on]
+    ray = F.normalize(center - (corners * b[..., None]).sum(1), dim=-1)
+    out = torch.zeros(len(tri), dtype=torch.float32, device=vt.device)
+    out[on] = (n * ray).sum(-1).clamp(min=0)
+    return out.view(tri_id.shape)
+
+
+def fit_confidence(mask: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(h, w) float32: how much the texture fit trusts each pixel of a view's photo.
+
+    Every foreground pixel but the outermost FIT_MASK_ERODE_PX: those are part of the quality
+    report's comparison too, but their colour is the object's blended with the background,
+    and fitting it paints a pale rim that other views would see on the surface.
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    dist = distance_transform_edt(np.pad(np.asarray(mask, dtype=bool), 1))[1:-1, 1:-1]
+    conf = np.clip((dist - FIT_MASK_ERODE_PX) / max(FIT_EDGE_RAMP_PX, 1e-6), 0.0, 1.0) if FIT_EDGE_RAMP_PX > 0 else dist > FIT_MASK_ERODE_PX
+    return torch.as_tensor(np.asarray(conf, dtype=np.float32), device=device)
 
 
 def _mask_edge_weight(mask: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -508,8 +549,7 @@ def fill_empty_texels(image: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Give every texel outside ``valid`` the colour of its nearest valid texel (chessboard distance).
 
     This pads the chart gutters for bilinear lookups and fills the unused atlas space,
-    so no mip level averages in a colour that is not on the surface. One C pass of
-    scipy's distance transform (~0.2 s CPU at 2048^2) replaces iterative dilation.
+    so no mip level averages in a colour that is not on the surface.
 
     Parameters
     ----------
@@ -520,14 +560,4 @@ def fill_empty_texels(image: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     -------
     (T, T, C) float32, equal to ``image`` where ``valid``.
     """
-    from scipy.ndimage import distance_transform_cdt
-
-    hole = ~valid.cpu().numpy()
-    if not hole.any():
-        return image
-    iy, ix = distance_transform_cdt(hole, metric="chessboard", return_distances=False, return_indices=True)
-    T = hole.shape[1]
-    src = torch.as_tensor((iy[hole] * T + ix[hole]).astype(np.int64), device=image.device)
-    flat = image.reshape(-1, image.shape[-1]).clone()
-    flat[torch.as_tensor(np.flatnonzero(hole), device=image.device)] = flat[src]
-    return flat.view(image.shape)
+    return image.reshape(-1, image.shape[-1])[nearest_valid_index(valid)].view(image.shape)
