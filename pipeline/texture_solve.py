@@ -172,7 +172,13 @@ def solve_texture(
     taps, w = bilinear_taps(obs.uv, T)
     residual = obs.colors - (flat[taps] * w[..., None]).sum(1)  # (P, 3) photo minus the bake's render
     ctaps, cw = bilinear_taps(obs.uv, Tc)
-    node, local = np.unique(ctaps.cpu().numpy().reshape(-1), return_inverse=True)
+    # Compact ids of the nodes the pixels touch (a dense lookup: cheaper than a sort at these sizes).
+    flat_taps = ctaps.cpu().numpy().reshape(-1)
+    used = np.zeros(Tc * Tc, dtype=bool)
+    used[flat_taps] = True
+    node = np.flatnonzero(used)
+    compact = np.cumsum(used) - 1
+    local = compact[flat_taps]
     n, P = len(node), len(obs.uv)
     sw = obs.confidence.sqrt().cpu().numpy()
     vals = (cw.cpu().numpy() * sw[:, None]).reshape(-1)
