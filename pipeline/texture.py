@@ -15,6 +15,12 @@ Steps (all vectorised in torch, on the GPU when the CUDA rasterizer is used):
 5. The gutters and the empty atlas space take the colour of the nearest chart texel
    (:func:`fill_empty_texels`), so bilinear lookups and mip levels never mix in an
    undefined or background colour.
+6. The least-squares fit (:mod:`pipeline.texture_solve`) corrects that blend so that its
+   re-renders at the input cameras match the photos: every foreground pixel of every view
+   (at the working resolution, but the outermost; weighted by the cosine of its viewing angle)
+   is a bilinear lookup into the texture, and a smooth correction on a grid of about one node
+   per input pixel is solved by conjugate gradients (``TextureConfig.fit_*``; 0 iterations
+   keep the blend).
 
 Texture convention (as :class:`~pipeline.mesh.TexturedMesh`): row 0 is the top; the
 texel in row ``i``, column ``j`` has its centre at ``u = (j + 0.5) / T``,
