@@ -99,7 +99,9 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/bench_texture")
     ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--angle-power", type=float, default=None)
-    ap.add_argument("--fit-iterations", type=int, default=None, help="CG iterations of the least-squares fit (0: the blend alone)")
+    ap.add_argument(
+        "--fit-iterations", type=int, default=None, help="CG iterations of the least-squares fit (0: the blend alone)"
+    )
     ap.add_argument("--cache", default="", help="pickle the sneaker's frames and geometry here (and reuse them)")
     args = ap.parse_args()
     out = Path(args.out)

@@ -178,11 +178,7 @@ def bake_texture(
         acc.index_add_(0, idx, col * w[:, None])
         wsum.index_add_(0, idx, w)
         if fit:
-            photo = resize_rgb(view.rgb, view.depth_camera.width, view.depth_camera.height)
-            conf = fit_confidence(view.mask, device)
-            if FIT_ANGLE_POWER > 0:
-                conf = conf * _pixel_cos(rendered.tri_id, rendered.bary, vt, ft, center).pow(FIT_ANGLE_POWER)
-            observations.append(view_observations(rendered.tri_id, rendered.bary, face_uvs, photo, conf))
+            observations.append(_fit_observations(view, rendered, face_uvs, vt, ft, center))
     seen = wsum > MIN_VIEW_WEIGHT
     if not bool(seen.any()):
         raise ReconstructionFailedError(
@@ -193,33 +189,51 @@ def bake_texture(
 
     report("fill unseen texels", 0.85)
     if not bool(seen.all()):
-        texel_size = math.sqrt(_surface_area(v_in, f_in) / max(len(pos), 1))
-        colors, filled = fill_unseen_from_atlas(colors, seen, pos, covered, texel_size)
-        if not bool(filled.all()):
-            vmap_t = torch.as_tensor(vmap, device=device)
-            colors = fill_unseen_from_surface(colors, seen, filled, vmap_t[corners], tex_bary, f_in, len(v_in))
+        colors = _fill_unseen(
+            colors, seen, pos, covered, v_in, f_in, torch.as_tensor(vmap, device=device)[corners], tex_bary
+        )
 
+    texture = _pad_and_fit(colors, covered, observations, frames, cfg, report)
+    report("done", 1.0)
+    return TexturedMesh(vertices=v.astype(np.float32), faces=f.astype(np.int32), uvs=uvs, texture=texture)
+
+
+def _pad_and_fit(
+    colors, covered, observations: list[PixelObservations], frames, cfg: TextureConfig, report
+) -> np.ndarray:
+    """(T, T, 3) uint8: the covered texels' colours, gutters padded, fitted to the views when there are observations."""
     T = cfg.size
-    image = torch.zeros((T, T, 3), dtype=torch.float32, device=device)
+    image = torch.zeros((T, T, 3), dtype=torch.float32, device=colors.device)
     image[covered] = colors
     report("pad charts", 0.9)
     source = nearest_valid_index(covered)  # the gutter filling, kept for the fit's lookups
     image = image.reshape(-1, 3)[source].view(T, T, 3)
-    if fit:
+    if observations:
         report("fit texture to the views", 0.92)
+        obs = PixelObservations.concatenate(observations)
         image, _ = solve_texture(
-            image,
-            covered,
-            source,
-            PixelObservations.concatenate(observations),
-            scale=fit_grid_scale(T, frames),
-            prior=cfg.fit_prior,
-            smoothness=cfg.fit_smoothness,
-            iterations=cfg.fit_iterations,
-        )
-    texture = image.clamp(0, 255).add(0.5).to(torch.uint8).cpu().numpy()
-    report("done", 1.0)
-    return TexturedMesh(vertices=v.astype(np.float32), faces=f.astype(np.int32), uvs=uvs, texture=texture)
+            image, covered, source, obs, scale=fit_grid_scale(T, frames), prior=cfg.fit_prior,
+            smoothness=cfg.fit_smoothness, iterations=cfg.fit_iterations,
+        )  # fmt: skip
+    return image.clamp(0, 255).add(0.5).to(torch.uint8).cpu().numpy()
+
+
+def _fill_unseen(colors, seen, pos, covered, v_in, f_in, corner_vertices, tex_bary) -> torch.Tensor:
+    """Colours for the texels no view saw: from the atlas nearby, else over the mesh surface (see the two fills)."""
+    texel_size = math.sqrt(_surface_area(v_in, f_in) / max(len(pos), 1))
+    colors, filled = fill_unseen_from_atlas(colors, seen, pos, covered, texel_size)
+    if not bool(filled.all()):
+        colors = fill_unseen_from_surface(colors, seen, filled, corner_vertices, tex_bary, f_in, len(v_in))
+    return colors
+
+
+def _fit_observations(view: PosedView, rendered, face_uvs: torch.Tensor, vt, ft, center) -> PixelObservations:
+    """The pixels of one view for the least-squares fit, from its rasterization at the working resolution."""
+    photo = resize_rgb(view.rgb, view.depth_camera.width, view.depth_camera.height)
+    conf = fit_confidence(view.mask, face_uvs.device)
+    if FIT_ANGLE_POWER > 0:
+        conf = conf * _pixel_cos(rendered.tri_id, rendered.bary, vt, ft, center).pow(FIT_ANGLE_POWER)
+    return view_observations(rendered.tri_id, rendered.bary, face_uvs, photo, conf)
 
 
 def rasterize_uv(uvs: torch.Tensor, faces: torch.Tensor, size: int) -> UVRaster:
@@ -365,7 +379,9 @@ def fit_grid_scale(size: int, frames: PosedFrames) -> int:
     return 1 << max(int(math.floor(math.log2(max(size / max(work, 1), 1.0)))), 0)
 
 
-def _pixel_cos(tri_id: np.ndarray, bary: np.ndarray, vt: torch.Tensor, ft: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+def _pixel_cos(
+    tri_id: np.ndarray, bary: np.ndarray, vt: torch.Tensor, ft: torch.Tensor, center: torch.Tensor
+) -> torch.Tensor:
     """(h, w) float32: cos of the angle between the face normal and the ray to the camera at each pixel, 0 off the mesh."""
     tri = torch.as_tensor(tri_id).reshape(-1).to(vt.device)
     on = torch.nonzero(tri >= 0).squeeze(1)
@@ -388,7 +404,11 @@ def fit_confidence(mask: np.ndarray, device: torch.device) -> torch.Tensor:
     from scipy.ndimage import distance_transform_edt
 
     dist = distance_transform_edt(np.pad(np.asarray(mask, dtype=bool), 1))[1:-1, 1:-1]
-    conf = np.clip((dist - FIT_MASK_ERODE_PX) / max(FIT_EDGE_RAMP_PX, 1e-6), 0.0, 1.0) if FIT_EDGE_RAMP_PX > 0 else dist > FIT_MASK_ERODE_PX
+    conf = (
+        np.clip((dist - FIT_MASK_ERODE_PX) / max(FIT_EDGE_RAMP_PX, 1e-6), 0.0, 1.0)
+        if FIT_EDGE_RAMP_PX > 0
+        else dist > FIT_MASK_ERODE_PX
+    )
     return torch.as_tensor(np.asarray(conf, dtype=np.float32), device=device)
 
 

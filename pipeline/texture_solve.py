@@ -57,7 +57,9 @@ class PixelObservations:
     @staticmethod
     def concatenate(parts: list[PixelObservations]) -> PixelObservations:
         return PixelObservations(
-            torch.cat([p.uv for p in parts]), torch.cat([p.colors for p in parts]), torch.cat([p.confidence for p in parts])
+            torch.cat([p.uv for p in parts]),
+            torch.cat([p.colors for p in parts]),
+            torch.cat([p.confidence for p in parts]),
         )
 
 
@@ -237,8 +239,8 @@ def conjugate_gradient(M, b: np.ndarray, inv_diag: np.ndarray, iterations: int) 
     p = z.copy()
     rz = (r * z).sum(0)
     start = np.maximum(rz, 1e-30)
-    k = 0
-    for k in range(1, iterations + 1):
+    used = 0
+    for used in range(1, iterations + 1):  # noqa: B007 (the count is returned)
         q = M @ p
         alpha = rz / np.maximum((p * q).sum(0), 1e-30)
         x += p * alpha
@@ -249,4 +251,4 @@ def conjugate_gradient(M, b: np.ndarray, inv_diag: np.ndarray, iterations: int) 
             break
         p = z + p * (rz_new / np.maximum(rz, 1e-30))
         rz = rz_new
-    return x, k
+    return x, used

@@ -235,7 +235,9 @@ def test_solve_texture_fits_the_pixels_and_leaves_unseen_texels():
     source = nearest_valid_index(covered)
     start = start.reshape(-1, 3)[source].view(T, T, 3)
     g = torch.Generator().manual_seed(0)
-    uv = torch.stack([(6 + 22 * torch.rand(4000, generator=g)) / T, 1 - (6 + 52 * torch.rand(4000, generator=g)) / T], 1)
+    uv = torch.stack(
+        [(6 + 22 * torch.rand(4000, generator=g)) / T, 1 - (6 + 52 * torch.rand(4000, generator=g)) / T], 1
+    )
     from pipeline.texture_solve import bilinear_taps
 
     taps, w = bilinear_taps(uv, T)
@@ -255,7 +257,11 @@ def _held_out_psnr(baked, truth: TexturedMesh) -> float:
     cams = default_rig(VIEW_SIZE, VIEW_SIZE, names=tuple(HELD_OUT_LAYOUT), layout=HELD_OUT_LAYOUT)
     pred = render_views(baked, list(cams.values()), backend="embree")
     gt = render_views(truth, list(cams.values()), backend="embree")
-    return float(np.mean([image_metrics(p["rgb"], p["mask"], g["rgb"], g["mask"])["psnr"] for p, g in zip(pred, gt, strict=True)]))
+    return float(
+        np.mean(
+            [image_metrics(p["rgb"], p["mask"], g["rgb"], g["mask"])["psnr"] for p, g in zip(pred, gt, strict=True)]
+        )
+    )
 
 
 @pytest.mark.parametrize("shape", ["box", "torus"])
