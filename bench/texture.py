@@ -3,6 +3,7 @@
     python bench/texture.py spot box            # ground-truth meshes of /work/shared/data/objects
     python bench/texture.py sneaker             # fused geometry of the seed example (needs pipeline.fusion)
     python bench/texture.py spot --out /tmp/bake --size 2048
+    python bench/texture.py sneaker --fit-iterations 0   # the blend without the least-squares fit
 
 Prints per-object timings (atlas, bake) and masked PSNR / SSIM at the working (depth)
 resolution (:func:`pipeline.metrics.evaluate_views`), and writes side-by-side PNGs
@@ -98,6 +99,9 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/bench_texture")
     ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--angle-power", type=float, default=None)
+    ap.add_argument(
+        "--fit-iterations", type=int, default=None, help="CG iterations of the least-squares fit (0: the blend alone)"
+    )
     ap.add_argument("--cache", default="", help="pickle the sneaker's frames and geometry here (and reuse them)")
     args = ap.parse_args()
     out = Path(args.out)
@@ -105,6 +109,8 @@ def main() -> None:
     cfg = replace(PRESETS["balanced"].texture, size=args.size)
     if args.angle_power is not None:
         cfg = replace(cfg, angle_power=args.angle_power)
+    if args.fit_iterations is not None:
+        cfg = replace(cfg, fit_iterations=args.fit_iterations)
 
     print(f"{'object':10s} {'faces':>7s} {'atlas_s':>8s} {'bake_s':>7s} {'psnr':>6s} {'ssim':>6s}  per-view psnr")
     for name in args.objects:

@@ -116,6 +116,13 @@ class TextureConfig:
     """Visibility test tolerance, as a fraction of the object's largest extent."""
     xatlas_timeout_s: float = 120.0
     """Wall-clock limit of the isolated UV-atlas process, seconds."""
+    fit_iterations: int = 10
+    """Most conjugate-gradient iterations of the least-squares texture fit (:mod:`pipeline.texture_solve`)
+    that corrects the blended bake so its re-renders match the photos; 0 keeps the blended bake."""
+    fit_prior: float = 0.1
+    """Fit: weight of the pull towards the blended bake, relative to each texel's own data weight."""
+    fit_smoothness: float = 2.0
+    """Fit: weight of the smoothness of the correction between neighbouring texels, relative to their data weight."""
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,12 @@ Steps (all vectorised in torch, on the GPU when the CUDA rasterizer is used):
 5. The gutters and the empty atlas space take the colour of the nearest chart texel
    (:func:`fill_empty_texels`), so bilinear lookups and mip levels never mix in an
    undefined or background colour.
+6. The least-squares fit (:mod:`pipeline.texture_solve`) corrects that blend so that its
+   re-renders at the input cameras match the photos: every foreground pixel of every view
+   (at the working resolution, but the outermost; weighted by the cosine of its viewing angle)
+   is a bilinear lookup into the texture, and a smooth correction on a grid of about one node
+   per input pixel is solved by conjugate gradients (``TextureConfig.fit_*``; 0 iterations
+   keep the blend).
 
 Texture convention (as :class:`~pipeline.mesh.TexturedMesh`): row 0 is the top; the
 texel in row ``i``, column ``j`` has its centre at ``u = (j + 0.5) / T``,
@@ -35,7 +41,9 @@ from .config import TextureConfig
 from .errors import ReconstructionFailedError
 from .frames import PosedFrames, PosedView
 from .mesh import TexturedMesh
+from .metrics import resize_rgb
 from .render import Backend, cuda_available, make_rasterizer
+from .texture_solve import PixelObservations, solve_texture, view_observations
 from .uv_atlas import build_uv_atlas
 
 #: Texel candidates processed per chunk while rasterizing UV triangles (bounds peak memory).
@@ -57,6 +65,13 @@ UNSEEN_UV_FILL_STRETCH = 3.0
 VISIBILITY_SLOPE_PX = 1.5
 #: ... with the slope (tan of the angle between normal and view ray) capped here (75 degrees).
 MAX_SLOPE_TAN = 3.7
+#: The texture fit leaves out the photo's foreground pixels this close to its edge, pixels at the working resolution ...
+FIT_MASK_ERODE_PX = 1.0
+#: A pixel's fit confidence is multiplied by cos(normal, view ray) ** this: obliquely seen surface moves
+#: most in the view when the surface is off, so those pixels say least about the texture.
+FIT_ANGLE_POWER = 1.0
+#: ... and ramps its confidence from 0 to 1 over this many pixels inside that (0: no ramp).
+FIT_EDGE_RAMP_PX = 0.0
 #: Texels whose summed view weight is below this count as unseen and are filled from the surface.
 MIN_VIEW_WEIGHT = 1e-4
 #: Surface fill: vertex colours are estimated from every this-many-th seen texel.
@@ -148,6 +163,9 @@ def bake_texture(
     vn_t = torch.as_tensor(normals_in[vmap], device=device)
     acc = torch.zeros((len(pos), 3), dtype=torch.float32, device=device)
     wsum = torch.zeros(len(pos), dtype=torch.float32, device=device)
+    fit = cfg.fit_iterations > 0
+    face_uvs = torch.as_tensor(uvs, device=device)[ft] if fit else None
+    observations = []
     for k, view in enumerate(frames.views):
         report(f"project view {view.name}", 0.35 + 0.5 * k / max(len(frames.views), 1))
         # Cheap per-vertex culling first: texels of faces that no corner shows to the camera are skipped.
@@ -155,9 +173,12 @@ def bake_texture(
         facing = ((center - vt) * vn_t).sum(-1) > 0
         cand = torch.nonzero(facing[ft].any(1)[tex_face]).squeeze(1)
         rendered = rasterizer.rasterize(view.depth_camera)
-        idx, col, w = sample_view(pos, nrm, cand, view, rendered.depth, cfg.angle_power, depth_tol)
+        edge = _mask_edge_weight(view.mask, device)
+        idx, col, w = sample_view(pos, nrm, cand, view, rendered.depth, cfg.angle_power, depth_tol, edge=edge)
         acc.index_add_(0, idx, col * w[:, None])
         wsum.index_add_(0, idx, w)
+        if fit:
+            observations.append(_fit_observations(view, rendered, face_uvs, vt, ft, center))
     seen = wsum > MIN_VIEW_WEIGHT
     if not bool(seen.any()):
         raise ReconstructionFailedError(
@@ -168,20 +189,51 @@ def bake_texture(
 
     report("fill unseen texels", 0.85)
     if not bool(seen.all()):
-        texel_size = math.sqrt(_surface_area(v_in, f_in) / max(len(pos), 1))
-        colors, filled = fill_unseen_from_atlas(colors, seen, pos, covered, texel_size)
-        if not bool(filled.all()):
-            vmap_t = torch.as_tensor(vmap, device=device)
-            colors = fill_unseen_from_surface(colors, seen, filled, vmap_t[corners], tex_bary, f_in, len(v_in))
+        colors = _fill_unseen(
+            colors, seen, pos, covered, v_in, f_in, torch.as_tensor(vmap, device=device)[corners], tex_bary
+        )
 
-    T = cfg.size
-    image = torch.zeros((T, T, 3), dtype=torch.float32, device=device)
-    image[covered] = colors
-    report("pad charts", 0.9)
-    image = fill_empty_texels(image, covered)
-    texture = image.clamp(0, 255).add(0.5).to(torch.uint8).cpu().numpy()
+    texture = _pad_and_fit(colors, covered, observations, frames, cfg, report)
     report("done", 1.0)
     return TexturedMesh(vertices=v.astype(np.float32), faces=f.astype(np.int32), uvs=uvs, texture=texture)
+
+
+def _pad_and_fit(
+    colors, covered, observations: list[PixelObservations], frames, cfg: TextureConfig, report
+) -> np.ndarray:
+    """(T, T, 3) uint8: the covered texels' colours, gutters padded, fitted to the views when there are observations."""
+    T = cfg.size
+    image = torch.zeros((T, T, 3), dtype=torch.float32, device=colors.device)
+    image[covered] = colors
+    report("pad charts", 0.9)
+    source = nearest_valid_index(covered)  # the gutter filling, kept for the fit's lookups
+    image = image.reshape(-1, 3)[source].view(T, T, 3)
+    if observations:
+        report("fit texture to the views", 0.92)
+        obs = PixelObservations.concatenate(observations)
+        image, _ = solve_texture(
+            image, covered, source, obs, scale=fit_grid_scale(T, frames), prior=cfg.fit_prior,
+            smoothness=cfg.fit_smoothness, iterations=cfg.fit_iterations,
+        )  # fmt: skip
+    return image.clamp(0, 255).add(0.5).to(torch.uint8).cpu().numpy()
+
+
+def _fill_unseen(colors, seen, pos, covered, v_in, f_in, corner_vertices, tex_bary) -> torch.Tensor:
+    """Colours for the texels no view saw: from the atlas nearby, else over the mesh surface (see the two fills)."""
+    texel_size = math.sqrt(_surface_area(v_in, f_in) / max(len(pos), 1))
+    colors, filled = fill_unseen_from_atlas(colors, seen, pos, covered, texel_size)
+    if not bool(filled.all()):
+        colors = fill_unseen_from_surface(colors, seen, filled, corner_vertices, tex_bary, f_in, len(v_in))
+    return colors
+
+
+def _fit_observations(view: PosedView, rendered, face_uvs: torch.Tensor, vt, ft, center) -> PixelObservations:
+    """The pixels of one view for the least-squares fit, from its rasterization at the working resolution."""
+    photo = resize_rgb(view.rgb, view.depth_camera.width, view.depth_camera.height)
+    conf = fit_confidence(view.mask, face_uvs.device)
+    if FIT_ANGLE_POWER > 0:
+        conf = conf * _pixel_cos(rendered.tri_id, rendered.bary, vt, ft, center).pow(FIT_ANGLE_POWER)
+    return view_observations(rendered.tri_id, rendered.bary, face_uvs, photo, conf)
 
 
 def rasterize_uv(uvs: torch.Tensor, faces: torch.Tensor, size: int) -> UVRaster:
@@ -262,6 +314,8 @@ def sample_view(
     rendered_depth: np.ndarray,
     angle_power: float,
     depth_tol: float,
+    *,
+    edge: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Colours and weights of the texels one view sees.
 
@@ -274,6 +328,7 @@ def sample_view(
     rendered_depth : (h, w) float32, z-depth of our mesh in ``view.depth_camera``, 0 on background
     angle_power : float, exponent of the cosine weight
     depth_tol : float, visibility tolerance, scene units
+    edge : (h, w) float32, :func:`mask_edge_weight` of ``view.mask`` when already computed
 
     Returns
     -------
@@ -304,7 +359,7 @@ def sample_view(
     d = torch.where(d > 0, d, torch.full_like(d, float("inf")))
     dmin = (-F.max_pool2d(-d[None, None], 3, stride=1, padding=1)).reshape(-1)
     # Foreground: 0 outside the eroded mask, ramping to 1 inside (no photographed background).
-    edge = _mask_edge_weight(view.mask, device).reshape(-1)
+    edge = (edge if edge is not None else _mask_edge_weight(view.mask, device)).reshape(-1)
     # The 3x3 minimum and the nearest-pixel lookup sit up to VISIBILITY_SLOPE_PX pixels away: on a
     # slanted surface the depth changes by (pixel footprint) * tan(angle) per pixel, so allow that too.
     tan = (1.0 - cos.square()).clamp(min=0).sqrt() / cos.clamp(min=1e-3)
@@ -315,6 +370,46 @@ def sample_view(
     H, W = view.rgb.shape[:2]
     colors = _bilinear(view.rgb, x * (W / w), y * (H / h), device)
     return cand[sel[keep]], colors, wv
+
+
+def fit_grid_scale(size: int, frames: PosedFrames) -> int:
+    """Texels per node of the fit's correction grid along each axis: the largest power of two not above
+    the texture size over the working resolution, so one node is about one input pixel (2 for every preset)."""
+    work = max(max(v.depth_camera.width, v.depth_camera.height) for v in frames.views)
+    return 1 << max(int(math.floor(math.log2(max(size / max(work, 1), 1.0)))), 0)
+
+
+def _pixel_cos(
+    tri_id: np.ndarray, bary: np.ndarray, vt: torch.Tensor, ft: torch.Tensor, center: torch.Tensor
+) -> torch.Tensor:
+    """(h, w) float32: cos of the angle between the face normal and the ray to the camera at each pixel, 0 off the mesh."""
+    tri = torch.as_tensor(tri_id).reshape(-1).to(vt.device)
+    on = torch.nonzero(tri >= 0).squeeze(1)
+    corners = vt[ft[tri[on]]]  # (M, 3, 3)
+    n = F.normalize(torch.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0], dim=-1), dim=-1)
+    b = torch.as_tensor(bary).reshape(-1, 3).to(vt.device)[on]
+    ray = F.normalize(center - (corners * b[..., None]).sum(1), dim=-1)
+    out = torch.zeros(len(tri), dtype=torch.float32, device=vt.device)
+    out[on] = (n * ray).sum(-1).clamp(min=0)
+    return out.view(tri_id.shape)
+
+
+def fit_confidence(mask: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(h, w) float32: how much the texture fit trusts each pixel of a view's photo.
+
+    Every foreground pixel but the outermost FIT_MASK_ERODE_PX: those are part of the quality
+    report's comparison too, but their colour is the object's blended with the background,
+    and fitting it paints a pale rim that other views would see on the surface.
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    dist = distance_transform_edt(np.pad(np.asarray(mask, dtype=bool), 1))[1:-1, 1:-1]
+    conf = (
+        np.clip((dist - FIT_MASK_ERODE_PX) / max(FIT_EDGE_RAMP_PX, 1e-6), 0.0, 1.0)
+        if FIT_EDGE_RAMP_PX > 0
+        else dist > FIT_MASK_ERODE_PX
+    )
+    return torch.as_tensor(np.asarray(conf, dtype=np.float32), device=device)
 
 
 def _mask_edge_weight(mask: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -456,12 +551,31 @@ def fill_unseen_from_surface(
     return torch.where(filled[:, None], colors, interp)
 
 
+def nearest_valid_index(valid: torch.Tensor) -> torch.Tensor:
+    """(T * T,) int64: for every texel, the row-major index of the nearest ``valid`` texel (chessboard distance; itself when valid).
+
+    One C pass of scipy's distance transform (~0.2 s CPU at 2048^2).
+
+    Parameters
+    ----------
+    valid : (T, T) bool, at least one True
+    """
+    from scipy.ndimage import distance_transform_cdt
+
+    hole = ~valid.cpu().numpy()
+    T = hole.shape[1]
+    index = np.arange(hole.size, dtype=np.int64)
+    if hole.any():
+        iy, ix = distance_transform_cdt(hole, metric="chessboard", return_distances=False, return_indices=True)
+        index[hole.reshape(-1)] = (iy[hole] * T + ix[hole]).astype(np.int64)
+    return torch.as_tensor(index, device=valid.device)
+
+
 def fill_empty_texels(image: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Give every texel outside ``valid`` the colour of its nearest valid texel (chessboard distance).
 
     This pads the chart gutters for bilinear lookups and fills the unused atlas space,
-    so no mip level averages in a colour that is not on the surface. One C pass of
-    scipy's distance transform (~0.2 s CPU at 2048^2) replaces iterative dilation.
+    so no mip level averages in a colour that is not on the surface.
 
     Parameters
     ----------
@@ -472,14 +586,4 @@ def fill_empty_texels(image: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     -------
     (T, T, C) float32, equal to ``image`` where ``valid``.
     """
-    from scipy.ndimage import distance_transform_cdt
-
-    hole = ~valid.cpu().numpy()
-    if not hole.any():
-        return image
-    iy, ix = distance_transform_cdt(hole, metric="chessboard", return_distances=False, return_indices=True)
-    T = hole.shape[1]
-    src = torch.as_tensor((iy[hole] * T + ix[hole]).astype(np.int64), device=image.device)
-    flat = image.reshape(-1, image.shape[-1]).clone()
-    flat[torch.as_tensor(np.flatnonzero(hole), device=image.device)] = flat[src]
-    return flat.view(image.shape)
+    return image.reshape(-1, image.shape[-1])[nearest_valid_index(valid)].view(image.shape)

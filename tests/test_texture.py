@@ -187,3 +187,96 @@ def test_background_test_fails_without_the_mask_guard(monkeypatch):
     frames = with_zoomed_cameras(frames, CAMERA_ZOOM)
     baked = bake_texture(mesh.vertices, mesh.faces, frames, TEXTURE, backend="embree")
     assert background_like(baked.texture).sum() > 10
+
+
+# ---------------------------------------------------------------- least-squares texture fit
+
+#: Held-out cameras between the rig's views (directions from the object centre, image-up).
+HELD_OUT_LAYOUT = {
+    "diag_front_right": ((0.6, 0.45, 0.66), (0.0, 1.0, 0.0)),
+    "diag_back_left": ((-0.6, 0.45, -0.66), (0.0, 1.0, 0.0)),
+    "diag_front_left_low": ((-0.6, -0.45, 0.66), (0.0, 1.0, 0.0)),
+    "diag_back_right_low": ((0.6, -0.45, -0.66), (0.0, 1.0, 0.0)),
+}
+#: The fit must raise the input views' mean masked PSNR by at least this, dB ...
+MIN_FIT_GAIN_DB = 0.5
+#: ... and may lower the held-out views' by at most this (it raises it on both shapes: +0.6 and +0.1 dB), dB.
+MAX_HELD_OUT_LOSS_DB = 0.05
+
+
+def test_bilinear_taps_match_the_renderers_lookup():
+    from pipeline.shading import sample_texture
+    from pipeline.texture_solve import bilinear_taps
+
+    rng = np.random.default_rng(0)
+    tex = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    uv = rng.random((500, 2)).astype(np.float32)
+    uv[:4] = [[0.0, 0.0], [1.0, 1.0], [0.0, 1.0], [0.5 / 32, 1 - 0.5 / 32]]  # borders and an exact texel centre
+    taps, w = bilinear_taps(torch.as_tensor(uv), 32)
+    ours = (torch.as_tensor(tex.reshape(-1, 3), dtype=torch.float32)[taps] * w[..., None]).sum(1).numpy()
+    np.testing.assert_allclose(ours, sample_texture(tex, uv), atol=1e-3)
+
+
+def test_solve_texture_fits_the_pixels_and_leaves_unseen_texels():
+    from pipeline.texture import nearest_valid_index
+    from pipeline.texture_solve import PixelObservations, solve_texture
+
+    T = 64
+    covered = torch.zeros((T, T), dtype=torch.bool)
+    covered[4:60, 4:30] = True  # one chart the pixels see ...
+    covered[4:60, 36:60] = True  # ... and one they do not
+    truth = torch.zeros((T, T, 3))
+    yy, xx = torch.meshgrid(torch.arange(T), torch.arange(T), indexing="ij")
+    truth[..., 0] = 100 + 40 * torch.sin(yy / 9.0)
+    truth[..., 1] = 80 + xx.float()
+    truth[..., 2] = 150
+    start = truth.clone()
+    start[covered] += torch.tensor([30.0, -20.0, 10.0])  # the bake is off by a smooth offset everywhere
+    source = nearest_valid_index(covered)
+    start = start.reshape(-1, 3)[source].view(T, T, 3)
+    g = torch.Generator().manual_seed(0)
+    uv = torch.stack(
+        [(6 + 22 * torch.rand(4000, generator=g)) / T, 1 - (6 + 52 * torch.rand(4000, generator=g)) / T], 1
+    )
+    from pipeline.texture_solve import bilinear_taps
+
+    taps, w = bilinear_taps(uv, T)
+    colors = (truth.reshape(-1, 3)[taps] * w[..., None]).sum(1)
+    obs = PixelObservations(uv, colors, torch.ones(len(uv)))
+    out, report = solve_texture(start, covered, source, obs, scale=2, prior=0.1, smoothness=2.0, iterations=50)
+    before = (start.reshape(-1, 3)[taps] * w[..., None]).sum(1) - colors
+    after = (out.reshape(-1, 3)[taps] * w[..., None]).sum(1) - colors
+    assert after.abs().mean() < 0.1 * before.abs().mean(), (report, before.abs().mean(), after.abs().mean())
+    assert report["rms_after"] < 0.1 * report["rms_before"]
+    # The chart no pixel sees keeps the bake's colours, and gutters carry their chart texel's colour.
+    assert torch.equal(out[10:50, 40:56], start[10:50, 40:56])
+    assert torch.equal(out.reshape(-1, 3), out.reshape(-1, 3)[source])
+
+
+def _held_out_psnr(baked, truth: TexturedMesh) -> float:
+    cams = default_rig(VIEW_SIZE, VIEW_SIZE, names=tuple(HELD_OUT_LAYOUT), layout=HELD_OUT_LAYOUT)
+    pred = render_views(baked, list(cams.values()), backend="embree")
+    gt = render_views(truth, list(cams.values()), backend="embree")
+    return float(
+        np.mean(
+            [image_metrics(p["rgb"], p["mask"], g["rgb"], g["mask"])["psnr"] for p, g in zip(pred, gt, strict=True)]
+        )
+    )
+
+
+@pytest.mark.parametrize("shape", ["box", "torus"])
+def test_texture_fit_lowers_input_error_without_raising_held_out_error(shape):
+    # Even on the exact surface the blend errs in a view-dependent way: a texel takes the
+    # cos-weighted mean of every view's resampled photo, so the view that sees a face obliquely
+    # blurs what the head-on view shows sharply (box +1.2 dB, torus +2.0 dB from the fit). The fit must
+    # bring the re-renders closer to the photos, and not by painting patterns only those views can see.
+    from pipeline.metrics import evaluate_views
+
+    frames, mesh = synthetic_frames(shape)
+    v = mesh.vertices
+    blended = bake_texture(v, mesh.faces, frames, replace(TEXTURE, fit_iterations=0), backend="embree")
+    fitted = bake_texture(v, mesh.faces, frames, TEXTURE, backend="embree")
+    psnr_in = [np.mean([m["psnr"] for m in evaluate_views(b, frames, backend="embree")]) for b in (blended, fitted)]
+    psnr_out = [_held_out_psnr(b, mesh) for b in (blended, fitted)]
+    assert psnr_in[1] > psnr_in[0] + MIN_FIT_GAIN_DB, (psnr_in, psnr_out)
+    assert psnr_out[1] > psnr_out[0] - MAX_HELD_OUT_LOSS_DB, (psnr_in, psnr_out)
