@@ -6,8 +6,10 @@
 Makes the ``fusion`` start mesh and the frames once (current tree), then runs
 :func:`pipeline.refine.refine_mesh` on every input view with the preset's RefineConfig from the
 baseline tree and from the current tree, alternating, each in a fresh subprocess with
-``PYTHONPATH`` at its tree and ``--threads`` torch threads. Prints, per side, the refinement's
-wall time, iterations, seconds per iteration, the process's CPU seconds, and the masked PSNR of
+``PYTHONPATH`` at its tree and ``--threads`` torch threads. ``--iterations N`` runs exactly N steps on both sides (no early stop,
+no time budget: on a loaded machine the budget would cut the sides at different steps). Prints, per
+side, the refinement's wall time, iterations, seconds and CPU seconds per iteration (``refine_mesh``
+only, set-up included), and the masked PSNR of
 the result at the input views, then the ratios. The machine may be shared: read the ratio of
 the two sides, not either absolute time.
 """
@@ -30,18 +32,21 @@ from speed import DEFAULT_BUNDLE, ROOT, extract_commit  # bench/speed.py
 DEFAULT_BASELINE = "8a70eae"
 
 _CHILD = """
-import json, pickle, resource, sys, time
+import json, pickle, sys, time
 import torch
 torch.set_num_threads(int(sys.argv[3]))
+from dataclasses import replace
 from pipeline.config import REFINE_PRESETS
 from pipeline.metrics import mean_masked_psnr
 from pipeline.refine import refine_mesh
 start, frames = pickle.load(open(sys.argv[1], "rb"))
-t0 = time.perf_counter()
-mesh, report = refine_mesh(start, frames, REFINE_PRESETS[sys.argv[2]], device="cpu")
-wall = time.perf_counter() - t0
-ru = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps({"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "iterations": report["iterations"],
+cfg = REFINE_PRESETS[sys.argv[2]]
+if int(sys.argv[4]) > 0:  # a fixed number of steps: no early stop, no time budget
+    cfg = replace(cfg, iterations=int(sys.argv[4]), convergence_tol=-1.0, time_budget_s=1e9)
+t0, c0 = time.perf_counter(), time.process_time()
+mesh, report = refine_mesh(start, frames, cfg, device="cpu")
+wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+print(json.dumps({"wall_s": wall, "cpu_s": cpu, "iterations": report["iterations"],
                   "stop_reason": report["stop_reason"], "psnr": mean_masked_psnr(mesh, frames)}))
 """
 
@@ -60,10 +65,10 @@ def make_start(bundle: str, preset: str, path: Path) -> None:
     path.write_bytes(pickle.dumps((start, frames)))
 
 
-def run_side(tree: Path, start: Path, preset: str, threads: int) -> dict:
+def run_side(tree: Path, start: Path, preset: str, threads: int, iterations: int) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     out = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(start), preset, str(threads)],
+        [sys.executable, "-c", _CHILD, str(start), preset, str(threads), str(iterations)],
         cwd=tree, env=env, capture_output=True, text=True, check=True,
     )  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -76,26 +81,35 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline", default=DEFAULT_BASELINE)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--start", type=Path, default=None, help="a pickled (start mesh, frames) to reuse")
+    ap.add_argument(
+        "--iterations",
+        type=int,
+        default=0,
+        help="run exactly this many steps (0: the preset, its early stop and budget)",
+    )
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         base = extract_commit(args.baseline, tmp / "baseline")
-        start = tmp / "start.pkl"
-        make_start(args.bundle, args.preset, start)
+        start = args.start or tmp / "start.pkl"
+        if args.start is None:
+            make_start(args.bundle, args.preset, start)
         runs: dict[str, list[dict]] = {"baseline": [], "current": []}
         for _ in range(args.repeat):
             for side, tree in (("baseline", base), ("current", ROOT)):
                 t0 = time.perf_counter()
-                runs[side].append(run_side(tree, start, args.preset, args.threads))
+                runs[side].append(run_side(tree, start, args.preset, args.threads, args.iterations))
                 print(f"{side}: {json.dumps(runs[side][-1])} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     best = {k: min(v, key=lambda r: r["wall_s"]) for k, v in runs.items()}
     print(f"refinement, {args.preset}, {args.threads} threads, baseline {args.baseline}, best of {args.repeat}")
-    print(f"{'side':9s} {'wall_s':>7s} {'cpu_s':>7s} {'it':>4s} {'s/it':>6s} {'PSNR':>6s} stop")
+    print(f"{'side':9s} {'wall_s':>7s} {'cpu_s':>7s} {'it':>4s} {'s/it':>6s} {'cpu/it':>6s} {'PSNR':>6s} stop")
     for side, r in best.items():
+        n = max(r["iterations"], 1)
         print(
             f"{side:9s} {r['wall_s']:7.1f} {r['cpu_s']:7.1f} {r['iterations']:4d} "
-            f"{r['wall_s'] / max(r['iterations'], 1):6.3f} {r['psnr']:6.2f} {r['stop_reason']}"
+            f"{r['wall_s'] / n:6.3f} {r['cpu_s'] / n:6.3f} {r['psnr']:6.2f} {r['stop_reason']}"
         )
     b, c = best["baseline"], best["current"]
     print(
