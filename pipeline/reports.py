@@ -246,6 +246,13 @@ class RefineReport(StageReport):
     """The coarse pass's iterations, stop_reason, time_s, resolution, oom_retry."""
     mean_dihedral_deg: dict[str, float] | None = None
     input_view_psnr: dict[str, float | None] | None = None
+    """Masked PSNR of each mesh at the views the refinement trained on."""
+    held_out_views: list[str] | None = None
+    """Views the refinement did not train on (``pipeline.refine_selection``)."""
+    selected_by: str | None = None
+    """``held_out_views`` or ``input_views``: which views judged refined against fusion."""
+    held_out_psnr: dict[str, float | None] | None = None
+    """Masked PSNR of each mesh at ``held_out_views`` (None when none was held out)."""
     returned: str | None = None
     """``refined`` or ``fusion``: which mesh the model returned."""
     error: dict | None = None
@@ -255,6 +262,8 @@ class RefineReport(StageReport):
 
     def _keeps_none(self, name: str) -> bool:
         # A finished run always states where it settled (None: never); a failed one has no such key.
+        if name == "held_out_psnr":
+            return self.selected_by is not None
         return name == "settled_from_iteration" and self.loss_curve is not None
 
 

@@ -367,3 +367,81 @@ def test_smooth_parametrisation_makes_the_global_move_and_stays_smooth(scene):
     r_err0 = abs(np.linalg.norm(start.vertices, axis=1).mean() - r_true)
     assert err[100.0] < 0.2 * r_err0 and err[100.0] < 0.5 * err[0.0], (r_err0, err)
     assert rough[100.0] < mean_dihedral_angle(start.vertices, start.faces) + 0.5 < rough[0.0], rough
+
+
+def _cap_facing(gt: TexturedMesh, frames: PosedFrames, name: str) -> np.ndarray:
+    """(V,) bool: the sphere's vertices that face view ``name`` head-on (the side views see them edge-on)."""
+    cam = next(v.depth_camera for v in frames.views if v.name == name)
+    to_cam = np.asarray(cam.center, dtype=np.float64) / np.linalg.norm(cam.center)
+    n = gt.vertices / np.linalg.norm(gt.vertices, axis=1, keepdims=True)
+    return n @ to_cam > 0.85
+
+
+def test_a_refinement_that_loses_at_the_held_out_view_is_not_returned(scene):
+    """Better at the views it trained on, worse at the one held out: the fusion mesh is returned.
+    Judged at the input views (no view held out), the same refinement would have been returned."""
+    from pipeline.models import better_of
+
+    gt, frames, _ = scene
+    held = frames.views[0].name
+    # "fusion": the true surface with a slightly tinted texture (a little off at every view).
+    fused = replace(gt, texture=np.clip(gt.texture.astype(np.int16) + 25, 0, 255).astype(np.uint8))
+    # "refined": exact, except that the cap facing the held-out view reads one wrong texel.
+    uvs = gt.uvs.copy()
+    uvs[_cap_facing(gt, frames, held)] = (0.01, 0.01)
+    refined = replace(gt, uvs=uvs)
+    report, warnings = {}, []
+    assert better_of(fused, refined, frames, report, warnings, held_out=[held]) is fused
+    assert report["returned"] == "fusion" and report["selected_by"] == "held_out_views"
+    assert report["held_out_views"] == [held]
+    assert report["held_out_psnr"]["fusion"] > report["held_out_psnr"]["refined"]
+    assert report["input_view_psnr"]["refined"] > report["input_view_psnr"]["fusion"]  # the training views
+    assert warnings[0].startswith("REFINE_NO_GAIN") and "held-out views" in warnings[0]
+    report, warnings = {}, []
+    assert better_of(fused, refined, frames, report, warnings) is refined  # what input views alone would pick
+    assert report["selected_by"] == "input_views" and report["held_out_psnr"] is None
+    # And one that also wins at the held-out view is returned.
+    report, warnings = {}, []
+    assert better_of(fused, gt, frames, report, warnings, held_out=[held]) is gt
+    assert report["returned"] == "refined" and not warnings
+
+
+def test_held_out_views_are_split_from_training_and_the_refinement_never_sees_them(scene, monkeypatch, tmp_path):
+    import pipeline.models as models
+    from pipeline.config import ReconstructConfig
+    from pipeline.reconstruct import ModelOutput
+    from pipeline.refine_selection import choose_held_out_views, shared_surface_fraction, split_frames
+
+    gt, frames, worse = scene
+    shared = shared_surface_fraction(worse, frames)
+    assert shared.shape == (len(frames.views),) and ((shared >= 0) & (shared <= 1)).all()
+    held = choose_held_out_views(worse, frames, 1)
+    assert held == [frames.views[int(np.argmax(shared))].name]
+    assert choose_held_out_views(worse, frames, 0) == []
+    assert choose_held_out_views(worse, replace(frames, views=frames.views[:2]), 1) == []  # too few to spare one
+    train, judge = split_frames(frames, held)
+    assert [v.name for v in judge.views] == held and len(train.views) == len(frames.views) - 1
+    assert held[0] not in {v.name for v in train.views}
+
+    seen = {}
+
+    def fake_refine(mesh, frames_in, cfg, **kw):
+        seen["views"] = [v.name for v in frames_in.views]
+        return gt, {"loss_curve": [1.0, 0.5], "terms": {}}
+
+    class Stages:
+        out_dir = tmp_path
+
+        def run(self, name, fn, *a, **k):
+            return fn(*a, **k)
+
+        def progress(self, name):
+            return None
+
+        should_cancel = None
+
+    monkeypatch.setattr(models, "fusion_model", lambda stages, fr, cfg: ModelOutput(mesh=worse, frames=fr))
+    monkeypatch.setattr(refine_mod, "refine_mesh", fake_refine)
+    out = models.nvdiffrec_model(Stages(), frames, ReconstructConfig(preset="fast"))
+    assert seen["views"] == [v.name for v in train.views]
+    assert out.reports["refine"]["held_out_views"] == held and out.mesh is gt
