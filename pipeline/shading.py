@@ -80,13 +80,22 @@ def edge_pixels(rast: Rasterization, *, depth_jump: float = 0.02) -> np.ndarray:
     """
     from scipy import ndimage
 
-    m = rast.mask
+    from .masks import mask_box
+
+    full = np.zeros(rast.tri_id.shape, bool)
+    # Edges lie within a pixel of the mesh: filter only its box, grown by two (the box's own
+    # border rows, reflected by the filters, see no mesh and stay False, as in the whole frame).
+    box = mask_box(rast.mask, 2)
+    if box is None:
+        return full
+    m = rast.mask[box]
     edge = ndimage.maximum_filter(m, size=3) != ndimage.minimum_filter(m, size=3)
-    d = np.where(m, rast.depth, 0.0)
+    d = np.where(m, rast.depth[box], 0.0)
     dmax = ndimage.maximum_filter(d, size=3)
     dmin = ndimage.minimum_filter(np.where(m, d, np.inf), size=3)
     edge |= m & (dmax - dmin > depth_jump * np.maximum(d, 1e-6))
-    return edge
+    full[box] = edge
+    return full
 
 
 def subpixel_offsets(n: int) -> list[tuple[float, float]]:
