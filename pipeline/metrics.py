@@ -295,7 +295,8 @@ def render_view_for_metrics(
     }
 
 
-def _evaluate_with(mesh: TexturedMesh, view: PosedView, rasterizer, supersample: int, depth_far: float | None) -> dict:
+def evaluate_with(mesh: TexturedMesh, view: PosedView, rasterizer, supersample: int, depth_far: float | None) -> dict:
+    """:func:`evaluate_view` with the mesh's rasterizer already built."""
     r = render_view_for_metrics(mesh, view, rasterizer, supersample=supersample, depth_far=depth_far)
     m = image_metrics(
         r["pred_rgb"], r["pred_mask"], r["ref_rgb"], r["ref_mask"], pred_depth=r["pred_depth"], ref_depth=r["ref_depth"]
@@ -318,7 +319,7 @@ def evaluate_view(
     :func:`render_view_for_metrics` for ``supersample`` and ``depth_far``).
     """
     r = make_rasterizer(mesh.vertices, mesh.faces, backend=backend)
-    return _evaluate_with(mesh, view, r, supersample, depth_far)
+    return evaluate_with(mesh, view, r, supersample, depth_far)
 
 
 def saturated_depth(frames: PosedFrames) -> float | None:
@@ -333,7 +334,7 @@ def evaluate_views(
     """:func:`evaluate_view` for every view, building the rasterizer once."""
     r = make_rasterizer(mesh.vertices, mesh.faces, backend=backend)
     far = saturated_depth(frames)
-    return map_views(lambda v: _evaluate_with(mesh, v, r, supersample, far), frames.views, r)
+    return map_views(lambda v: evaluate_with(mesh, v, r, supersample, far), frames.views, r)
 
 
 def map_views(fn, items: list, rasterizer) -> list:
