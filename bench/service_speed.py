@@ -95,7 +95,7 @@ def main() -> int:
             with httpx.Client(base_url=url, timeout=60) as client:
                 for i in range(a.jobs):
                     s, job = time_job(client, data, a.model, a.preset)
-                    run = job["runs"][a.model]
+                    run = job["models"][a.model]
                     print(f"job {i + 1}/{a.jobs} ({'warm-up' if i == 0 else 'timed'}): {s:.2f} s, {job['status']}", flush=True)
                     print("    run timings_s: " + json.dumps(run.get("timings_s", {})), flush=True)
                     if i > 0 or a.jobs == 1:
