@@ -9,10 +9,13 @@ next job. Every task is named after the job (``<job_id>:metrics:<view>``, ``<job
 times by Ray; a view that still fails is *reported* in quality.json's ``failed_views`` and in
 the run's warnings, never silently dropped.
 
-The frames are prepared with the run's resolved config, typed (``result.json``'s ``config``:
-preset plus overrides), never by resolving the preset again. Tasks exchange only store keys
-and Ray object refs (the mesh and the posed frames are put in the object store once and
-shared by all tasks).
+The model replica puts the published mesh, the frames it was made from and the previews'
+shading normals in the object store as soon as the mesh files exist
+(``ResultEvent.evaluation_inputs``); every task takes those refs, so nothing is read back or
+decoded again. Without them (a custom runner, or the replica that owned them is gone) the
+fan-out reads the mesh from the store and prepares the frames from the upload with the run's
+resolved config, typed (``result.json``'s ``config``: preset plus overrides), never by resolving
+the preset again. Tasks exchange only store keys and Ray object refs.
 """
 
 from __future__ import annotations
@@ -62,19 +65,27 @@ def prepare_frames_task(store: Store, input_key: str, result: ReconstructionResu
 
 
 @ray.remote
+def normals_task(mesh):
+    """The previews' corner normals (when the model replica did not put them)."""
+    from pipeline.previews import corner_normals
+
+    return corner_normals(mesh.vertices, mesh.faces)
+
+
+@ray.remote
 def evaluate_view_task(mesh, frames, index: int) -> dict:
     return EV.view_metrics(mesh, frames, index)
 
 
 @ray.remote
-def preview_task(mesh, index: int, n: int, store: Store, prefix: str) -> list[str]:
+def preview_task(mesh, normals, index: int, n: int, store: Store, prefix: str) -> list[str]:
     """textured_XX.png and wireframe_XX.png of preview camera ``index``; returns their relative paths."""
-    return _put(store, prefix, EV.preview_pngs(mesh, index, n))
+    return _put(store, prefix, EV.preview_pngs(mesh, index, n, renderer=EV.PreviewRenderer(mesh, normals=normals)))
 
 
 @ray.remote
-def turntable_task(mesh, store: Store, prefix: str) -> list[str]:
-    return _put(store, prefix, EV.turntable_gif(mesh))
+def turntable_task(mesh, normals, store: Store, prefix: str) -> list[str]:
+    return _put(store, prefix, EV.turntable_gif(mesh, renderer=EV.PreviewRenderer(mesh, normals=normals)))
 
 
 @ray.remote
@@ -120,21 +131,26 @@ async def run_fanout(
     max_retries: int,
     num_cpus: float,
     n_previews: int,
+    inputs: dict | None = None,
 ) -> FanoutResult:
-    """Metrics per view and previews in parallel, then quality.json. Never raises for a task failure."""
+    """Metrics per view and previews in parallel, then quality.json. Never raises for a task failure.
+
+    ``inputs``: the model replica's object refs (``mesh``, ``frames``, ``normals``), when it put them.
+    """
     opts = {"max_retries": max_retries, "retry_exceptions": True, "num_cpus": num_cpus}
     out = FanoutResult()
-    try:
-        mesh = load_mesh_task.options(name=f"{job_id}:load_mesh", **opts).remote(store, prefix)
-        frames, names_ref = prepare_frames_task.options(name=f"{job_id}:prepare_frames", **opts).remote(
-            store, input_key, result, EV.evaluation_config(result)
-        )
-        names: list[str] = await names_ref
-    except Exception as e:
-        out.error = _quality_failed(f"could not load the mesh or the views: {_error_text(e)}")
-        return out
+    if await _reachable(inputs) and result.views:
+        mesh, frames, normals = inputs["mesh"], inputs["frames"], inputs["normals"]
+        names = list(result.views)
+    else:
+        try:
+            mesh, frames, names = await _load_inputs(job_id, store, input_key, prefix, result, opts)
+        except Exception as e:
+            out.error = _quality_failed(f"could not load the mesh or the views: {_error_text(e)}")
+            return out
+        normals = normals_task.options(name=f"{job_id}:normals", **opts).remote(mesh)
 
-    preview_refs = _launch_previews(job_id, mesh, n_previews, store, prefix, opts)
+    preview_refs = _launch_previews(job_id, mesh, normals, n_previews, store, prefix, opts)
     per_view, failed = await _view_metrics(job_id, mesh, frames, names, opts, out, max_retries)
     preview_refs.append(
         contact_sheet_task.options(name=f"{job_id}:contact_sheet", **opts).remote(mesh, frames, per_view, store, prefix)
@@ -165,12 +181,34 @@ async def run_fanout(
     return out
 
 
-def _launch_previews(job_id: str, mesh, n: int, store: Store, prefix: str, opts: dict) -> list:
-    refs = [
-        preview_task.options(name=f"{job_id}:preview:{i:02d}", **opts).remote(mesh, i, n, store, prefix)
+async def _reachable(inputs: dict | None) -> bool:
+    """Whether the replica's refs can still be read (their owner, the model replica, may be gone)."""
+    if not inputs or not {"mesh", "frames", "normals"} <= set(inputs):
+        return False
+    try:
+        await inputs["normals"]  # small; fails at once with OwnerDiedError when the replica is gone
+    except Exception:
+        return False
+    return True
+
+
+async def _load_inputs(job_id: str, store: Store, input_key: str, prefix: str, result, opts: dict):
+    """(mesh ref, frames ref, view names) read from the store: the mesh read back, the frames prepared again."""
+    mesh = load_mesh_task.options(name=f"{job_id}:load_mesh", **opts).remote(store, prefix)
+    frames, names_ref = prepare_frames_task.options(name=f"{job_id}:prepare_frames", **opts).remote(
+        store, input_key, result, EV.evaluation_config(result)
+    )
+    names: list[str] = await names_ref
+    return mesh, frames, names
+
+
+def _launch_previews(job_id: str, mesh, normals, n: int, store: Store, prefix: str, opts: dict) -> list:
+    # The turntable is the longest task: first, so it is not the last to finish.
+    refs = [turntable_task.options(name=f"{job_id}:turntable", **opts).remote(mesh, normals, store, prefix)]
+    refs += [
+        preview_task.options(name=f"{job_id}:preview:{i:02d}", **opts).remote(mesh, normals, i, n, store, prefix)
         for i in range(n)
     ]
-    refs.append(turntable_task.options(name=f"{job_id}:turntable", **opts).remote(mesh, store, prefix))
     return refs
 
 

@@ -376,6 +376,7 @@ class JobScheduler:
             max_retries=self.args.fanout_max_retries,
             num_cpus=self.args.fanout_num_cpus,
             n_previews=self.args.preview_views,
+            inputs=ev.evaluation_inputs,
         )
         run.timings_s["evaluate_and_previews"] = round(time.perf_counter() - t0, 3)
         run.files = sorted(set(run.files) | set(fo.files))
