@@ -137,6 +137,7 @@ def reconstruct_bundle(
     evaluate: bool = True,
     previews: bool = True,
     limits: BundleLimits | None = None,
+    on_exported: ExportedFn | None = None,
 ) -> dict:
     """Reconstruct one bundle and write the outputs into ``out_dir``.
 
@@ -151,7 +152,7 @@ def reconstruct_bundle(
     """
     result = run_reconstruction(
         src, out_dir, model=model, preset=preset, device=device, config=config, progress=progress,
-        should_cancel=should_cancel, evaluate=evaluate, previews=previews, limits=limits,
+        should_cancel=should_cancel, evaluate=evaluate, previews=previews, limits=limits, on_exported=on_exported,
     )  # fmt: skip
     result.write(out_dir)
     return result.to_dict()
