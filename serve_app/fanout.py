@@ -20,6 +20,7 @@ the preset again. Tasks exchange only store keys and Ray object refs.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import ray
@@ -29,6 +30,8 @@ from deployments.store import Store
 from pipeline import evaluation as EV
 from pipeline.config import ReconstructConfig
 from pipeline.result import QualitySummary, ReconstructionResult
+
+logger = logging.getLogger("recon3d.fanout")
 
 
 @dataclass
@@ -132,10 +135,13 @@ async def run_fanout(
     num_cpus: float,
     n_previews: int,
     inputs: dict | None = None,
+    on_quality=None,
 ) -> FanoutResult:
     """Metrics per view and previews in parallel, then quality.json. Never raises for a task failure.
 
     ``inputs``: the model replica's object refs (``mesh``, ``frames``, ``normals``), when it put them.
+    ``on_quality(result)``: awaited once quality.json exists, before the remaining previews are
+    awaited (``result.quality`` / ``error`` set, ``files`` not yet complete).
     """
     opts = {"max_retries": max_retries, "retry_exceptions": True, "num_cpus": num_cpus}
     out = FanoutResult()
@@ -158,26 +164,32 @@ async def run_fanout(
     quality_ref = quality_task.options(name=f"{job_id}:quality", **opts).remote(
         per_view, failed, mesh, frames, result, store, prefix
     )
+    try:
+        ev: EV.EvaluationOutput = await quality_ref
+    except Exception as e:
+        ev = None
+        out.error = _quality_failed(f"quality.json could not be built: {_error_text(e)}")
+    if ev is not None:
+        out.quality = ev.quality
+        out.files.append(EV.QUALITY_FILE)
+        if ev.error:
+            out.error = {
+                "code": ev.error.get("code", QUALITY_FAILED),
+                "message": ev.error.get("message", ""),
+                "details": {},
+            }
+        elif failed:
+            out.warnings.append(f"{len(failed)} of {len(names)} views have no metrics")
+        if on_quality is not None:
+            try:
+                await on_quality(out)  # the record shows the quality while the last previews finish
+            except Exception:  # showing it early is a courtesy; the final record carries it anyway
+                logger.warning("could not record the quality early", exc_info=True, extra={"job_id": job_id})
     for ref in preview_refs:
         try:
             out.files.extend(await ref)
         except Exception as e:
             out.warnings.append(f"a preview failed: {_error_text(e)}")
-    try:
-        ev: EV.EvaluationOutput = await quality_ref
-    except Exception as e:
-        out.error = _quality_failed(f"quality.json could not be built: {_error_text(e)}")
-        return out
-    out.quality = ev.quality
-    out.files.append(EV.QUALITY_FILE)
-    if ev.error:
-        out.error = {
-            "code": ev.error.get("code", QUALITY_FAILED),
-            "message": ev.error.get("message", ""),
-            "details": {},
-        }
-    elif failed:
-        out.warnings.append(f"{len(failed)} of {len(names)} views have no metrics")
     return out
 
 
