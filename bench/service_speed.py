@@ -46,7 +46,9 @@ def app_args(store_dir: Path) -> dict:
 def time_job(client: httpx.Client, data: bytes, model: str, preset: str) -> tuple[float, dict]:
     """(seconds from the POST to the first terminal poll, the job)."""
     t0 = time.perf_counter()
-    r = client.post("/jobs", files={"bundle": ("bundle.zip", data, "application/zip")}, data={"model": model, "preset": preset})
+    r = client.post(
+        "/jobs", files={"bundle": ("bundle.zip", data, "application/zip")}, data={"model": model, "preset": preset}
+    )
     r.raise_for_status()
     job_id = r.json()["job_id"]
     while True:
@@ -101,7 +103,10 @@ def main() -> int:
                         print(f"CLI run before job {i + 1}: {clis[-1]:.2f} s; timings_s: {json.dumps(t)}", flush=True)
                     s, job = time_job(client, data, a.model, a.preset)
                     run = job["models"][a.model]
-                    print(f"job {i + 1}/{a.jobs} ({'warm-up' if i == 0 else 'timed'}): {s:.2f} s, {job['status']}", flush=True)
+                    print(
+                        f"job {i + 1}/{a.jobs} ({'warm-up' if i == 0 else 'timed'}): {s:.2f} s, {job['status']}",
+                        flush=True,
+                    )
                     print("    run timings_s: " + json.dumps(run.get("timings_s", {})), flush=True)
                     if i > 0 or a.jobs == 1:
                         times.append(s)

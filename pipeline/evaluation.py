@@ -165,7 +165,9 @@ class PreviewRenderer:
             self.normals = corner_normals(self.mesh.vertices, self.mesh.faces)
 
 
-def preview_pngs(mesh: TexturedMesh, index: int, n: int, *, renderer: PreviewRenderer | None = None) -> dict[str, bytes]:
+def preview_pngs(
+    mesh: TexturedMesh, index: int, n: int, *, renderer: PreviewRenderer | None = None
+) -> dict[str, bytes]:
     """``previews/textured_XX.png`` and ``previews/wireframe_XX.png`` of preview camera ``index`` of ``n``, from one render."""
     return previews_pngs(mesh, [index], n, renderer=renderer)
 
@@ -206,7 +208,9 @@ def contact_sheet_png(
     from .previews import contact_sheet, png_bytes
 
     r = rasterizer if rasterizer is not None else mesh_rasterizer(mesh)
-    return {f"{PREVIEWS_DIR}/contact_sheet.png": png_bytes(contact_sheet(mesh, frames, per_view=per_view, rasterizer=r))}
+    return {
+        f"{PREVIEWS_DIR}/contact_sheet.png": png_bytes(contact_sheet(mesh, frames, per_view=per_view, rasterizer=r))
+    }
 
 
 def _no_stage(_name, fn, *args, **kw):

@@ -382,7 +382,9 @@ def render_wireframe(
 def png_bytes(img: np.ndarray | Image.Image) -> bytes:
     """PNG file content of an (H, W, 3) uint8 image at :data:`PNG_COMPRESS_LEVEL`."""
     buf = io.BytesIO()
-    (img if isinstance(img, Image.Image) else Image.fromarray(img)).save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    (img if isinstance(img, Image.Image) else Image.fromarray(img)).save(
+        buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL
+    )
     return buf.getvalue()
 
 

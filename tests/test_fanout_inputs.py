@@ -71,8 +71,15 @@ def test_fanout_on_the_replicas_refs_matches_the_cli(tmp_path, local_ray):
         store.put(f"out/{name}", (tmp_path / "model" / name).read_bytes())
     fo = asyncio.run(
         run_fanout(
-            job_id="j", store=store, input_key="no/such/upload.zip", prefix="out", result=result,
-            max_retries=0, num_cpus=0.5, n_previews=8, inputs=inputs,
+            job_id="j",
+            store=store,
+            input_key="no/such/upload.zip",
+            prefix="out",
+            result=result,
+            max_retries=0,
+            num_cpus=0.5,
+            n_previews=8,
+            inputs=inputs,
         )  # fmt: skip
     )
     assert fo.error is None or fo.error["code"] != "QUALITY_FAILED", fo.error
