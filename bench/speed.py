@@ -1,16 +1,20 @@
-"""Whole-job speed of the CLI, against a baseline commit, in one run on one machine.
+"""Whole-job speed of the CLI, against baseline commits, in one run on one machine.
 
     python bench/speed.py [--bundle ../shared/data/seed-example/input] [--model fusion]
-                          [--preset balanced] [--baseline 57f0d3e] [--repeat 2] [--threads 2]
+                          [--preset balanced] [--baseline 8a70eae] [--also 57f0d3e]
+                          [--repeat 2] [--threads 2]
 
-Extracts the baseline commit (``git archive``) into a temporary folder, then runs
-``python -m pipeline.cli reconstruct`` on the same bundle, alternating baseline and current
-tree, ``--repeat`` times each, every run in a fresh subprocess with ``PYTHONPATH`` at its tree
-(so imports count, as they do for a user). Prints, per stage of ``result.json["timings_s"]``,
-the best time of each side and their ratio, then the whole process's wall time, its CPU time
-(user + sys, the UV atlas' child process included) and peak RSS (``wait4``'s rusage).
+Extracts each baseline commit (``git archive``) into a temporary folder, then runs
+``python -m pipeline.cli reconstruct`` on the same bundle, alternating the baselines and the
+current tree, ``--repeat`` times each, every run in a fresh subprocess with ``PYTHONPATH`` at its
+tree (so imports count, as they do for a user). Prints, per stage of ``result.json["timings_s"]``,
+the best time of each side and its ratio to the current tree, then the whole process's wall
+time, its CPU time (user + sys, the UV atlas' child process included) and peak RSS (``wait4``'s rusage).
 
-Then it checks that the current tree's outputs say the same as the baseline's:
+``--baseline`` is the commit whose outputs the current tree must reproduce: the same
+reconstruction code, so the same mesh (default: main before this round of issue 20's work).
+``--also`` commits are timed only (default: main before issue 20, 57f0d3e, whose mesh later
+issues changed). Then it checks that the current tree's outputs say the same as the baseline's:
 
 - ``quality.json`` and ``result.json``: every number equal within :data:`REL_TOL` relative
   (measured times, :data:`TIME_KEYS`, and the resolved device left out);
@@ -43,8 +47,10 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLE = ROOT.parent / "shared" / "data" / "seed-example" / "input"
-#: main before issue 20's speed work.
-DEFAULT_BASELINE = "57f0d3e"
+#: main before this round of issue 20 (after issue 19's one evaluation path): same mesh, same outputs.
+DEFAULT_BASELINE = "8a70eae"
+#: main before issue 20: timed only.
+DEFAULT_ALSO = ("57f0d3e",)
 STAGES = ("read_bundle", "prepare_frames", "reconstruct_geometry", "bake_texture", "export", "evaluate", "previews")
 #: Keys whose values are measured times, not results: left out of the JSON comparison.
 TIME_KEYS = frozenset({"timings", "timings_s", "seconds"})
@@ -198,9 +204,8 @@ def main() -> int:
     p.add_argument("--bundle", default=str(DEFAULT_BUNDLE))
     p.add_argument("--model", default="fusion")
     p.add_argument("--preset", default="balanced")
-    p.add_argument(
-        "--baseline", default=DEFAULT_BASELINE, help="commit to compare with (default: main before issue 20)"
-    )
+    p.add_argument("--baseline", default=DEFAULT_BASELINE, help="commit whose outputs must be reproduced")
+    p.add_argument("--also", nargs="*", default=list(DEFAULT_ALSO), help="more commits, timed only")
     p.add_argument("--repeat", type=int, default=2, help="runs of each side; the best time per stage is kept")
     p.add_argument("--threads", type=int, default=2, help="OMP/MKL threads of each run")
     p.add_argument("--keep", default=None, help="keep the outputs in this folder")
@@ -208,44 +213,50 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="recon3d-speed-") as tmp:
         work = Path(a.keep) if a.keep else Path(tmp)
-        base_tree = extract_commit(a.baseline, Path(tmp) / "baseline-tree")
-        sides = {"baseline": base_tree, "current": ROOT}
+        sides = {c: extract_commit(c, Path(tmp) / f"tree-{c}") for c in [*a.also, a.baseline]}
+        sides["current"] = ROOT
         runs: dict[str, list[dict]] = {k: [] for k in sides}
         for i in range(a.repeat):
-            for side, tree in sides.items():  # alternate, so both see the same load over time
+            for side, tree in sides.items():  # alternate, so every side sees the same load over time
                 r = run_cli(tree, a.bundle, work / f"{side}-{i}", a.model, a.preset, a.threads)
                 runs[side].append(r)
                 print(
                     f"run {i + 1}/{a.repeat} {side}: {r['wall']:.2f} s wall, {r['cpu']:.2f} s CPU, {r['rss_mb']:.0f} MB peak",
                     flush=True,
                 )
-
-        def best(side: str, key: str) -> float | None:
-            vals = [r["timings"].get(key) for r in runs[side]]
-            vals = [v for v in vals if v is not None]
-            return min(vals) if vals else None
-
         print()
-        print(f"{a.model} {a.preset} on {a.bundle}, best of {a.repeat}, baseline {a.baseline} vs current tree")
-        print(f"{'stage':22s} {'baseline s':>11s} {'current s':>10s} {'ratio':>7s}")
-        rows = [(s, best("baseline", s), best("current", s)) for s in STAGES]
-        rows.append(("evaluate + previews", *(
-            (best(k, "evaluate") or 0.0) + (best(k, "previews") or 0.0) for k in ("baseline", "current"))))  # fmt: skip
-        rows.append(("pipeline total", best("baseline", "total"), best("current", "total")))
-        rows.append(("whole process (wall)", *(min(r["wall"] for r in runs[k]) for k in sides)))
-        # CPU seconds (user + sys, xatlas' child included) move far less than wall time on a busy machine.
-        rows.append(("whole process (CPU)", *(min(r["cpu"] for r in runs[k]) for k in sides)))
-        for name, b, c in rows:
-            ratio = f"{b / c:6.2f}x" if b and c else "      -"
-            print(f"{name:22s} {_fmt(b):>11s} {_fmt(c):>10s} {ratio}")
-        rss = {k: max(r["rss_mb"] for r in runs[k]) for k in sides}
-        print(
-            f"{'peak RSS (MB, max)':22s} {rss['baseline']:11.0f} {rss['current']:10.0f} {rss['baseline'] / rss['current']:6.2f}x"
-        )
+        print(f"{a.model} {a.preset} on {a.bundle}, best of {a.repeat}; ratio = that side / current tree")
+        print_table(runs)
         print()
-        same = compare_outputs(work / "baseline-0", work / "current-0")
-        print("\noutputs: " + ("the same content as the baseline" if same else "MISMATCH against the baseline"))
+        same = compare_outputs(work / f"{a.baseline}-0", work / "current-0")
+        print(f"\noutputs: {'the same content as' if same else 'MISMATCH against'} {a.baseline}")
         return 0 if same else 1
+
+
+def print_table(runs: dict[str, list[dict]]) -> None:
+    """Per stage, each side's best time and its ratio to the current tree's; wall, CPU and peak RSS."""
+
+    def best(side: str, key: str) -> float | None:
+        vals = [r["timings"].get(key) for r in runs[side]]
+        vals = [v for v in vals if v is not None]
+        return min(vals) if vals else None
+
+    others = [k for k in runs if k != "current"]
+    rows = [(s, {k: best(k, s) for k in runs}) for s in STAGES]
+    rows.append(("evaluate + previews", {k: (best(k, "evaluate") or 0.0) + (best(k, "previews") or 0.0) for k in runs}))
+    rows.append(("pipeline total", {k: best(k, "total") for k in runs}))
+    rows.append(("whole process (wall)", {k: min(r["wall"] for r in runs[k]) for k in runs}))
+    # CPU seconds (user + sys, xatlas' child included) move far less than wall time on a busy machine.
+    rows.append(("whole process (CPU)", {k: min(r["cpu"] for r in runs[k]) for k in runs}))
+    rows.append(("peak RSS (MB, max)", {k: max(r["rss_mb"] for r in runs[k]) for k in runs}))
+    head = f"{'stage':22s}" + "".join(f" {k[:10]:>10s} {'ratio':>6s}" for k in others) + f" {'current':>10s}"
+    print(head)
+    for name, v in rows:
+        line = f"{name:22s}"
+        for k in others:
+            ratio = f"{v[k] / v['current']:5.2f}x" if v[k] and v["current"] else "     -"
+            line += f" {_fmt(v[k]):>10s} {ratio:>6s}"
+        print(line + f" {_fmt(v['current']):>10s}")
 
 
 def _fmt(x: float | None) -> str:

@@ -211,7 +211,8 @@ class ModelServer:
         work_dir = Path(tempfile.mkdtemp(prefix=f"recon3d-{req.job_id}-"))
         try:
             out = work_dir / "out"
-            result = self._reconstruct(req, out, progress, cancel)
+            inputs: dict = {}
+            result = self._reconstruct(req, out, progress, cancel, inputs)
             if not self._owns_output(req):
                 return P.ErrorEvent(
                     P.STALE_ATTEMPT,
@@ -219,20 +220,29 @@ class ModelServer:
                     {"attempt": req.attempt},
                 ).to_dict()
             files = self._publish(req, out)
-            return P.ResultEvent(result, files, round(time.perf_counter() - t0, 3)).to_dict()
+            return P.ResultEvent(result, files, round(time.perf_counter() - t0, 3), inputs or None).to_dict()
         except Exception as e:
             return self._error_event(e, req, cancel).to_dict()
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
 
-    def _reconstruct(self, req: P.ModelRequest, out: Path, progress, cancel: CancelCheck) -> ReconstructionResult:
-        """Run the model into ``out``; write result.json there once, with the run's resources added."""
+    def _reconstruct(
+        self, req: P.ModelRequest, out: Path, progress, cancel: CancelCheck, inputs: dict
+    ) -> ReconstructionResult:
+        """Run the model into ``out``; write result.json there once, with the run's resources added.
+
+        A runner that takes ``on_exported`` fills ``inputs`` with the fan-out's object refs
+        (:func:`put_evaluation_inputs`) as soon as the mesh files exist.
+        """
         src = self.store.get(req.input_key)
         cfg = resolve_run_config(req, self.device)
         mem = PeakMemory(self.device).start()
+        extra = {}
+        if _accepts(self.runner, "on_exported"):
+            extra["on_exported"] = lambda frames, folder: inputs.update(put_evaluation_inputs(frames, folder))
         returned = self.runner(
             src, out, model=req.model, preset=req.preset, device=self.device, config=cfg,
-            progress=progress, should_cancel=cancel, evaluate=False, previews=False,
+            progress=progress, should_cancel=cancel, evaluate=False, previews=False, **extra,
         )  # fmt: skip
         resources = mem.stop()
         if cancel():  # the last checkpoint may have passed; don't publish a canceled job's files
@@ -296,6 +306,34 @@ class ModelServer:
         except Exception as e:  # torch missing or broken driver: report, don't fail /health
             out["gpu_error"] = str(e)
         return out
+
+
+def _accepts(fn, name: str) -> bool:
+    """Whether ``fn`` takes the keyword argument ``name``."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def put_evaluation_inputs(frames, folder: Path) -> dict:
+    """Object refs of the published mesh (read back from ``folder``, as the fan-out scores it), the
+    frames it was made from and the previews' corner normals: the fan-out's tasks share them, and
+    nothing is read or decoded again (:mod:`serve_app.fanout`)."""
+    import ray
+
+    from pipeline import evaluation as EV
+    from pipeline.previews import corner_normals
+
+    mesh = EV.published_mesh(lambda name: (Path(folder) / name).read_bytes())
+    return {
+        "mesh": ray.put(mesh),
+        "frames": ray.put(frames),
+        "normals": ray.put(corner_normals(mesh.vertices, mesh.faces)),
+    }
 
 
 def autoscaling_options(a) -> dict:

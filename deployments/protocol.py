@@ -108,15 +108,22 @@ class ResultEvent:
     files: list[str]
     """Paths relative to the request's ``output_prefix``."""
     elapsed_s: float = 0.0
+    evaluation_inputs: dict | None = None
+    """Ray object refs of what the fan-out scores, put by the model replica once the mesh existed:
+    ``mesh`` (the published mesh read back), ``frames`` (the PosedFrames it was made from) and
+    ``normals`` (the previews' corner normals). None: the fan-out reads them from the store."""
     type: str = "result"
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "type": self.type,
             "result": self.result.to_dict(),
             "files": list(self.files),
             "elapsed_s": self.elapsed_s,
         }
+        if self.evaluation_inputs:
+            out["evaluation_inputs"] = dict(self.evaluation_inputs)
+        return out
 
 
 ModelEvent = ProgressEvent | ResultEvent | ErrorEvent
@@ -132,6 +139,7 @@ def parse_event(d: dict) -> ModelEvent:
             result=ReconstructionResult.from_dict(d["result"]),
             files=list(d["files"]),
             elapsed_s=d.get("elapsed_s", 0.0),
+            evaluation_inputs=d.get("evaluation_inputs") or None,
         )
     if kind == "error":
         e = d.get("error") or {}

@@ -82,11 +82,32 @@ def frames_for_result(src, result: ReconstructionResult, cfg: ReconstructConfig 
     return prepare_frames(load_bundle(src), cfg or evaluation_config(result), resolved=result.cameras)
 
 
-def view_metrics(mesh: TexturedMesh, frames: PosedFrames, index: int) -> dict:
-    """Metrics of view ``index`` (:func:`pipeline.metrics.evaluate_view`, depth clipped like the encoding)."""
-    from .metrics import evaluate_view, saturated_depth
+def view_metrics(mesh: TexturedMesh, frames: PosedFrames, index: int, *, rasterizer=None) -> dict:
+    """Metrics of view ``index`` (:func:`pipeline.metrics.evaluate_view`, depth clipped like the encoding).
 
-    return evaluate_view(mesh, frames.views[index], depth_far=saturated_depth(frames))
+    One render of the view at the working resolution gives PSNR, SSIM, depth error and IoU.
+    ``rasterizer``: the mesh's (:func:`mesh_rasterizer`), when the caller scores several views.
+    """
+    return views_metrics(mesh, frames, [index], rasterizer=rasterizer)[0]
+
+
+def views_metrics(
+    mesh: TexturedMesh, frames: PosedFrames, indices: list[int] | None = None, *, rasterizer=None
+) -> list[dict]:
+    """:func:`view_metrics` of each of ``indices`` (default: every view), two at a time on the CPU."""
+    from .metrics import METRICS_SUPERSAMPLE, evaluate_with, map_views, saturated_depth
+
+    r = rasterizer if rasterizer is not None else mesh_rasterizer(mesh)
+    far = saturated_depth(frames)
+    views = [frames.views[i] for i in (range(len(frames.views)) if indices is None else indices)]
+    return map_views(lambda v: evaluate_with(mesh, v, r, METRICS_SUPERSAMPLE, far), views, r)
+
+
+def mesh_rasterizer(mesh: TexturedMesh):
+    """The rasterizer every render of ``mesh`` in one process shares (embree builds its BVH once)."""
+    from .render import make_rasterizer
+
+    return make_rasterizer(mesh.vertices, mesh.faces)
 
 
 def quality_document(
@@ -127,32 +148,69 @@ def quality_json(doc: dict) -> bytes:
     return json.dumps(doc, indent=2).encode()
 
 
-def preview_pngs(mesh: TexturedMesh, index: int, n: int) -> dict[str, bytes]:
-    """``previews/textured_XX.png`` and ``previews/wireframe_XX.png`` of preview camera ``index`` of ``n``."""
-    from .previews import render_preview, render_wireframe
-    from .synthetic import png_bytes
+@dataclass
+class PreviewRenderer:
+    """The mesh with what all its preview renders share in one process: rasterizer and shading normals."""
 
-    return {
-        f"{PREVIEWS_DIR}/{kind}_{index:02d}.png": png_bytes(fn(mesh, index, n=n, resolution=PREVIEW_RESOLUTION))
-        for kind, fn in (("textured", render_preview), ("wireframe", render_wireframe))
-    }
+    mesh: TexturedMesh
+    rasterizer: object = None
+    normals: object = None
+
+    def __post_init__(self):
+        from .previews import corner_normals
+
+        if self.rasterizer is None:
+            self.rasterizer = mesh_rasterizer(self.mesh)
+        if self.normals is None:
+            self.normals = corner_normals(self.mesh.vertices, self.mesh.faces)
 
 
-def turntable_gif(mesh: TexturedMesh) -> dict[str, bytes]:
+def preview_pngs(
+    mesh: TexturedMesh, index: int, n: int, *, renderer: PreviewRenderer | None = None
+) -> dict[str, bytes]:
+    """``previews/textured_XX.png`` and ``previews/wireframe_XX.png`` of preview camera ``index`` of ``n``, from one render."""
+    return previews_pngs(mesh, [index], n, renderer=renderer)
+
+
+def previews_pngs(
+    mesh: TexturedMesh, indices: list[int], n: int, *, renderer: PreviewRenderer | None = None
+) -> dict[str, bytes]:
+    """:func:`preview_pngs` of each of ``indices``, two at a time on the CPU."""
+    from .metrics import map_views
+    from .previews import png_bytes, preview_images
+
+    rr = renderer or PreviewRenderer(mesh)
+
+    def one(i: int) -> dict[str, bytes]:
+        images = preview_images(
+            mesh, i, n=n, resolution=PREVIEW_RESOLUTION, rasterizer=rr.rasterizer, normals=rr.normals
+        )
+        return {f"{PREVIEWS_DIR}/{kind}_{i:02d}.png": png_bytes(images[kind]) for kind in ("textured", "wireframe")}
+
+    files: dict[str, bytes] = {}
+    for f in map_views(one, list(indices), rr.rasterizer):
+        files.update(f)
+    return files
+
+
+def turntable_gif(mesh: TexturedMesh, *, renderer: PreviewRenderer | None = None) -> dict[str, bytes]:
     """``previews/turntable.gif``."""
-    from .previews import write_turntable_gif
+    from .previews import turntable_gif as gif
 
-    with tempfile.TemporaryDirectory(prefix="recon3d-gif-") as tmp:
-        return {f"{PREVIEWS_DIR}/turntable.gif": write_turntable_gif(mesh, Path(tmp) / "t.gif").read_bytes()}
+    rr = renderer or PreviewRenderer(mesh)
+    return {f"{PREVIEWS_DIR}/turntable.gif": gif(mesh, rasterizer=rr.rasterizer, normals=rr.normals)}
 
 
-def contact_sheet_png(mesh: TexturedMesh, frames: PosedFrames, per_view: list[dict]) -> dict[str, bytes]:
+def contact_sheet_png(
+    mesh: TexturedMesh, frames: PosedFrames, per_view: list[dict] | None, *, rasterizer=None
+) -> dict[str, bytes]:
     """``previews/contact_sheet.png``, labelled with the report's per-view metrics."""
-    from .previews import write_contact_sheet
+    from .previews import contact_sheet, png_bytes
 
-    with tempfile.TemporaryDirectory(prefix="recon3d-sheet-") as tmp:
-        path = write_contact_sheet(mesh, frames, Path(tmp) / "c.png", per_view=per_view)
-        return {f"{PREVIEWS_DIR}/contact_sheet.png": path.read_bytes()}
+    r = rasterizer if rasterizer is not None else mesh_rasterizer(mesh)
+    return {
+        f"{PREVIEWS_DIR}/contact_sheet.png": png_bytes(contact_sheet(mesh, frames, per_view=per_view, rasterizer=r))
+    }
 
 
 def _no_stage(_name, fn, *args, **kw):
@@ -172,30 +230,30 @@ def evaluate_result(
     """Every part in this process: per-view metrics -> quality.json, preview cameras, turntable, contact sheet.
 
     ``run(stage, fn, *args)`` wraps the two stages (``evaluate``, ``previews``); the reconstruction
-    runner passes its own to time them and report progress.
+    runner passes its own to time them and report progress. One rasterizer serves every render.
     """
     out = EvaluationOutput()
     per_view: list[dict] = []
+    rasterizer = mesh_rasterizer(mesh)
     if quality:
-        per_view, out = run("evaluate", _quality_part, mesh, frames, result)
+        per_view, out = run("evaluate", _quality_part, mesh, frames, result, rasterizer)
     if previews:
-        out.files.update(run("previews", _previews_part, mesh, frames, per_view, n_previews))
+        out.files.update(run("previews", _previews_part, mesh, frames, per_view, n_previews, rasterizer))
     return out
 
 
-def _quality_part(mesh, frames, result) -> tuple[list[dict], EvaluationOutput]:
-    per_view = [view_metrics(mesh, frames, i) for i in range(len(frames.views))]
+def _quality_part(mesh, frames, result, rasterizer) -> tuple[list[dict], EvaluationOutput]:
+    per_view = views_metrics(mesh, frames, rasterizer=rasterizer)
     doc, out = quality_document(per_view, [], mesh, frames, result)
     out.files[QUALITY_FILE] = quality_json(doc)
     return per_view, out
 
 
-def _previews_part(mesh, frames, per_view, n) -> dict[str, bytes]:
-    files: dict[str, bytes] = {}
-    for i in range(n):
-        files.update(preview_pngs(mesh, i, n))
-    files.update(turntable_gif(mesh))
-    files.update(contact_sheet_png(mesh, frames, per_view or None))
+def _previews_part(mesh, frames, per_view, n, rasterizer) -> dict[str, bytes]:
+    renderer = PreviewRenderer(mesh, rasterizer)
+    files = previews_pngs(mesh, list(range(n)), n, renderer=renderer)
+    files.update(turntable_gif(mesh, renderer=renderer))
+    files.update(contact_sheet_png(mesh, frames, per_view or None, rasterizer=rasterizer))
     return files
 
 

@@ -92,11 +92,13 @@ def ssim_map(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, float]:
     The numbers are scikit-image's ``structural_similarity(pred, ref, data_range=1,
     channel_axis=-1, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, full=True)``
     (its map averaged over channels), bit for bit, at a fraction of the cost and memory on
-    renders over a white background: where every pixel of a window is white (1.0) in ``pred``,
-    its mean and second moment are the window's sum of weights and its cross moment is
-    ``ref``'s mean, exactly, so only ``ref``'s two moments are filtered over the whole frame,
-    and ``pred``'s three on the box around its non-white pixels (grown by two window radii,
-    so the box's filtered values match the whole frame's within one radius of them). The
+    renders and photos over a white background. Where every pixel of a window is white (1.0)
+    in ``pred``, its mean and second moment are the window's sum of weights and its cross
+    moment is ``ref``'s mean, exactly, so ``pred``'s three moments are filtered only on the box
+    around its non-white pixels; where the window is white in ``ref`` too, all five moments are
+    that sum and the formula gives 1.0 exactly, so ``ref``'s two moments are filtered only on the
+    box around either image's non-white pixels. Each box is grown by two window radii, so its
+    filtered values match the whole frame's within one radius of the non-white pixels. The
     formula runs in place, one channel at a time, in scikit-image's order of operations.
 
     Parameters
@@ -109,47 +111,68 @@ def ssim_map(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, float]:
     mean : float, the mean over channels of each channel's map without a window radius of border
     """
     H, W, C = pred.shape
-    c1, c2 = (SSIM_K1 * DATA_RANGE) ** 2, (SSIM_K2 * DATA_RANGE) ** 2
     r = SSIM_RADIUS
-    inner = mask_box((pred != 1.0).any(-1), r)  # pixels whose windows see a non-white pred pixel
+    pred_ink = (pred != 1.0).any(-1)
+    pred_box = mask_box(pred_ink, r)  # pixels whose windows see a non-white pred pixel
+    both_box = mask_box(pred_ink | (ref != 1.0).any(-1), r)  # ... a non-white pixel of either
     one = _gaussian(np.ones((2 * r + 1, 2 * r + 1)))[r, r]  # the filtered value of a white window
-    acc = None
+    acc = np.zeros((H, W))
     means = []
     for c in range(C):
-        x, y = pred[..., c], ref[..., c]
-        uy, uyy = _gaussian(y), _gaussian(y * y)
-        # All-white windows: ux = uxx = `one`, uxy = uy.
-        ux, uxx, uxy = np.full((H, W), one), np.full((H, W), one), uy.copy()
-        if inner is not None:
-            (r0, r1), (c0, c1_) = ((sl.start, sl.stop) for sl in inner)
-            b0, b1, d0, d1 = max(r0 - r, 0), min(r1 + r, H), max(c0 - r, 0), min(c1_ + r, W)
-            xb, yb = x[b0:b1, d0:d1], y[b0:b1, d0:d1]
-            sl = (slice(r0 - b0, r1 - b0), slice(c0 - d0, c1_ - d0))
-            ux[inner] = _gaussian(xb)[sl]
-            uxx[inner] = _gaussian(xb * xb)[sl]
-            uxy[inner] = _gaussian(xb * yb)[sl]
-        uxx -= ux * ux  # vx
-        uyy -= uy * uy  # vy
-        uxy -= ux * uy  # vxy
-        num = ux * 2  # A1 = 2 ux uy + c1
-        num *= uy
-        num += c1
-        uxy *= 2  # A2 = 2 vxy + c2
-        uxy += c2
-        num *= uxy
-        den = ux * ux  # B1 = ux^2 + uy^2 + c1
-        den += uy * uy
-        den += c1
-        uxx += uyy  # B2 = vx + vy + c2
-        uxx += c2
-        den *= uxx
-        num /= den  # S
-        means.append(num[r : H - r, r : W - r].mean(dtype=np.float64))
-        if acc is None:
-            acc = num
-        else:
-            acc += num
+        s = np.ones((H, W))  # all-white windows in both: SSIM 1.0 exactly
+        if both_box is not None:
+            s[both_box] = _ssim_channel(pred[..., c], ref[..., c], both_box, pred_box, one)
+        means.append(s[r : H - r, r : W - r].mean(dtype=np.float64))
+        acc += s
     return acc / np.float64(C), float(np.mean(means))
+
+
+def _grown(box: tuple[slice, slice], r: int, H: int, W: int) -> tuple[slice, slice]:
+    rows, cols = box
+    return slice(max(rows.start - r, 0), min(rows.stop + r, H)), slice(max(cols.start - r, 0), min(cols.stop + r, W))
+
+
+def _inside(box: tuple[slice, slice], outer: tuple[slice, slice]) -> tuple[slice, slice]:
+    """``box`` in the coordinates of ``outer`` (which contains it)."""
+    return tuple(slice(b.start - o.start, b.stop - o.start) for b, o in zip(box, outer, strict=True))
+
+
+def _ssim_channel(x: np.ndarray, y: np.ndarray, box, pred_box, one: float) -> np.ndarray:
+    """The SSIM map of one (H, W) channel on ``box`` (``pred_box``, inside it, holds pred's non-white windows)."""
+    H, W = x.shape
+    r = SSIM_RADIUS
+    c1, c2 = (SSIM_K1 * DATA_RANGE) ** 2, (SSIM_K2 * DATA_RANGE) ** 2
+    grown = _grown(box, r, H, W)
+    yg = y[grown]
+    sl = _inside(box, grown)
+    uy, uyy = _gaussian(yg)[sl], _gaussian(yg * yg)[sl]
+    # All-white pred windows: ux = uxx = `one`, uxy = uy.
+    shape = uy.shape
+    ux, uxx, uxy = np.full(shape, one), np.full(shape, one), uy.copy()
+    if pred_box is not None:
+        pg = _grown(pred_box, r, H, W)
+        xb, yb = x[pg], y[pg]
+        src, dst = _inside(pred_box, pg), _inside(pred_box, box)
+        ux[dst] = _gaussian(xb)[src]
+        uxx[dst] = _gaussian(xb * xb)[src]
+        uxy[dst] = _gaussian(xb * yb)[src]
+    uxx -= ux * ux  # vx
+    uyy -= uy * uy  # vy
+    uxy -= ux * uy  # vxy
+    num = ux * 2  # A1 = 2 ux uy + c1
+    num *= uy
+    num += c1
+    uxy *= 2  # A2 = 2 vxy + c2
+    uxy += c2
+    num *= uxy
+    den = ux * ux  # B1 = ux^2 + uy^2 + c1
+    den += uy * uy
+    den += c1
+    uxx += uyy  # B2 = vx + vy + c2
+    uxx += c2
+    den *= uxx
+    num /= den  # S
+    return num
 
 
 def _masked_psnr(sq: np.ndarray, region: np.ndarray) -> float | None:
@@ -272,7 +295,8 @@ def render_view_for_metrics(
     }
 
 
-def _evaluate_with(mesh: TexturedMesh, view: PosedView, rasterizer, supersample: int, depth_far: float | None) -> dict:
+def evaluate_with(mesh: TexturedMesh, view: PosedView, rasterizer, supersample: int, depth_far: float | None) -> dict:
+    """:func:`evaluate_view` with the mesh's rasterizer already built."""
     r = render_view_for_metrics(mesh, view, rasterizer, supersample=supersample, depth_far=depth_far)
     m = image_metrics(
         r["pred_rgb"], r["pred_mask"], r["ref_rgb"], r["ref_mask"], pred_depth=r["pred_depth"], ref_depth=r["ref_depth"]
@@ -295,7 +319,7 @@ def evaluate_view(
     :func:`render_view_for_metrics` for ``supersample`` and ``depth_far``).
     """
     r = make_rasterizer(mesh.vertices, mesh.faces, backend=backend)
-    return _evaluate_with(mesh, view, r, supersample, depth_far)
+    return evaluate_with(mesh, view, r, supersample, depth_far)
 
 
 def saturated_depth(frames: PosedFrames) -> float | None:
@@ -310,7 +334,7 @@ def evaluate_views(
     """:func:`evaluate_view` for every view, building the rasterizer once."""
     r = make_rasterizer(mesh.vertices, mesh.faces, backend=backend)
     far = saturated_depth(frames)
-    return map_views(lambda v: _evaluate_with(mesh, v, r, supersample, far), frames.views, r)
+    return map_views(lambda v: evaluate_with(mesh, v, r, supersample, far), frames.views, r)
 
 
 def map_views(fn, items: list, rasterizer) -> list:

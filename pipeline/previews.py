@@ -8,6 +8,7 @@ starting in front (+Z) and stepping towards +X. Each image is a plain function o
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -201,11 +202,14 @@ def headlight(rast: Rasterization, cam: Camera, normals: np.ndarray) -> np.ndarr
     return np.where(rast.mask, AMBIENT + DIFFUSE * cos, 0.0).astype(np.float32)
 
 
-def edge_distance_px(rast: Rasterization, cam: Camera, vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+def edge_distance_px(
+    rast: Rasterization, cam: Camera, vertices: np.ndarray, faces: np.ndarray, *, offset: tuple[int, int] = (0, 0)
+) -> np.ndarray:
     """(H, W) float32: distance in pixels from each pixel centre to the nearest edge of its visible triangle.
 
     Only the triangle that is visible at a pixel is considered, so edges hidden behind
     other surfaces are never near any pixel: this is the hidden-line removal. Background is +inf.
+    ``offset``: (row, column) of ``rast``'s first pixel in ``cam``'s image, when it is a crop.
     """
     H, W = rast.tri_id.shape
     out = np.full((H, W), np.inf, np.float32)
@@ -214,7 +218,7 @@ def edge_distance_px(rast: Rasterization, cam: Camera, vertices: np.ndarray, fac
         return out
     uv, _ = project_points(cam.K, cam.world_to_cam, np.asarray(vertices, dtype=np.float64))
     ii, jj = np.nonzero(m)
-    p = np.stack([jj + 0.5, ii + 0.5], axis=-1)
+    p = np.stack([jj + offset[1] + 0.5, ii + offset[0] + 0.5], axis=-1)
     corners = np.asarray(faces, dtype=np.int64)[rast.tri_id[m]]  # (M, 3)
     best = np.full(len(p), np.inf)
     for k in range(3):
@@ -268,23 +272,73 @@ def _preview_images(
     s = max(int(supersample), 1)
     big = cam.scaled(cam.width * s, cam.height * s)
     rast = rast if rast is not None else rasterizer.rasterize(big)
-    shade = headlight(rast, big, normals)[..., None]
+    reach = 2 * math.ceil(s * line_px / 2.0) + 1  # the wireframe's dilation of silhouette lines, pixels
+    kinds = [k for k, on in (("textured", textured), ("wireframe", wireframe)) if on]
+    out = {k: np.empty((cam.height, cam.width, 3), np.uint8) for k in kinds}
+    for img in out.values():
+        img[:] = np.asarray(BACKGROUND_RGB, np.uint8)
+    # Shade only the mesh's box: every image is exactly the background farther out (a bg-coloured
+    # block averages to bg, and lines reach at most `reach` pixels past the silhouette).
+    box = _block_box(rast.mask, reach + s, s)
+    if box is None:
+        return out
+    crop = Rasterization(rast.tri_id[box], rast.bary[box], rast.depth[box])
+    shade = headlight(crop, big, normals)[..., None]
     bg = np.asarray(BACKGROUND_RGB, np.float32)
-    out = {}
+    small = tuple(slice(b.start // s, b.stop // s) for b in box)
     if textured:
-        col = shade_rgb(mesh, rast).astype(np.float32)
-        img = np.where(rast.mask[..., None], col * shade, bg)
-        out["textured"] = _to_uint8(_shrink(img, s))
+        col = shade_rgb(mesh, crop).astype(np.float32)
+        img = np.where(crop.mask[..., None], col * shade, bg)
+        out["textured"][small] = _to_uint8(_shrink(img, s))
     if wireframe:
-        base = np.where(rast.mask[..., None], np.asarray(WIREFRAME_BASE_RGB, np.float32) * shade, bg)
-        d = edge_distance_px(rast, big, mesh.vertices, mesh.faces) / s  # output pixels
+        base = np.where(crop.mask[..., None], np.asarray(WIREFRAME_BASE_RGB, np.float32) * shade, bg)
+        offset = (box[0].start, box[1].start)
+        d = edge_distance_px(crop, big, mesh.vertices, mesh.faces, offset=offset) / s  # output pixels
         alpha = np.clip(line_px / 2.0 + 0.5 - d, 0.0, 1.0)  # one pixel of soft falloff
         # Silhouette edges have no triangle outside them: extend lines half a width into the background.
-        reach = 2 * math.ceil(s * line_px / 2.0) + 1
-        alpha = np.where(rast.mask, alpha, maximum_filter(alpha, size=reach))[..., None]
+        alpha = np.where(crop.mask, alpha, maximum_filter(alpha, size=reach))[..., None]
         img = base * (1.0 - alpha) + np.asarray(WIREFRAME_LINE_RGB, np.float32) * alpha
-        out["wireframe"] = _to_uint8(_shrink(img, s))
+        out["wireframe"][small] = _to_uint8(_shrink(img, s))
     return out
+
+
+def _block_box(mask: np.ndarray, margin: int, s: int) -> tuple[slice, slice] | None:
+    """The box of an (H, W) bool mask grown by ``margin``, widened to whole s x s blocks (H, W multiples of s)."""
+    from .masks import mask_box
+
+    box = mask_box(mask, margin)
+    if box is None:
+        return None
+    return tuple(slice(b.start // s * s, -(-b.stop // s) * s) for b in box)
+
+
+def preview_images(
+    mesh: TexturedMesh,
+    index: int,
+    *,
+    n: int = PREVIEW_VIEWS,
+    resolution: int = 512,
+    elevation_deg: float = PREVIEW_ELEVATION_DEG,
+    supersample: int = SUPERSAMPLE,
+    line_px: float = WIREFRAME_LINE_PX,
+    kinds: tuple[str, ...] = ("textured", "wireframe"),
+    rasterizer=None,
+    normals: np.ndarray | None = None,
+    backend: Backend = "auto",
+) -> dict[str, np.ndarray]:
+    """Preview camera ``index`` of ``n`` (:func:`preview_camera`) rendered once; returns each of ``kinds``
+    (``textured``: :func:`render_preview`, ``wireframe``: :func:`render_wireframe`), (resolution, resolution, 3) uint8.
+
+    ``rasterizer`` (:func:`pipeline.render.make_rasterizer` of the mesh) and ``normals``
+    (:func:`corner_normals`) are built when not given; callers rendering many views pass them.
+    """
+    cam = _camera_for(mesh, index, n, resolution, elevation_deg)
+    r = rasterizer if rasterizer is not None else make_rasterizer(mesh.vertices, mesh.faces, backend=backend)
+    normals = normals if normals is not None else corner_normals(mesh.vertices, mesh.faces)
+    return _preview_images(
+        mesh, cam, r, normals, supersample=supersample, line_px=line_px,
+        textured="textured" in kinds, wireframe="wireframe" in kinds,
+    )  # fmt: skip
 
 
 def render_preview(
@@ -298,12 +352,10 @@ def render_preview(
     backend: Backend = "auto",
 ) -> np.ndarray:
     """(resolution, resolution, 3) uint8: the textured mesh with headlight shading, seen by :func:`preview_camera`."""
-    cam = _camera_for(mesh, index, n, resolution, elevation_deg)
-    r = make_rasterizer(mesh.vertices, mesh.faces, backend=backend)
-    normals = corner_normals(mesh.vertices, mesh.faces)
-    return _preview_images(mesh, cam, r, normals, supersample=supersample, line_px=WIREFRAME_LINE_PX, wireframe=False)[
-        "textured"
-    ]
+    return preview_images(
+        mesh, index, n=n, resolution=resolution, elevation_deg=elevation_deg, supersample=supersample,
+        kinds=("textured",), backend=backend,
+    )["textured"]  # fmt: skip
 
 
 def render_wireframe(
@@ -321,13 +373,57 @@ def render_wireframe(
 
     Hidden lines are removed: an edge is drawn only where it borders the triangle visible at a pixel.
     """
-    cam = _camera_for(mesh, index, n, resolution, elevation_deg)
-    r = make_rasterizer(mesh.vertices, mesh.faces, backend=backend)
-    normals = corner_normals(mesh.vertices, mesh.faces)
-    return _preview_images(mesh, cam, r, normals, supersample=supersample, line_px=line_px, textured=False)["wireframe"]
+    return preview_images(
+        mesh, index, n=n, resolution=resolution, elevation_deg=elevation_deg, supersample=supersample,
+        line_px=line_px, kinds=("wireframe",), backend=backend,
+    )["wireframe"]  # fmt: skip
+
+
+def png_bytes(img: np.ndarray | Image.Image) -> bytes:
+    """PNG file content of an (H, W, 3) uint8 image at :data:`PNG_COMPRESS_LEVEL`."""
+    buf = io.BytesIO()
+    (img if isinstance(img, Image.Image) else Image.fromarray(img)).save(
+        buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL
+    )
+    return buf.getvalue()
 
 
 # ---------------------------------------------------------------- files
+
+
+def turntable_gif(
+    mesh: TexturedMesh,
+    frames: int = TURNTABLE_FRAMES,
+    *,
+    resolution: int = TURNTABLE_RESOLUTION,
+    elevation_deg: float = PREVIEW_ELEVATION_DEG,
+    frame_ms: int = TURNTABLE_FRAME_MS,
+    rasterizer=None,
+    normals: np.ndarray | None = None,
+    backend: Backend = "auto",
+) -> bytes:
+    """A looping GIF of ``frames`` shaded views, one full turn around +Y (file content).
+
+    Every frame is cast in one render pass (:func:`pipeline.render.rasterize_many`); frames
+    are shaded and reduced to their palette two at a time (Pillow's own adaptive palette, the
+    conversion its GIF writer would make, so the file is the same).
+    """
+    r = rasterizer if rasterizer is not None else make_rasterizer(mesh.vertices, mesh.faces, backend=backend)
+    normals = normals if normals is not None else corner_normals(mesh.vertices, mesh.faces)
+    orbit = _orbit(mesh, frames, elevation_deg)
+    cams = [preview_camera(i, frames, resolution=resolution, **orbit) for i in range(frames)]
+    rasts = rasterize_many(r, cams)  # one render pass for every frame
+
+    def frame(i: int) -> Image.Image:
+        img = _preview_images(
+            mesh, cams[i], r, normals, supersample=1, line_px=WIREFRAME_LINE_PX, wireframe=False, rast=rasts[i]
+        )
+        return Image.fromarray(img["textured"]).convert("P", palette=Image.Palette.ADAPTIVE)
+
+    images = map_views(frame, list(range(frames)), r)
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=frame_ms, loop=0, disposal=1)
+    return buf.getvalue()
 
 
 def write_turntable_gif(
@@ -340,23 +436,13 @@ def write_turntable_gif(
     frame_ms: int = TURNTABLE_FRAME_MS,
     backend: Backend = "auto",
 ) -> Path:
-    """Write a looping GIF of ``frames`` shaded views, one full turn around +Y. Returns the path."""
-    r = make_rasterizer(mesh.vertices, mesh.faces, backend=backend)
-    normals = corner_normals(mesh.vertices, mesh.faces)
-    orbit = _orbit(mesh, frames, elevation_deg)
-    cams = [preview_camera(i, frames, resolution=resolution, **orbit) for i in range(frames)]
-    rasts = rasterize_many(r, cams)  # one render pass for every frame
-
-    def frame(i: int) -> Image.Image:
-        img = _preview_images(
-            mesh, cams[i], r, normals, supersample=1, line_px=WIREFRAME_LINE_PX, wireframe=False, rast=rasts[i]
-        )
-        return Image.fromarray(img["textured"])
-
-    images = map_views(frame, list(range(frames)), r)
+    """Write :func:`turntable_gif` to ``path``. Returns the path."""
+    data = turntable_gif(
+        mesh, frames, resolution=resolution, elevation_deg=elevation_deg, frame_ms=frame_ms, backend=backend
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    images[0].save(path, save_all=True, append_images=images[1:], duration=frame_ms, loop=0, disposal=1)
+    path.write_bytes(data)
     return path
 
 
@@ -451,21 +537,21 @@ def contact_tiles(
     }
 
 
-def write_contact_sheet(
+def contact_sheet(
     mesh: TexturedMesh,
     frames: PosedFrames,
-    path: str | Path,
     *,
     per_view: list[dict] | None = None,
     tile: int = CONTACT_TILE_PX,
+    rasterizer=None,
     backend: Backend = "auto",
-) -> Path:
-    """Write one row per input view: input photo | re-render | |difference| heat map, cropped to the object and labelled.
+) -> Image.Image:
+    """One row per input view: input photo | re-render | |difference| heat map, cropped to the object and labelled.
 
     Labels carry each view's masked PSNR / SSIM: from ``per_view`` (the report's numbers,
-    matched by name) when given, else computed on the tiles themselves. Returns the path.
+    matched by name) when given, else computed on the tiles themselves.
     """
-    r = make_rasterizer(mesh.vertices, mesh.faces, backend=backend)
+    r = rasterizer if rasterizer is not None else make_rasterizer(mesh.vertices, mesh.faces, backend=backend)
     metrics_by_name = {m["name"]: m for m in per_view or []}
     rows = []
     for view, t in zip(
@@ -502,9 +588,22 @@ def write_contact_sheet(
                 (gap + c * (w_tile + gap) + (w_tile - t.shape[1]) // 2, y + (h_tile - t.shape[0]) // 2),
             )
         y += h_tile + gap
+    return sheet
+
+
+def write_contact_sheet(
+    mesh: TexturedMesh,
+    frames: PosedFrames,
+    path: str | Path,
+    *,
+    per_view: list[dict] | None = None,
+    tile: int = CONTACT_TILE_PX,
+    backend: Backend = "auto",
+) -> Path:
+    """Write :func:`contact_sheet` as a PNG to ``path``. Returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path, compress_level=PNG_COMPRESS_LEVEL)
+    path.write_bytes(png_bytes(contact_sheet(mesh, frames, per_view=per_view, tile=tile, backend=backend)))
     return path
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from . import __version__
 from .bundle import BundleLimits, load_bundle
-from .callbacks import CancelFn, ProgressFn
+from .callbacks import CancelFn, ExportedFn, ProgressFn
 from .config import ReconstructConfig, get_preset
 from .errors import CanceledError
 from .frames import PosedFrames
@@ -137,6 +137,7 @@ def reconstruct_bundle(
     evaluate: bool = True,
     previews: bool = True,
     limits: BundleLimits | None = None,
+    on_exported: ExportedFn | None = None,
 ) -> dict:
     """Reconstruct one bundle and write the outputs into ``out_dir``.
 
@@ -151,7 +152,7 @@ def reconstruct_bundle(
     """
     result = run_reconstruction(
         src, out_dir, model=model, preset=preset, device=device, config=config, progress=progress,
-        should_cancel=should_cancel, evaluate=evaluate, previews=previews, limits=limits,
+        should_cancel=should_cancel, evaluate=evaluate, previews=previews, limits=limits, on_exported=on_exported,
     )  # fmt: skip
     result.write(out_dir)
     return result.to_dict()
@@ -170,8 +171,13 @@ def run_reconstruction(
     evaluate: bool = True,
     previews: bool = True,
     limits: BundleLimits | None = None,
+    on_exported: ExportedFn | None = None,
 ) -> ReconstructionResult:
-    """:func:`reconstruct_bundle` without writing result.json: the typed result, for a caller that adds to it."""
+    """:func:`reconstruct_bundle` without writing result.json: the typed result, for a caller that adds to it.
+
+    ``on_exported(frames, out_dir)`` is called once the mesh files are written, with the frames
+    the mesh was made from (what :func:`pipeline.evaluation.evaluate_result` scores it against).
+    """
     spec = get_model(model)
     cfg = resolve_config(preset, device, config)
     out = Path(out_dir)
@@ -185,6 +191,8 @@ def run_reconstruction(
     from .export import export_mesh
 
     files = stages.run("export", export_mesh, output.mesh, out)
+    if on_exported is not None:
+        on_exported(output.frames, out)
     result = _result(spec, cfg, fs, output, files, stages.timings, out)
     if evaluate or previews:
         _evaluate(stages, output, result, evaluate=evaluate, previews=previews)

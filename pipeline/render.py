@@ -12,17 +12,21 @@ baking and previews never care which one ran. Shading on top of it is in
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
-from .camera import Camera, pixel_rays, ray_z_scale, transform_points
+from .camera import Camera, project_points, rays_through, transform_points
 
 Backend = Literal["auto", "embree", "nvdiffrast"]
 
 #: :meth:`EmbreeRasterizer.rasterize_many` casts at most this many rays per call (one 1024^2 image).
 MAX_RAYS_PER_CAST = 1 << 20
+#: Rays are cast only for pixels within this many pixels of the mesh's projected bounding box
+#: (float32 rays and triangles are off by far less than a pixel).
+CULL_MARGIN_PX = 2
 
 
 @dataclass
@@ -120,41 +124,76 @@ class EmbreeRasterizer:
         """:meth:`rasterize` for each camera, casting many cameras' rays per embree call
         (up to :data:`MAX_RAYS_PER_CAST`, so memory stays that of one large image)."""
         out: list[Rasterization] = []
-        group: list[Camera] = []
+        group: list[tuple[Camera, tuple[int, int, int, int]]] = []
+        n_rays = 0
         for cam in cams:
-            if group and sum(c.width * c.height for c in group) + cam.width * cam.height > MAX_RAYS_PER_CAST:
+            box = self.pixel_box(cam)
+            n = (box[1] - box[0]) * (box[3] - box[2])
+            if group and n_rays + n > MAX_RAYS_PER_CAST:
                 out += self._rasterize_group(group)
-                group = []
-            group.append(cam)
+                group, n_rays = [], 0
+            group.append((cam, box))
+            n_rays += n
         if group:
             out += self._rasterize_group(group)
         return out
 
-    def _rasterize_group(self, cams: list[Camera]) -> list[Rasterization]:
-        rays = [pixel_rays(cam) for cam in cams]
+    def pixel_box(self, cam: Camera) -> tuple[int, int, int, int]:
+        """(r0, r1, c0, c1): the pixel rows [r0, r1) and columns [c0, c1) whose centre rays can hit the mesh.
+
+        A ray hits a triangle only where the triangle's projection covers the pixel centre, so
+        pixels outside the projected vertices' bounding box (plus :data:`CULL_MARGIN_PX`) are
+        background without casting. The whole frame when a vertex is not in front of the camera.
+        """
+        H, W = cam.height, cam.width
+        if len(self.faces) == 0:
+            return 0, 0, 0, 0
+        uv, z = project_points(cam.K, cam.world_to_cam, self.vertices)
+        if not (z.min() > 0.0 and np.isfinite(uv).all()):
+            return 0, H, 0, W
+        (u0, v0), (u1, v1) = uv.min(0), uv.max(0)
+        c0 = min(max(math.floor(u0) - CULL_MARGIN_PX, 0), W)
+        c1 = max(min(math.ceil(u1) + CULL_MARGIN_PX, W), c0)
+        r0 = min(max(math.floor(v0) - CULL_MARGIN_PX, 0), H)
+        r1 = max(min(math.ceil(v1) + CULL_MARGIN_PX, H), r0)
+        return r0, r1, c0, c1
+
+    def _rasterize_group(self, group: list[tuple[Camera, tuple[int, int, int, int]]]) -> list[Rasterization]:
+        """One embree call for the boxed pixels of every camera; the frames outside the boxes are background."""
+        rays, uvs = [], []
+        for cam, (r0, r1, c0, c1) in group:
+            # Pixel centres of the box, row-major: the same values pixel_rays gives those pixels.
+            jj, ii = np.meshgrid(np.arange(c0, c1) + 0.5, np.arange(r0, r1) + 0.5)
+            uv = np.stack([jj.ravel(), ii.ravel()], axis=-1)
+            rays.append(rays_through(cam, uv))
+            uvs.append(uv)
         tri, bary, t = self.cast(np.concatenate([o for o, _ in rays]), np.concatenate([d for _, d in rays]))
         del rays
         out, start = [], 0
-        for cam in cams:
-            n = cam.width * cam.height
-            z = t[start : start + n] * ray_z_scale(cam).astype(np.float32)
-            H, W = cam.height, cam.width
-            out.append(
-                Rasterization(
-                    tri[start : start + n].reshape(H, W),
-                    bary[start : start + n].reshape(H, W, 3),
-                    z.reshape(H, W).astype(np.float32),
-                )
+        for (cam, (r0, r1, c0, c1)), uv in zip(group, uvs, strict=True):
+            H, W, h, w = cam.height, cam.width, r1 - r0, c1 - c0
+            n = h * w
+            full = Rasterization(
+                np.full((H, W), -1, np.int64), np.zeros((H, W, 3), np.float32), np.zeros((H, W), np.float32)
             )
+            if n:
+                z = t[start : start + n] * _z_scale(cam, uv).astype(np.float32)
+                full.tri_id[r0:r1, c0:c1] = tri[start : start + n].reshape(h, w)
+                full.bary[r0:r1, c0:c1] = bary[start : start + n].reshape(h, w, 3)
+                full.depth[r0:r1, c0:c1] = z.reshape(h, w).astype(np.float32)
+            out.append(full)
             start += n
         return out
 
     def rasterize(self, cam: Camera) -> Rasterization:
-        o, d = pixel_rays(cam)
-        tri, bary, t = self.cast(o, d)
-        z = t * ray_z_scale(cam).astype(np.float32)
-        H, W = cam.height, cam.width
-        return Rasterization(tri.reshape(H, W), bary.reshape(H, W, 3), z.reshape(H, W).astype(np.float32))
+        return self._rasterize_group([(cam, self.pixel_box(cam))])[0]
+
+
+def _z_scale(cam: Camera, uv: np.ndarray) -> np.ndarray:
+    """(N,) float64 z-depth per unit of ray length through (N, 2) pixel coordinates (:func:`ray_z_scale`'s formula)."""
+    x = (uv[:, 0] - cam.K[0, 2]) / cam.K[0, 0]
+    y = (uv[:, 1] - cam.K[1, 2]) / cam.K[1, 1]
+    return 1.0 / np.sqrt(1.0 + x * x + y * y)
 
 
 class NvdiffrastRasterizer:

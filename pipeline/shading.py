@@ -80,13 +80,22 @@ def edge_pixels(rast: Rasterization, *, depth_jump: float = 0.02) -> np.ndarray:
     """
     from scipy import ndimage
 
-    m = rast.mask
+    from .masks import mask_box
+
+    full = np.zeros(rast.tri_id.shape, bool)
+    # Edges lie within a pixel of the mesh: filter only its box, grown by two (the box's own
+    # border rows, reflected by the filters, see no mesh and stay False, as in the whole frame).
+    box = mask_box(rast.mask, 2)
+    if box is None:
+        return full
+    m = rast.mask[box]
     edge = ndimage.maximum_filter(m, size=3) != ndimage.minimum_filter(m, size=3)
-    d = np.where(m, rast.depth, 0.0)
+    d = np.where(m, rast.depth[box], 0.0)
     dmax = ndimage.maximum_filter(d, size=3)
     dmin = ndimage.minimum_filter(np.where(m, d, np.inf), size=3)
     edge |= m & (dmax - dmin > depth_jump * np.maximum(d, 1e-6))
-    return edge
+    full[box] = edge
+    return full
 
 
 def subpixel_offsets(n: int) -> list[tuple[float, float]]:
@@ -121,19 +130,29 @@ def shade_rgb_antialiased(
         rgb = fine.astype(np.float32).reshape(h, s, w, s, 3).mean(axis=(1, 3))
         return np.clip(rgb + 0.5, 0, 255).astype(np.uint8), centre
     from .camera import rays_through
+    from .masks import mask_box
 
-    rgb = shade_rgb(mesh, centre, background=background)
+    out = np.empty((cam.height, cam.width, 3), np.uint8)
+    out[:] = np.asarray(background, dtype=np.uint8)
+    # Everything below is per pixel and within two pixels of the mesh: work on its box only.
+    box = mask_box(centre.mask, 2)
+    if box is None:
+        return out, centre
+    crop = Rasterization(centre.tri_id[box], centre.bary[box], centre.depth[box])
+    rgb = shade_rgb(mesh, crop, background=background)
     if mesh.has_texture:
-        _supersample_texture_interior(mesh, centre, rgb, s)
-    ii, jj = np.nonzero(edge_pixels(centre))
+        _supersample_texture_interior(mesh, crop, rgb, s)
+    ii, jj = np.nonzero(edge_pixels(crop))
     if len(ii):
         ox, oy = (np.array(o) + 0.5 for o in zip(*subpixel_offsets(s), strict=True))
-        uv = np.stack([jj[:, None] + ox[None], ii[:, None] + oy[None]], axis=-1).reshape(-1, 2)
+        r0, c0 = box[0].start, box[1].start
+        uv = np.stack([(jj + c0)[:, None] + ox[None], (ii + r0)[:, None] + oy[None]], axis=-1).reshape(-1, 2)
         tri, bary, _ = rasterizer.cast(*rays_through(cam, uv))
         sub = Rasterization(tri.reshape(len(ii), s * s), bary.reshape(len(ii), s * s, 3), np.zeros((len(ii), s * s), np.float32))
         col = shade_rgb(mesh, sub, background=background).astype(np.float32).mean(axis=1)
         rgb[ii, jj] = np.clip(col + 0.5, 0, 255).astype(np.uint8)
-    return rgb, centre
+    out[box] = rgb
+    return out, centre
 
 
 #: A UV derivative above this many texture widths per pixel is a chart seam, not a surface.

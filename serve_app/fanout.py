@@ -9,15 +9,19 @@ next job. Every task is named after the job (``<job_id>:metrics:<view>``, ``<job
 times by Ray; a view that still fails is *reported* in quality.json's ``failed_views`` and in
 the run's warnings, never silently dropped.
 
-The frames are prepared with the run's resolved config, typed (``result.json``'s ``config``:
-preset plus overrides), never by resolving the preset again. Tasks exchange only store keys
-and Ray object refs (the mesh and the posed frames are put in the object store once and
-shared by all tasks).
+The model replica puts the published mesh, the frames it was made from and the previews'
+shading normals in the object store as soon as the mesh files exist
+(``ResultEvent.evaluation_inputs``); every task takes those refs, so nothing is read back or
+decoded again. Without them (a custom runner, or the replica that owned them is gone) the
+fan-out reads the mesh from the store and prepares the frames from the upload with the run's
+resolved config, typed (``result.json``'s ``config``: preset plus overrides), never by resolving
+the preset again. Tasks exchange only store keys and Ray object refs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 
 import ray
@@ -27,6 +31,8 @@ from deployments.store import Store
 from pipeline import evaluation as EV
 from pipeline.config import ReconstructConfig
 from pipeline.result import QualitySummary, ReconstructionResult
+
+logger = logging.getLogger("recon3d.fanout")
 
 
 @dataclass
@@ -63,19 +69,27 @@ def prepare_frames_task(store: Store, input_key: str, result: ReconstructionResu
 
 
 @ray.remote
+def normals_task(mesh):
+    """The previews' corner normals (when the model replica did not put them)."""
+    from pipeline.previews import corner_normals
+
+    return corner_normals(mesh.vertices, mesh.faces)
+
+
+@ray.remote
 def evaluate_view_task(mesh, frames, index: int) -> dict:
     return EV.view_metrics(mesh, frames, index)
 
 
 @ray.remote
-def preview_task(mesh, index: int, n: int, store: Store, prefix: str) -> list[str]:
+def preview_task(mesh, normals, index: int, n: int, store: Store, prefix: str) -> list[str]:
     """textured_XX.png and wireframe_XX.png of preview camera ``index``; returns their relative paths."""
-    return _put(store, prefix, EV.preview_pngs(mesh, index, n))
+    return _put(store, prefix, EV.preview_pngs(mesh, index, n, renderer=EV.PreviewRenderer(mesh, normals=normals)))
 
 
 @ray.remote
-def turntable_task(mesh, store: Store, prefix: str) -> list[str]:
-    return _put(store, prefix, EV.turntable_gif(mesh))
+def turntable_task(mesh, normals, store: Store, prefix: str) -> list[str]:
+    return _put(store, prefix, EV.turntable_gif(mesh, renderer=EV.PreviewRenderer(mesh, normals=normals)))
 
 
 @ray.remote
@@ -140,22 +154,30 @@ async def _fanout(
     max_retries: int,
     num_cpus: float,
     n_previews: int,
+    inputs: dict | None = None,
+    on_quality=None,
 ) -> FanoutResult:
-    """Metrics per view and previews in parallel, then quality.json. Never raises for a task failure."""
+    """Metrics per view and previews in parallel, then quality.json. Never raises for a task failure.
+
+    ``inputs``: the model replica's object refs (``mesh``, ``frames``, ``normals``), when it put them.
+    ``on_quality(result)``: awaited once quality.json exists, before the remaining previews are
+    awaited (``result.quality`` / ``error`` set, ``files`` not yet complete).
+    """
     opts = {"max_retries": max_retries, "retry_exceptions": True, "num_cpus": num_cpus}
     out = FanoutResult()
-    try:
-        mesh = load_mesh_task.options(name=f"{job_id}:load_mesh", **opts).remote(store, prefix)
-        frames, names_ref = prepare_frames_task.options(name=f"{job_id}:prepare_frames", **opts).remote(
-            store, input_key, result, EV.evaluation_config(result)
-        )
-        refs += [mesh, frames, names_ref]
-        names: list[str] = await names_ref
-    except Exception as e:
-        out.error = _quality_failed(f"could not load the mesh or the views: {_error_text(e)}")
-        return out
+    if await _reachable(inputs) and result.views:
+        mesh, frames, normals = inputs["mesh"], inputs["frames"], inputs["normals"]
+        names = list(result.views)
+    else:
+        try:
+            mesh, frames, names = await _load_inputs(job_id, store, input_key, prefix, result, opts, refs)
+        except Exception as e:
+            out.error = _quality_failed(f"could not load the mesh or the views: {_error_text(e)}")
+            return out
+        normals = normals_task.options(name=f"{job_id}:normals", **opts).remote(mesh)
+        refs.append(normals)
 
-    preview_refs = _launch_previews(job_id, mesh, n_previews, store, prefix, opts)
+    preview_refs = _launch_previews(job_id, mesh, normals, n_previews, store, prefix, opts)
     refs += preview_refs
     per_view, failed = await _view_metrics(job_id, mesh, frames, names, opts, out, max_retries, refs)
     preview_refs.append(
@@ -165,35 +187,69 @@ async def _fanout(
         per_view, failed, mesh, frames, result, store, prefix
     )
     refs += [preview_refs[-1], quality_ref]
+    await _collect_quality(job_id, quality_ref, out, failed, names, on_quality)
     for ref in preview_refs:
         try:
             out.files.extend(await ref)
         except Exception as e:
             out.warnings.append(f"a preview failed: {_error_text(e)}")
-    try:
-        ev: EV.EvaluationOutput = await quality_ref
-    except Exception as e:
-        out.error = _quality_failed(f"quality.json could not be built: {_error_text(e)}")
-        return out
-    out.quality = ev.quality
-    out.files.append(EV.QUALITY_FILE)
-    if ev.error:
-        out.error = {
-            "code": ev.error.get("code", QUALITY_FAILED),
-            "message": ev.error.get("message", ""),
-            "details": {},
-        }
-    elif failed:
-        out.warnings.append(f"{len(failed)} of {len(names)} views have no metrics")
     return out
 
 
-def _launch_previews(job_id: str, mesh, n: int, store: Store, prefix: str, opts: dict) -> list:
-    refs = [
-        preview_task.options(name=f"{job_id}:preview:{i:02d}", **opts).remote(mesh, i, n, store, prefix)
+async def _collect_quality(job_id: str, quality_ref, out: FanoutResult, failed: list, names: list, on_quality) -> None:
+    """quality.json's summary, error and warnings into ``out``; then ``on_quality(out)``, when given."""
+    try:
+        ev: EV.EvaluationOutput = await quality_ref
+    except Exception as e:
+        ev = None
+        out.error = _quality_failed(f"quality.json could not be built: {_error_text(e)}")
+    if ev is not None:
+        out.quality = ev.quality
+        out.files.append(EV.QUALITY_FILE)
+        if ev.error:
+            out.error = {
+                "code": ev.error.get("code", QUALITY_FAILED),
+                "message": ev.error.get("message", ""),
+                "details": {},
+            }
+        elif failed:
+            out.warnings.append(f"{len(failed)} of {len(names)} views have no metrics")
+        if on_quality is not None:
+            try:
+                await on_quality(out)  # the record shows the quality while the last previews finish
+            except Exception:  # showing it early is a courtesy; the final record carries it anyway
+                logger.warning("could not record the quality early", exc_info=True, extra={"job_id": job_id})
+
+
+async def _reachable(inputs: dict | None) -> bool:
+    """Whether the replica's refs can still be read (their owner, the model replica, may be gone)."""
+    if not inputs or not {"mesh", "frames", "normals"} <= set(inputs):
+        return False
+    try:
+        await inputs["normals"]  # small; fails at once with OwnerDiedError when the replica is gone
+    except Exception:
+        return False
+    return True
+
+
+async def _load_inputs(job_id: str, store: Store, input_key: str, prefix: str, result, opts: dict, track: list):
+    """(mesh ref, frames ref, view names) read from the store: the mesh read back, the frames prepared again."""
+    mesh = load_mesh_task.options(name=f"{job_id}:load_mesh", **opts).remote(store, prefix)
+    frames, names_ref = prepare_frames_task.options(name=f"{job_id}:prepare_frames", **opts).remote(
+        store, input_key, result, EV.evaluation_config(result)
+    )
+    track += [mesh, frames, names_ref]
+    names: list[str] = await names_ref
+    return mesh, frames, names
+
+
+def _launch_previews(job_id: str, mesh, normals, n: int, store: Store, prefix: str, opts: dict) -> list:
+    # The turntable is the longest task: first, so it is not the last to finish.
+    refs = [turntable_task.options(name=f"{job_id}:turntable", **opts).remote(mesh, normals, store, prefix)]
+    refs += [
+        preview_task.options(name=f"{job_id}:preview:{i:02d}", **opts).remote(mesh, normals, i, n, store, prefix)
         for i in range(n)
     ]
-    refs.append(turntable_task.options(name=f"{job_id}:turntable", **opts).remote(mesh, store, prefix))
     return refs
 
 

@@ -415,6 +415,13 @@ class JobScheduler:
         run.stage = "evaluate"
         await self.book.save(rec, force=False)
         t0 = time.perf_counter()
+
+        async def on_quality(fo) -> None:
+            # The report is known: show it (and the stage) without waiting for the slowest preview.
+            run.quality = self._quality_view(fo)
+            run.stage = "previews"
+            await self.book.save(rec, force=False)
+
         fo = await run_fanout(
             job_id=rec.job_id,
             store=self.store,
@@ -424,18 +431,23 @@ class JobScheduler:
             max_retries=self.args.fanout_max_retries,
             num_cpus=self.args.fanout_num_cpus,
             n_previews=self.args.preview_views,
+            inputs=ev.evaluation_inputs,
+            on_quality=on_quality,
         )
         run.timings_s["evaluate_and_previews"] = round(time.perf_counter() - t0, 3)
         run.files = sorted(set(run.files) | set(fo.files))
         run.warnings += fo.warnings
-        run.quality = (
-            {**asdict(fo.quality), "error": fo.error and {k: fo.error[k] for k in ("code", "message")}}
-            if fo.quality
-            else None
-        )
+        run.quality = self._quality_view(fo)
         if fo.error is not None:
             run.status = "failed"
             run.error = ErrorInfo(**fo.error)
+
+    @staticmethod
+    def _quality_view(fo) -> dict | None:
+        """The run record's ``quality``: quality.json's summary and its error."""
+        if not fo.quality:
+            return None
+        return {**asdict(fo.quality), "error": fo.error and {k: fo.error[k] for k in ("code", "message")}}
 
     # ------------------------------------------------------------ terminal states
 

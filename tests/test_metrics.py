@@ -110,6 +110,27 @@ def test_ssim_map_is_scikit_images_bit_for_bit(box):
     assert got_mean == want_mean
 
 
+@pytest.mark.parametrize("ref_box", [(slice(8, 30), slice(12, 40)), (slice(0, 6), slice(44, 50)), None])
+def test_ssim_map_on_white_photos_is_scikit_images_bit_for_bit(ref_box):
+    """Windows white in both images are skipped (SSIM 1.0 exactly): same map and mean as skimage."""
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(1)
+    pred = np.ones((40, 50, 3))
+    pred[12:26, 20:35] = rng.random((14, 15, 3))
+    ref = np.ones((40, 50, 3))
+    if ref_box is not None:
+        ref[ref_box] = rng.random(ref[ref_box].shape)
+    want_mean, want = structural_similarity(
+        pred, ref, data_range=1.0, channel_axis=-1, gaussian_weights=True, sigma=1.5,
+        use_sample_covariance=False, full=True,
+    )  # fmt: skip
+    got, got_mean = ssim_map(pred, ref)
+    assert np.array_equal(got, want.mean(axis=-1))
+    assert got_mean == want_mean
+    assert got[0, 0] == 1.0
+
+
 def test_shape_mismatch_raises():
     a = np.zeros((16, 16, 3), np.uint8)
     with pytest.raises(ValueError):
