@@ -90,9 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=3 * 3600)
     a = ap.parse_args(argv)
 
-    url = a.url or start_local_service(
-        Path(tempfile.mkdtemp(prefix="recon3d-sweep-")), a.cpus, a.models.split(",")
-    )
+    url = a.url or start_local_service(Path(tempfile.mkdtemp(prefix="recon3d-sweep-")), a.cpus, a.models.split(","))
     spec = {
         "name": "preset-sweep",
         "datasets": a.datasets.split(","),

@@ -322,8 +322,15 @@ def _accepts(fn, name: str) -> bool:
 def put_evaluation_inputs(frames, folder: Path) -> dict:
     """Object refs of the published mesh (read back from ``folder``, as the fan-out scores it), the
     frames it was made from and the previews' corner normals: the fan-out's tasks share them, and
-    nothing is read or decoded again (:mod:`serve_app.fanout`)."""
+    nothing is read or decoded again (:mod:`serve_app.fanout`).
+
+    Empty outside a Ray worker or driver (a server built in-process, as tests and the CLI do):
+    ``ray.put`` would otherwise start a local cluster nobody shuts down, and the fan-out reads
+    the published files instead."""
     import ray
+
+    if not ray.is_initialized():
+        return {}
 
     from pipeline import evaluation as EV
     from pipeline.previews import corner_normals

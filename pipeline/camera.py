@@ -151,7 +151,9 @@ def default_rig(
     for name in names:
         direction, up = layout[name]
         eye = distance * np.asarray(direction, dtype=np.float64)
-        out[name] = Camera(K=K.copy(), cam_to_world=look_at(eye, (0.0, 0.0, 0.0), up), width=width, height=height, name=name)
+        out[name] = Camera(
+            K=K.copy(), cam_to_world=look_at(eye, (0.0, 0.0, 0.0), up), width=width, height=height, name=name
+        )
     return out
 
 

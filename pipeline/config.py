@@ -52,7 +52,9 @@ class DepthEncoding:
         except (TypeError, ValueError, OverflowError) as e:
             raise InvalidInputError(f"{where}: {e}", code="INVALID_TRANSFORMS", details={"field": where}) from None
         if not all(math.isfinite(v) for v in (enc.near, enc.far, enc.max_value, enc.background)):
-            raise InvalidInputError(f"{where} needs finite numbers", code="INVALID_TRANSFORMS", details={"field": where})
+            raise InvalidInputError(
+                f"{where} needs finite numbers", code="INVALID_TRANSFORMS", details={"field": where}
+            )
         if not (enc.far > enc.near >= 0.0) or enc.max_value <= 0:
             raise InvalidInputError(
                 f"{where} needs far > near >= 0 and max_value > 0", code="INVALID_TRANSFORMS", details={"field": where}

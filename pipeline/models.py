@@ -96,6 +96,7 @@ def nvdiffrec_model(stages: StageRunner, frames: PosedFrames, cfg: ReconstructCo
             f"{e.code}: refinement did not converge ({e.details.get('reason')}); the fusion result is returned"
         )
         return out
+    report = RefineReport.coerce(report)
     out.reports["refine"] = report
     if report.loss_curve:
         write_loss_plot(report, stages.out_dir / "loss.png")

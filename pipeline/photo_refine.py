@@ -416,7 +416,9 @@ def refine_surface(
     return v.cpu().numpy().astype(np.float32), report
 
 
-def refine_textured_surface(mesh: TexturedMesh, frames: PosedFrames, cfg: PhotoRefineConfig, **kw) -> tuple[TexturedMesh, PhotoRefinementReport]:
+def refine_textured_surface(
+    mesh: TexturedMesh, frames: PosedFrames, cfg: PhotoRefineConfig, **kw
+) -> tuple[TexturedMesh, PhotoRefinementReport]:
     """:func:`refine_surface` on a :class:`TexturedMesh` (its texture, if any, is kept as is)."""
     v, report = refine_surface(mesh.vertices, mesh.faces, frames, cfg, **kw)
     return TexturedMesh(v, mesh.faces, mesh.uvs, mesh.texture, mesh.vertex_colors), report

@@ -100,7 +100,9 @@ class EmbreeRasterizer:
         if len(self.faces) == 0 or n == 0:
             return np.full(n, -1, np.int64), np.zeros((n, 3), np.float32), np.zeros(n, np.float32)
         r = self._scene.run(
-            np.ascontiguousarray(origins, dtype=np.float32), np.ascontiguousarray(directions, dtype=np.float32), output=1
+            np.ascontiguousarray(origins, dtype=np.float32),
+            np.ascontiguousarray(directions, dtype=np.float32),
+            output=1,
         )
         tri = r["primID"].astype(np.int64)
         u, v = r["u"], r["v"]
@@ -219,7 +221,9 @@ class NvdiffrastRasterizer:
         torch = self._torch
         H, W = cam.height, cam.width
         if len(self.faces) == 0:
-            return Rasterization(np.full((H, W), -1, np.int64), np.zeros((H, W, 3), np.float32), np.zeros((H, W), np.float32))
+            return Rasterization(
+                np.full((H, W), -1, np.int64), np.zeros((H, W, 3), np.float32), np.zeros((H, W), np.float32)
+            )
         clip, z_cam = clip_space(self._v, cam, torch)
         rast, _ = self._dr.rasterize(self._ctx, clip[None].contiguous(), self._f, resolution=[H, W])
         rast = rast[0]
@@ -231,7 +235,9 @@ class NvdiffrastRasterizer:
         bary = torch.where(hit[..., None], bary, torch.zeros_like(bary))
         fz = z_cam[self._f[tri.clamp(min=0)].long()]  # (H, W, 3)
         depth = torch.where(hit, (fz * bary).sum(-1), torch.zeros_like(u))
-        return Rasterization(tri.cpu().numpy(), bary.cpu().numpy().astype(np.float32), depth.cpu().numpy().astype(np.float32))
+        return Rasterization(
+            tri.cpu().numpy(), bary.cpu().numpy().astype(np.float32), depth.cpu().numpy().astype(np.float32)
+        )
 
 
 def clip_space(vertices, cam: Camera, xp, *, near: float = 1e-3, far: float = 1e3):

@@ -68,7 +68,9 @@ def render_views(
     out = []
     for cam in cameras:
         rast = r.rasterize(cam)
-        out.append({"rgb": shade_rgb(mesh, rast, background=background), "depth": rast.depth, "mask": rast.mask, "rast": rast})
+        out.append(
+            {"rgb": shade_rgb(mesh, rast, background=background), "depth": rast.depth, "mask": rast.mask, "rast": rast}
+        )
     return out
 
 
@@ -109,7 +111,13 @@ def subpixel_offsets(n: int) -> list[tuple[float, float]]:
 
 
 def shade_rgb_antialiased(
-    mesh: TexturedMesh, rasterizer, cam: Camera, *, samples: int = 2, centre: Rasterization | None = None, background=(255, 255, 255)
+    mesh: TexturedMesh,
+    rasterizer,
+    cam: Camera,
+    *,
+    samples: int = 2,
+    centre: Rasterization | None = None,
+    background=(255, 255, 255),
 ) -> tuple[np.ndarray, Rasterization]:
     """Colour as the mean of ``samples`` x ``samples`` sub-pixel samples per pixel.
 
@@ -148,7 +156,9 @@ def shade_rgb_antialiased(
         r0, c0 = box[0].start, box[1].start
         uv = np.stack([(jj + c0)[:, None] + ox[None], (ii + r0)[:, None] + oy[None]], axis=-1).reshape(-1, 2)
         tri, bary, _ = rasterizer.cast(*rays_through(cam, uv))
-        sub = Rasterization(tri.reshape(len(ii), s * s), bary.reshape(len(ii), s * s, 3), np.zeros((len(ii), s * s), np.float32))
+        sub = Rasterization(
+            tri.reshape(len(ii), s * s), bary.reshape(len(ii), s * s, 3), np.zeros((len(ii), s * s), np.float32)
+        )
         col = shade_rgb(mesh, sub, background=background).astype(np.float32).mean(axis=1)
         rgb[ii, jj] = np.clip(col + 0.5, 0, 255).astype(np.uint8)
     out[box] = rgb

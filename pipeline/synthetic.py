@@ -51,14 +51,18 @@ def make_shape(shape: Shape = "box", *, size: float = 0.8, texture_size: int = 2
         m = trimesh.creation.capsule(height=size * 0.5, radius=size * 0.25, count=[32, 32])
         m.apply_transform(trimesh.transformations.rotation_matrix(np.pi / 2, (0, 0, 1)))
     elif shape == "torus":
-        m = trimesh.creation.torus(major_radius=size * 0.3, minor_radius=size * 0.12, major_sections=64, minor_sections=24)
+        m = trimesh.creation.torus(
+            major_radius=size * 0.3, minor_radius=size * 0.12, major_sections=64, minor_sections=24
+        )
     else:
         raise ValueError(f"unknown shape {shape!r}")
     v = np.asarray(m.vertices, dtype=np.float64)
     v -= (v.max(0) + v.min(0)) / 2
     v *= size / (v.max(0) - v.min(0)).max()
     d = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-9)
-    uvs = np.stack([0.5 + np.arctan2(d[:, 0], d[:, 2]) / (2 * np.pi), 0.5 + np.arcsin(np.clip(d[:, 1], -1, 1)) / np.pi], 1)
+    uvs = np.stack(
+        [0.5 + np.arctan2(d[:, 0], d[:, 2]) / (2 * np.pi), 0.5 + np.arcsin(np.clip(d[:, 1], -1, 1)) / np.pi], 1
+    )
     # Vertex colours carry the pattern (no UV seam artefacts in the ground truth).
     from .shading import sample_texture
 

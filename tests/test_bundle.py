@@ -204,7 +204,18 @@ def test_missing_bundle(tmp_path):
         lambda t: {**t, "depth_encoding": {"near": 3.0, "far": 1.0}},
         lambda t: [1, 2, 3],
     ],
-    ids=["not-json", "no-frames", "no-intrinsics", "bad-fov", "bad-shape", "not-rigid", "no-file-path", "bad-kind", "near-far", "not-object"],
+    ids=[
+        "not-json",
+        "no-frames",
+        "no-intrinsics",
+        "bad-fov",
+        "bad-shape",
+        "not-rigid",
+        "no-file-path",
+        "bad-kind",
+        "near-far",
+        "not-object",
+    ],
 )
 def test_malformed_transforms(posed_bundle, tmp_path, mutate):
     dst = tmp_path / "b"

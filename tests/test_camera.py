@@ -21,7 +21,14 @@ from pipeline.render import EmbreeRasterizer
 
 def test_rig_positions_and_image_up():
     cams = default_rig(64, 64)
-    expect = {"front": (0, 0, 2.5), "back": (0, 0, -2.5), "left": (2.5, 0, 0), "right": (-2.5, 0, 0), "top": (0, 2.5, 0), "bottom": (0, -2.5, 0)}
+    expect = {
+        "front": (0, 0, 2.5),
+        "back": (0, 0, -2.5),
+        "left": (2.5, 0, 0),
+        "right": (-2.5, 0, 0),
+        "top": (0, 2.5, 0),
+        "bottom": (0, -2.5, 0),
+    }
     for name, pos in expect.items():
         c = cams[name]
         assert np.allclose(c.center, pos)

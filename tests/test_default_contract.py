@@ -93,9 +93,13 @@ def test_stated_encoding_without_transforms(tmp_path):
     r = make_rasterizer(mesh.vertices, mesh.faces, backend="embree")
     for name in RIG_VIEW_NAMES:
         rast = r.rasterize(cams[name])
-        (b / "depth_renders" / f"{name}.png").write_bytes(png_bytes(encode_depth(rast.depth, rast.mask, enc, dtype=np.uint16)))
+        (b / "depth_renders" / f"{name}.png").write_bytes(
+            png_bytes(encode_depth(rast.depth, rast.mask, enc, dtype=np.uint16))
+        )
     (b / "depth_encoding.json").write_text(json.dumps(enc.to_dict()))
     from pipeline.bundle import load_bundle
 
     fs = load_bundle(b)
-    assert fs.depth_encoding == enc and fs.depth_encoding_source == "depth_encoding.json" and fs.depth_max_value == 65535
+    assert (
+        fs.depth_encoding == enc and fs.depth_encoding_source == "depth_encoding.json" and fs.depth_max_value == 65535
+    )

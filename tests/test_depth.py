@@ -30,7 +30,9 @@ def test_foreground_never_encodes_as_background():
     assert raw.tolist() == [[1, 0]]
 
 
-@pytest.mark.parametrize("bad", [{"kind": "disparity"}, {"near": 2, "far": 1}, {"max_value": 0}, {"scale": 3}, {"far": "x"}])
+@pytest.mark.parametrize(
+    "bad", [{"kind": "disparity"}, {"near": 2, "far": 1}, {"max_value": 0}, {"scale": 3}, {"far": "x"}]
+)
 def test_invalid_encodings(bad):
     with pytest.raises(InvalidInputError):
         DepthEncoding.from_dict(bad)

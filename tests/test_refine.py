@@ -390,18 +390,18 @@ def test_a_refinement_that_loses_at_the_held_out_view_is_not_returned(scene):
     uvs = gt.uvs.copy()
     uvs[_cap_facing(gt, frames, held)] = (0.01, 0.01)
     refined = replace(gt, uvs=uvs)
-    report, warnings = {}, []
+    report, warnings = RefineReport(), []
     assert better_of(fused, refined, frames, report, warnings, held_out=[held]) is fused
     assert report["returned"] == "fusion" and report["selected_by"] == "held_out_views"
     assert report["held_out_views"] == [held]
     assert report["held_out_psnr"]["fusion"] > report["held_out_psnr"]["refined"]
     assert report["input_view_psnr"]["refined"] > report["input_view_psnr"]["fusion"]  # the training views
     assert warnings[0].startswith("REFINE_NO_GAIN") and "held-out views" in warnings[0]
-    report, warnings = {}, []
+    report, warnings = RefineReport(), []
     assert better_of(fused, refined, frames, report, warnings) is refined  # what input views alone would pick
     assert report["selected_by"] == "input_views" and report["held_out_psnr"] is None
     # And one that also wins at the held-out view is returned.
-    report, warnings = {}, []
+    report, warnings = RefineReport(), []
     assert better_of(fused, gt, frames, report, warnings, held_out=[held]) is gt
     assert report["returned"] == "refined" and not warnings
 
