@@ -38,7 +38,14 @@ from .camera import Camera
 from .config import RefineConfig
 from .depth_calibration import HULL_FIT_METHOD
 from .diffrender import make_diff_renderer, silhouette_loss
-from .errors import CanceledError, ConvergenceError, InvalidInputError, ModelOOMError, is_oom
+from .errors import (
+    CanceledError,
+    ConvergenceError,
+    InvalidInputError,
+    ModelOOMError,
+    ReconstructionFailedError,
+    is_oom,
+)
 from .frames import PosedFrames
 from .masks import mask_box, signed_distance_px
 from .mesh import TexturedMesh, graph_laplacian, weld_vertices
@@ -393,6 +400,8 @@ def has_converged(history: list[float], window: int, tol: float) -> bool:
 
 
 def _resolve_device(device: str) -> torch.device:
+    """Like :func:`pipeline.device.torch_device`, but CUDA counts only with nvdiffrast usable (the
+    refinement's rasterizer), and an explicit ``cuda`` without it is the caller's error."""
     if device == "auto":
         return torch.device("cuda" if cuda_available() else "cpu")
     if device == "cuda" and not cuda_available():
@@ -441,15 +450,14 @@ def refine_mesh(
 
     Raises
     ------
-    InvalidInputError : the mesh has no texture or UVs
+    ReconstructionFailedError : the mesh has no texture or UVs (an upstream stage failed)
     ModelOOMError : CUDA ran out of memory at ``cfg.resolution`` and at half of it
     ConvergenceError : the loss became NaN or rose; ``details`` has the reason, iteration and loss tail
     CanceledError : ``should_cancel()`` returned True
     """
     if not mesh.has_texture:
-        raise InvalidInputError(
+        raise ReconstructionFailedError(
             "refinement needs a textured mesh (uvs and texture); bake a texture first",
-            code="MODEL_FAILED",
             details={"vertices": int(len(mesh.vertices))},
         )
     dev = _resolve_device(device)
@@ -524,7 +532,7 @@ def _refine_with_retry(
 def refine_depth_weight(frames: PosedFrames, cfg: RefineConfig) -> float:
     """The depth term's weight: ``cfg.estimated_depth_weight`` when the depth encoding was fitted
     against the silhouette hull (:data:`pipeline.depth_calibration.HULL_FIT_METHOD`), else ``cfg.depth_weight``."""
-    estimated = (frames.depth_encoding or {}).get("method") == HULL_FIT_METHOD
+    estimated = frames.depth_encoding.method == HULL_FIT_METHOD
     return cfg.estimated_depth_weight if estimated else cfg.depth_weight
 
 
@@ -711,7 +719,7 @@ def _refined_result(mesh, pb: _Problem, log: dict, dev, progress, oom_retry: boo
 # ---------------------------------------------------------------- plot
 
 
-def write_loss_plot(report: dict, path: str | Path) -> None:
+def write_loss_plot(report: RefineReport, path: str | Path) -> None:
     """Write a PNG of the loss curve (total and per term, log scale): matplotlib if installed, else PIL."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from scipy import ndimage
 import pipeline.refine as refine_mod
 from pipeline.camera import default_rig
 from pipeline.config import REFINE_PRESETS, RefineConfig
-from pipeline.errors import CanceledError, ConvergenceError, InvalidInputError, ModelOOMError
+from pipeline.errors import CanceledError, ConvergenceError, ModelOOMError, ReconstructionFailedError
 from pipeline.frames import PosedFrames, PosedView
 from pipeline.mesh import TexturedMesh
 from pipeline.metrics import evaluate_views, mean_dihedral_angle
@@ -196,7 +196,7 @@ def test_cancel_raises(scene):
 
 def test_untextured_mesh_is_rejected(scene):
     _, frames, start = scene
-    with pytest.raises(InvalidInputError):
+    with pytest.raises(ReconstructionFailedError, match="MODEL_FAILED"):
         refine_mesh(replace(start, texture=None), frames, TINY, device="cpu")
 
 
