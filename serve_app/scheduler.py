@@ -17,7 +17,7 @@ the parts in :mod:`serve_app.scheduling` (each tested alone, without Ray).
   at a time; on redeploy/delete the old ingress lets in-flight runs finish for ``drain_timeout_s``,
   then re-queues the rest and releases ownership.
 * Terminal states trigger the signed webhook (:mod:`serve_app.webhooks`) and set
-  ``expires_at``; a sweep (:mod:`~serve_app.scheduling.retention`) deletes expired artifacts.
+  ``expires_at``; a sweep (:mod:`serve_app.retention`) deletes expired artifacts.
 """
 
 from __future__ import annotations
@@ -37,12 +37,11 @@ from .config import AppArgs
 from .fanout import run_fanout
 from .jobs import JOBS_PREFIX, ErrorInfo, JobBook, JobRecord, artifacts_prefix, cancel_key, job_input_key, job_key
 from .logging import job_logger
-from .retention import orphan_job_ids
+from .retention import orphan_job_ids, set_expiry, sweep_expired
 from .scheduling import dispatch as D
 from .scheduling.ownership import OWNER_HEARTBEAT_S, Ownership, drain_tasks
 from .scheduling.queues import JobQueues
 from .scheduling.recovery import plan_recovery
-from .scheduling.retention import set_expiry, sweep_expired
 from .webhooks import deliver_webhook, service_secret
 
 logger = logging.getLogger("recon3d.scheduler")

@@ -16,12 +16,12 @@ from deployments.store import LocalStore
 from serve_app import errors as E
 from serve_app.config import AppArgs
 from serve_app.jobs import JobBook, JobRecord, ModelRun, WebhookState, job_key
+from serve_app.retention import set_expiry, sweep_expired
 from serve_app.scheduler import JobScheduler
 from serve_app.scheduling import dispatch as D
 from serve_app.scheduling.ownership import Ownership, drain_tasks
 from serve_app.scheduling.queues import JobQueues
 from serve_app.scheduling.recovery import plan_recovery
-from serve_app.scheduling.retention import set_expiry, sweep_expired
 from serve_app.webhooks import WebhookSettings, deliver_webhook, webhook_body
 
 # ---------------------------------------------------------------- fakes
