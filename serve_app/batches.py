@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import os
 import posixpath
 import re
@@ -46,16 +47,19 @@ from . import errors as E
 from .auth import Principal, can_access, principal_of
 from .jobs import TERMINAL, JobRecord, new_job_id, write_artifacts
 from .quotas import check_quota
+from .retention import batch_files_expired, batch_record_due
 from .schemas import ErrorBody
 from .submission import JobSubmitter, parse_models
 from .uploads import UploadBudget, spool, temp_path, unlink_quietly
+
+logger = logging.getLogger("recon3d.batches")
 
 BATCHES_PREFIX = "batches"
 _BATCH_ID_RE = re.compile(r"^batch-[0-9]{13}-[0-9a-f]{8}$")
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 #: An archive of bundles may unpack to at most this many times the upload limit.
 ARCHIVE_EXPANSION_LIMIT = 4
-_ERRORS = {s: {"model": ErrorBody} for s in (404, 409, 413, 415, 422, 429)}
+_ERRORS = {s: {"model": ErrorBody} for s in (404, 409, 410, 413, 415, 422, 429)}
 
 
 class BatchTooLargeError(E.ServiceError):
@@ -68,6 +72,12 @@ class BatchNotFoundError(E.ServiceError):
 
 class BatchNotReadyError(E.ServiceError):
     code = "BATCH_NOT_READY"
+
+
+class BatchExpiredError(E.ServiceError):
+    """Every item's files passed ``artifact_ttl_s`` and were deleted."""
+
+    code = "BATCH_EXPIRED"
 
 
 class BatchItem(BaseModel):
@@ -181,6 +191,14 @@ def _split_to_files(zf, nested, folders, taken: set[str], max_unpacked: int) -> 
     return out
 
 
+def _expires_at(jobs: list[JobRecord | None]) -> float | None:
+    """When the last item's files expire: None until every remaining item job has ended."""
+    left = [j for j in jobs if j is not None]
+    if not left or any(j.expires_at is None for j in left):
+        return None
+    return max(j.expires_at for j in left)
+
+
 def aggregate_status(statuses: list[str]) -> str:
     """queued / running while any item is; at the end succeeded (all), canceled (all), failed (none
     succeeded) or partial (some succeeded, some not)."""
@@ -197,8 +215,11 @@ class BatchService:
     def __init__(self, jobs: JobSubmitter):
         self.jobs = jobs
         self.batches: dict[str, BatchRecord] = {}
+        self._sweeper: asyncio.Task | None = None
 
     async def start(self) -> None:
+        """Load the batch records, drop those whose jobs are all gone (a crash's leftovers too), and
+        start the TTL sweep."""
         store = self.jobs.store
         for key in await asyncio.to_thread(store.list, BATCHES_PREFIX):
             if key.endswith("/batch.json"):
@@ -207,6 +228,30 @@ class BatchService:
                 except (KeyError, ValueError):
                     continue
                 self.batches[rec.batch_id] = rec
+        await self.sweep_once()
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="batches:sweep")
+
+    def item_jobs(self, rec: BatchRecord) -> list[JobRecord | None]:
+        """Each item's job record, None where it is gone (deleted, or past the record TTL)."""
+        return [self.jobs.get_job(it.job_id) for it in rec.items]
+
+    async def sweep_once(self, *, now: float | None = None) -> list[str]:
+        """Delete the record of every batch none of whose jobs has a record left (serve_app/retention.py);
+        returns their ids. A batch stores no files of its own: its items' files expire as jobs."""
+        now = time.time() if now is None else now
+        gone = [b for b, rec in self.batches.items() if batch_record_due(rec.created_at, self.item_jobs(rec), now)]
+        for batch_id in gone:
+            await asyncio.to_thread(self.jobs.store.delete_prefix, f"{BATCHES_PREFIX}/{batch_id}")
+            self.batches.pop(batch_id, None)
+        return gone
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.jobs.args.sweep_interval_s)
+            try:
+                await self.sweep_once()
+            except Exception:
+                logger.exception("batch sweep failed")
 
     def get(self, batch_id: str, principal: Principal | None = None) -> BatchRecord:
         """The batch; another key's batch is as unknown as a missing one (404)."""
@@ -219,8 +264,8 @@ class BatchService:
 
     def view(self, rec: BatchRecord) -> dict:
         items, statuses, progress = [], [], []
-        for it in rec.items:
-            job: JobRecord | None = self.jobs.get_job(it.job_id)
+        jobs = self.item_jobs(rec)
+        for it, job in zip(rec.items, jobs, strict=True):
             status = job.status if job is not None else "failed"
             err = job.error.model_dump() if job is not None and job.error else None
             if job is None:
@@ -250,6 +295,8 @@ class BatchService:
             "preset": rec.preset,
             "overrides": rec.overrides,
             "created_at": rec.created_at,
+            "expired": batch_files_expired(jobs),
+            "expires_at": _expires_at(jobs),
             "items": items,
             "links": {"self": f"/batches/{rec.batch_id}", "download": f"/batches/{rec.batch_id}/download"},
         }
@@ -387,6 +434,11 @@ async def download_batch(request: Request, batch_id: str):
     svc = _svc()
     rec = svc.get(batch_id, principal_of(request))
     view = svc.view(rec)
+    if view["expired"]:
+        raise BatchExpiredError(
+            f"the files of every item of batch {batch_id} passed their TTL and were deleted",
+            details={"batch_id": batch_id, "expires_at": view["expires_at"]},
+        )
     if view["status"] in ("queued", "running"):
         raise BatchNotReadyError(
             f"batch {batch_id} is {view['status']}; download once every item has ended",

@@ -59,6 +59,8 @@ STATUS_BY_CODE: dict[str, int] = {
     "BATCH_NOT_FOUND": 404,
     "BATCH_TOO_LARGE": 413,
     "BATCH_NOT_READY": 409,
+    "EXPERIMENT_EXPIRED": 410,
+    "BATCH_EXPIRED": 410,
 }
 
 

@@ -174,6 +174,14 @@ class ExperimentsDB:
             )
         self.dirty = True
 
+    def mark_files_expired(self, experiment_id: str, at: float) -> None:
+        """Record that the experiment's files were deleted at ``at`` (unix seconds)."""
+        with self._lock:
+            self._conn.execute(
+                "UPDATE experiments SET files_expired_at = ? WHERE experiment_id = ?", (at, experiment_id)
+            )
+        self.dirty = True
+
     def delete_experiment(self, experiment_id: str) -> None:
         with self._lock:
             self._conn.execute("DELETE FROM experiments WHERE experiment_id = ?", (experiment_id,))
@@ -199,6 +207,18 @@ class ExperimentsDB:
                     (owner, limit, offset),
                 ).fetchall()
         return [dict(r) for r in rows]
+
+    def ended_experiments(self) -> list[dict]:
+        """``experiment_id``, ``finished_at``, ``files_expired_at`` of every finished experiment (for the TTL sweep)."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT experiment_id, finished_at, files_expired_at FROM experiments WHERE finished_at IS NOT NULL"
+            ).fetchall()
+        return [dict(r) for r in rows]
+
+    def experiment_ids(self) -> set[str]:
+        with self._lock:
+            return {r[0] for r in self._conn.execute("SELECT experiment_id FROM experiments").fetchall()}
 
     def runs(self, experiment_id: str) -> list[dict]:
         with self._lock:

@@ -33,6 +33,7 @@ from pipeline.errors import ReconError
 from .. import errors as E
 from ..auth import Principal, can_access
 from ..jobs import TERMINAL, JobRecord, artifacts_prefix, new_job_id
+from ..retention import experiment_files_due, experiment_record_due, orphan_ids
 from ..submission import JobSubmitter
 from .db import SNAPSHOT_KEY, ExperimentsDB, dumps, restore_snapshot
 from .spec import GT_MESH, UPLOAD_DATASET, ExperimentSpec, InvalidExperimentError, resolve_dataset
@@ -47,6 +48,12 @@ _DATASET_EXCLUDE_TOP = {"gt"}
 
 class ExperimentNotFoundError(E.ServiceError):
     code = "EXPERIMENT_NOT_FOUND"
+
+
+class ExperimentExpiredError(E.ServiceError):
+    """The experiment's files (bundle copy, run outputs) passed ``artifact_ttl_s`` and were deleted."""
+
+    code = "EXPERIMENT_EXPIRED"
 
 
 def new_experiment_id() -> str:
@@ -141,6 +148,7 @@ class ExperimentService:
         self._finalizing: set[str] = set()
         self._marked_running: set[str] = set()
         self._last_snapshot = 0.0
+        self._last_sweep = 0.0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -154,6 +162,7 @@ class ExperimentService:
                 pass
         self.db = await asyncio.to_thread(ExperimentsDB, self.db_path)
         self.commit = await asyncio.to_thread(git_commit, self.settings.git_commit)
+        await self.delete_orphans()
         for run in await asyncio.to_thread(self.db.open_runs):
             if run["job_id"]:
                 self.watched[run["job_id"]] = (run["experiment_id"], run["run_index"])
@@ -172,8 +181,11 @@ class ExperimentService:
 
     # ------------------------------------------------------------ submission
 
-    async def submit(self, spec: ExperimentSpec, upload: bytes | None, owner: str | None = None) -> dict:
-        """Validate the bundles, store them, create one job per run and the database rows."""
+    async def submit(self, spec: ExperimentSpec, upload: str | None, owner: str | None = None) -> dict:
+        """Validate the bundles, store them, create one job per run and the database rows.
+
+        ``upload``: the path of the uploaded bundle ZIP, spooled to disk by the router (None: datasets).
+        """
         self.jobs.check_queue_room(len(spec.runs))
         experiment_id = new_experiment_id()
         inputs = await self._inputs(spec, upload)
@@ -201,9 +213,10 @@ class ExperimentService:
         logger.info("experiment %s queued: %d runs", experiment_id, len(rows))
         return {"experiment_id": experiment_id, "status": "running", "runs": len(rows)}
 
-    async def _inputs(self, spec: ExperimentSpec, upload: bytes | None) -> dict[str, bytes]:
-        """Dataset name -> bundle ZIP bytes of every dataset the runs use, validated when configured."""
-        inputs: dict[str, bytes] = {}
+    async def _inputs(self, spec: ExperimentSpec, upload: str | None) -> dict[str, bytes | str]:
+        """Dataset name -> bundle ZIP (bytes, or the upload's path) of every dataset the runs use,
+        validated when configured."""
+        inputs: dict[str, bytes | str] = {}
         if upload is not None:
             inputs[UPLOAD_DATASET] = upload
         else:
@@ -226,14 +239,15 @@ class ExperimentService:
                     ) from None
         return inputs
 
-    async def _store_inputs(self, experiment_id: str, inputs: dict[str, bytes], bundle_key: str | None) -> dict:
+    async def _store_inputs(self, experiment_id: str, inputs: dict[str, bytes | str], bundle_key: str | None) -> dict:
         """One copy of each dataset's bundle, shared by every run on it (not one per run): dataset -> key."""
         shared = {
             ds: bundle_key if ds == UPLOAD_DATASET else experiment_key(experiment_id, "input", f"dataset-{i}.zip")
             for i, ds in enumerate(inputs)
         }
         for ds, key in shared.items():
-            await asyncio.to_thread(self.store.put, key, inputs[ds])
+            put = self.store.put_file if isinstance(inputs[ds], str) else self.store.put  # a path streams
+            await asyncio.to_thread(put, key, inputs[ds])
         return shared
 
     async def _enqueue_runs(self, spec: ExperimentSpec, rows: list[dict], inputs: dict, shared: dict, owner) -> None:
@@ -259,6 +273,9 @@ class ExperimentService:
         while True:
             try:
                 await self.poll_once()
+                if time.monotonic() - self._last_sweep >= self.args.sweep_interval_s:
+                    self._last_sweep = time.monotonic()
+                    await self.sweep_once()
                 await self._snapshot()
             except asyncio.CancelledError:
                 raise
@@ -396,6 +413,43 @@ class ExperimentService:
         self._last_snapshot = time.monotonic()
         data = await asyncio.to_thread(self.db.snapshot_bytes)
         await asyncio.to_thread(self.store.put, SNAPSHOT_KEY, data)
+
+    # ------------------------------------------------------------ retention (serve_app/retention.py)
+
+    async def sweep_once(self, *, now: float | None = None) -> int:
+        """Delete the files of experiments ended ``artifact_ttl_s`` ago (then 410 EXPERIMENT_EXPIRED),
+        and their rows ``record_ttl_s`` after that (then 404); returns how many experiments' files went."""
+        now = time.time() if now is None else now
+        n = 0
+        for exp in await asyncio.to_thread(self.db.ended_experiments):
+            experiment_id, files_expired_at = exp["experiment_id"], exp["files_expired_at"]
+            if experiment_files_due(exp["finished_at"], files_expired_at, now, self.args.artifact_ttl_s):
+                await asyncio.to_thread(self.store.delete_prefix, experiment_key(experiment_id))
+                await asyncio.to_thread(self.db.mark_files_expired, experiment_id, now)
+                logger.info("experiment %s: files expired", experiment_id)
+                n += 1
+            elif experiment_record_due(files_expired_at, now, self.args.record_ttl_s):
+                await asyncio.to_thread(self.db.delete_experiment, experiment_id)
+                logger.info("experiment %s: record expired", experiment_id)
+        return n
+
+    async def delete_orphans(self, *, now: float | None = None) -> list[str]:
+        """What a crash left: ``experiments/<id>/`` folders without rows (the bundle is stored before
+        the rows are written), unless a job that has not ended still reads its bundle copy."""
+        keys = await asyncio.to_thread(self.store.list, EXPERIMENTS_PREFIX)
+        known = await asyncio.to_thread(self.db.experiment_ids)
+        in_use = {
+            rec.input_ref.split("/")[1]
+            for rec in self.jobs.book.jobs.values()
+            if rec.input_ref and rec.input_ref.startswith(f"{EXPERIMENTS_PREFIX}/") and not rec.terminal
+        }
+        orphans = [e for e in orphan_ids(keys, known, prefix=EXPERIMENTS_PREFIX, now=now) if e not in in_use]
+        for experiment_id in orphans:
+            await asyncio.to_thread(self.store.delete_prefix, experiment_key(experiment_id))
+            logger.info(
+                "deleted the files of experiment %s, which has no record (an interrupted submission)", experiment_id
+            )
+        return orphans
 
     # ------------------------------------------------------------ reads
 
