@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.background import BackgroundTask
 
 from deployments.store import STREAM_CHUNK_BYTES
-from pipeline.errors import UnsupportedMediaError
+from pipeline.errors import InputTooLargeError, UnsupportedMediaError
 
 from .. import errors as E
 from ..auth import principal_of
@@ -30,15 +30,18 @@ from ..config import known_models
 from ..quotas import check_quota
 from ..schemas import ErrorBody
 from ..submission import JobSubmitter
+from ..uploads import UploadBudget, read_small, spool, unlink_quietly
 from .results import plot_png, rows_to_csv, table_rows
-from .service import ExperimentService
+from .service import ExperimentExpiredError, ExperimentService
 from .spec import expand_spec, parse_spec_text
 
+#: Largest experiment spec (JSON or YAML text, body or `spec` part); one of max_runs runs takes a few KiB.
+MAX_SPEC_BYTES = 1024 * 1024
 #: Experiments one compare request may name.
 MAX_COMPARE = 20
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 _YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml", "text/plain")
-_ERRORS = {s: {"model": ErrorBody} for s in (404, 413, 415, 422, 429)}
+_ERRORS = {s: {"model": ErrorBody} for s in (404, 410, 413, 415, 422, 429)}
 
 router = APIRouter(tags=["experiments"])
 
@@ -86,31 +89,52 @@ def _summary(exp: dict, runs: list[dict]) -> dict:
         "created_at": exp["created_at"],
         "finished_at": exp["finished_at"],
         "git_commit": exp["git_commit"],
+        "expired": exp.get("files_expired_at") is not None,
         "runs_total": len(runs),
         "counts": counts,
         "links": _links(exp["experiment_id"]),
     }
 
 
-async def _read_spec(request: Request) -> tuple[dict, bytes | None]:
+async def _read_body(request: Request, cap: int) -> bytes:
+    """The request body, read chunk by chunk with a running count: 413 INPUT_TOO_LARGE past ``cap``."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > cap:
+            raise InputTooLargeError(f"the experiment spec is over {cap} bytes", details={"limit": cap})
+    return bytes(body)
+
+
+async def _read_spec(request: Request, upload_limit: int, temps: list[str]) -> tuple[dict, str | None]:
+    """The spec, and the path of the uploaded bundle ZIP (spooled to a temporary file, which
+    ``temps`` collects for the caller to unlink) or None. Every file part counts against one
+    budget of ``upload_limit`` bytes, as a job upload does (serve_app/uploads.py)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         form = await request.form()
         spec = form.get("spec")
         if spec is None:
             raise E.InvalidRequestError("multipart experiments need a `spec` field or file", details={"field": "spec"})
-        text = await spec.read() if hasattr(spec, "read") else spec
+        budget = UploadBudget(upload_limit)
+        text = (
+            await asyncio.to_thread(read_small, spec.file, budget, "spec", MAX_SPEC_BYTES)
+            if hasattr(spec, "file")
+            else spec
+        )
         bundle = form.get("bundle")
-        data = None
+        path = None
         if bundle is not None:
-            if not hasattr(bundle, "read"):
+            if not hasattr(bundle, "file"):
                 raise E.InvalidRequestError("`bundle` must be a file upload", details={"field": "bundle"})
-            data = await bundle.read()
-            if not data.startswith(_ZIP_MAGIC):
-                raise UnsupportedMediaError("bundle is not a ZIP archive", details={"file": bundle.filename})
-        return parse_spec_text(text), data
+            path = await asyncio.to_thread(spool, bundle.file, budget, bundle.filename)
+            temps.append(path)
+            with open(path, "rb") as fh:
+                if not fh.read(4).startswith(_ZIP_MAGIC):
+                    raise UnsupportedMediaError("bundle is not a ZIP archive", details={"file": bundle.filename})
+        return parse_spec_text(text), path
     if ctype in ("application/json", "", *_YAML_TYPES):
-        return parse_spec_text(await request.body()), None
+        return parse_spec_text(await _read_body(request, MAX_SPEC_BYTES)), None
     raise UnsupportedMediaError(
         f"send the spec as application/json, application/yaml or multipart/form-data, not {ctype!r}",
         details={"content_type": ctype},
@@ -121,7 +145,15 @@ async def _read_spec(request: Request) -> tuple[dict, bytes | None]:
 async def submit_experiment(request: Request):
     """Queue every run of a spec (see serve_app/experiments/spec.py) as a job; 202 {experiment_id, runs}."""
     svc = _svc()
-    doc, upload = await _read_spec(request)
+    temps: list[str] = []
+    try:
+        return await _submit(request, svc, temps)
+    finally:
+        unlink_quietly(*temps)
+
+
+async def _submit(request: Request, svc: ExperimentService, temps: list[str]) -> JSONResponse:
+    doc, upload = await _read_spec(request, svc.jobs.args.max_upload_bytes, temps)
     spec = expand_spec(
         doc,
         known_models=known_models(),
@@ -135,7 +167,7 @@ async def submit_experiment(request: Request):
         svc.jobs.book,
         who,
         jobs=len(spec.runs),
-        new_bytes=len(upload or b""),
+        new_bytes=os.path.getsize(upload) if upload else 0,
     )
     body = await svc.submit(spec, upload, owner=who.name)
     body["links"] = _links(body["experiment_id"])
@@ -199,7 +231,13 @@ async def get_experiment(
             media_type="text/csv",
             headers={"Content-Disposition": f'inline; filename="{experiment_id}.csv"'},
         )
-    return {**_summary(exp, runs), "pareto": [r["slug"] for r in rows if r["pareto"]], "runs": rows}
+    expires_at = exp["finished_at"] + svc.args.artifact_ttl_s if exp["finished_at"] is not None else None
+    return {
+        **_summary(exp, runs),
+        "expires_at": expires_at,
+        "pareto": [r["slug"] for r in rows if r["pareto"]],
+        "runs": rows,
+    }
 
 
 @router.get("/experiments/{experiment_id}/plot.png", responses={200: {"content": {"image/png": {}}}, **_ERRORS})
@@ -234,6 +272,11 @@ def _iter_file(path: str):
 async def download_experiment(request: Request, experiment_id: str):
     svc = _svc()
     exp, runs = await svc.experiment(experiment_id, principal_of(request))
+    if exp.get("files_expired_at") is not None:
+        raise ExperimentExpiredError(
+            f"the files of experiment {experiment_id} passed their TTL and were deleted",
+            details={"experiment_id": experiment_id, "expired_at": exp["files_expired_at"]},
+        )
     path = await asyncio.to_thread(_zip_experiment, svc, exp, table_rows(runs))
     return StreamingResponse(
         _iter_file(path),
