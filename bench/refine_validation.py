@@ -38,15 +38,17 @@ from pipeline.bundle import load_bundle  # noqa: E402
 from pipeline.config import get_preset  # noqa: E402
 from pipeline.evaluate import load_mesh_file  # noqa: E402
 from pipeline.export import load_mesh  # noqa: E402
-from pipeline.models import better_of  # noqa: E402
+from pipeline.metrics import geometry_metrics, mean_masked_psnr  # noqa: E402
+from pipeline.models import compare_refined  # noqa: E402
 from pipeline.prepare import prepare_frames  # noqa: E402
 from pipeline.reconstruct import reconstruct_bundle  # noqa: E402
 from pipeline.refine import refine_mesh  # noqa: E402
 from pipeline.refine_selection import choose_held_out_views, split_frames  # noqa: E402
+from pipeline.texture import rebake_texture  # noqa: E402
 from pipeline.validation_set import OBJECTS, load_orbit_cameras  # noqa: E402
 
 
-def run_object(bundle: Path, preset: str, held_out_views: int) -> dict:
+def run_object(bundle: Path, preset: str, held_out_views: int, save: Path | None = None) -> dict:
     cfg = get_preset(preset)
     refine_cfg = replace(cfg.refine, held_out_views=held_out_views)
     with tempfile.TemporaryDirectory() as tmp:
@@ -54,30 +56,39 @@ def run_object(bundle: Path, preset: str, held_out_views: int) -> dict:
         fused = load_mesh(Path(tmp) / "mesh.obj")
     frames = prepare_frames(load_bundle(bundle), cfg)
     held = choose_held_out_views(fused, frames, refine_cfg.held_out_views)
-    training, _ = split_frames(frames, held)
+    training, judges = split_frames(frames, held)
     t0 = time.perf_counter()
     refined, report = refine_mesh(fused, training, refine_cfg, device="cpu")
     seconds = time.perf_counter() - t0
+    # Candidates (see the docstring): the two as refined/fused, and both re-baked without the held-out views.
+    meshes = {"F": fused, "R": refined}
+    meshes["Ft"] = rebake_texture(fused, training, cfg.texture)
+    meshes["Rt"] = rebake_texture(refined, training, cfg.texture)
+    meshes["Ra"] = rebake_texture(refined, frames, cfg.texture)
+    t1 = time.perf_counter()
     warnings: list[str] = []
-    returned = better_of(fused, refined, frames, report, warnings, held_out=held)
+    returned = compare_refined(fused, refined, frames, report, warnings, held_out=held, texture=cfg.texture)
+    select_s = time.perf_counter() - t1
     gt = load_mesh_file(bundle / "gt" / "mesh.glb")
     orbit = load_orbit_cameras(bundle / "gt" / "orbit.json")
-    orb = {k: novel_view_metrics(m, gt, orbit)["novel_psnr"] for k, m in (("F", fused), ("R", refined))}
-    orb["S"] = orb["R"] if returned is refined else orb["F"]
-    ho = report.get("held_out_psnr") or {}
-    return {
-        "held": ",".join(held) or "-",
-        "hoF": ho.get("fusion"),
-        "hoR": ho.get("refined"),
-        "orbF": orb["F"],
-        "orbR": orb["R"],
-        "orbS": orb["S"],
-        "gain": orb["S"] - orb["F"],
-        "gain_refined": orb["R"] - orb["F"],
-        "ret": report.get("returned"),
-        "s": seconds,
-        "iterations": report.get("iterations"),
-    }
+    row = {"held": ",".join(held) or "-", "s": seconds, "select_s": select_s, "iterations": report.get("iterations")}
+    for k, m in meshes.items():
+        row["ho" + k] = mean_masked_psnr(m, judges) if judges.views else None
+        row["orb" + k] = novel_view_metrics(m, gt, orbit)["novel_psnr"]
+    row["orbS"] = novel_view_metrics(returned, gt, orbit)["novel_psnr"]
+    row["ret"] = report.get("returned")
+    for k in ("F", "R"):
+        g = geometry_metrics(meshes[k].vertices, meshes[k].faces, gt.vertices, gt.faces)
+        row["fscore" + k], row["chamfer" + k] = g["f_score"], g["chamfer_l1"]
+    row["gain"] = row["orbS"] - row["orbF"]
+    row["gain_refined"] = row["orbR"] - row["orbF"]
+    row["old_ret"] = "refined" if (row["hoR"] or -1e9) > (row["hoF"] or 1e9) else "fusion"
+    row["old_gain"] = row["gain_refined"] if row["old_ret"] == "refined" else 0.0
+    if save is not None:
+        save.mkdir(parents=True, exist_ok=True)
+        for k, m in meshes.items():
+            np.savez_compressed(save / f"{k}.npz", v=m.vertices, f=m.faces, uv=m.uvs, t=m.texture)
+    return row
 
 
 def main(argv=None) -> int:
@@ -96,7 +107,7 @@ def main(argv=None) -> int:
     for obj in objects:
         row = {"object": obj}
         try:
-            row.update(run_object(args.set / obj / args.variant, args.preset, args.held_out_views))
+            row.update(run_object(args.set / obj / args.variant, args.preset, args.held_out_views, args.out / obj))
         except Exception as e:  # one object's failure is a row, not the end of the run
             row["error"] = f"{type(e).__name__}: {e}"
         rows.append(row)

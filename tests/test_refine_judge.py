@@ -1,0 +1,60 @@
+"""The ``nvdiffrec`` judge at the held-out view (issue 16, item 4): neither candidate may have seen it.
+
+The fusion texture is baked from every input view, the held-out one included, so it re-renders
+that view's photo even on a wrong surface. Judged against it, a refinement that never saw the
+view loses where it is the better surface. :func:`pipeline.models.compare_refined` bakes both
+surfaces from the training views alone before it compares them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_texture import TEXTURE, synthetic_frames
+
+from pipeline.models import better_of, compare_refined
+from pipeline.refine_selection import split_frames
+from pipeline.reports import RefineReport
+from pipeline.texture import bake_texture
+
+HELD_OUT = "left"
+#: The "fusion" surface: the true one inflated by 2 % (a few pixels off at every view).
+INFLATED = 1.02
+
+
+@pytest.fixture(scope="module")
+def capsule():
+    """(frames, exact surface baked from the training views, inflated surface baked from every view)."""
+    frames, mesh = synthetic_frames("capsule")
+    training, _ = split_frames(frames, [HELD_OUT])
+    exact = bake_texture(mesh.vertices, mesh.faces, training, TEXTURE, backend="embree")
+    inflated = bake_texture(mesh.vertices * INFLATED, mesh.faces, frames, TEXTURE, backend="embree")
+    return frames, exact, inflated
+
+
+def test_a_fusion_texture_that_saw_the_held_out_view_does_not_win_the_judgement(capsule):
+    frames, exact, inflated = capsule
+    # The old judge: the inflated surface wins at the held-out view, only because its texture was baked from it.
+    report = RefineReport()
+    assert better_of(inflated, exact, frames, report, [], held_out=[HELD_OUT]) is inflated
+    assert report.held_out_psnr["fusion"] > report.held_out_psnr["refined"] + 3.0
+    # The fair judge: both baked from the training views; the exact surface wins, and is returned as given.
+    report, warnings = RefineReport(), []
+    chosen = compare_refined(inflated, exact, frames, report, warnings, held_out=[HELD_OUT], texture=TEXTURE)
+    assert chosen is exact and report.returned == "refined" and not warnings
+    assert report.held_out_psnr["refined"] > report.held_out_psnr["fusion"] + 1.0
+    assert report.selected_by == "held_out_views" and report.held_out_views == [HELD_OUT]
+
+
+def test_the_fair_judge_still_keeps_the_better_fusion_surface(capsule):
+    frames, exact, inflated = capsule
+    # Roles swapped: the refinement made the surface worse. The fusion mesh comes back with its full bake.
+    report, warnings = RefineReport(), []
+    chosen = compare_refined(exact, inflated, frames, report, warnings, held_out=[HELD_OUT], texture=TEXTURE)
+    assert chosen is exact and report.returned == "fusion"
+    assert warnings and warnings[0].startswith("REFINE_NO_GAIN")
+    # With no view held out, the input views judge the meshes as they are (nothing is re-baked).
+    report = RefineReport()
+    assert compare_refined(exact, inflated, frames, report, [], held_out=[], texture=TEXTURE) is not None
+    assert report.selected_by == "input_views" and report.held_out_psnr is None
+    assert np.isfinite(report.input_view_psnr["fusion"])
