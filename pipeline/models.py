@@ -73,16 +73,19 @@ def nvdiffrec_model(stages: StageRunner, frames: PosedFrames, cfg: ReconstructCo
     ``cfg.refine.held_out_views``; the better of the two at the held-out views is returned."""
     from .refine import refine_mesh, write_loss_plot
     from .refine_selection import choose_held_out_views, split_frames
+    from .texture import rebake_texture
 
     out = fusion_model(stages, frames, cfg)
     fused = out.mesh
     held_out = choose_held_out_views(fused, out.frames, cfg.refine.held_out_views)
     training, _ = split_frames(out.frames, held_out)
+    # The refinement starts from a bake without the held-out views: it must never see their photos.
+    start = rebake_texture(fused, training, cfg.texture) if held_out else fused
     try:
         refined, report = stages.run(
             "refine",
             refine_mesh,
-            fused,
+            start,
             training,
             cfg.refine,
             device=cfg.device,
@@ -102,7 +105,7 @@ def nvdiffrec_model(stages: StageRunner, frames: PosedFrames, cfg: ReconstructCo
         write_loss_plot(report, stages.out_dir / "loss.png")
         out.files.append("loss.png")
         out.mesh = stages.run(
-            "compare_refined", compare_refined, fused, refined, out.frames, report, out.warnings,
+            "compare_refined", compare_refined, fused, start, refined, out.frames, report, out.warnings,
             held_out=held_out, texture=cfg.texture,
         )  # fmt: skip
     else:
@@ -111,28 +114,28 @@ def nvdiffrec_model(stages: StageRunner, frames: PosedFrames, cfg: ReconstructCo
 
 
 def compare_refined(
-    fused, refined, frames, report: RefineReport, warnings: list[str], *, held_out: list[str] | tuple, texture
+    fused, start, refined, frames, report: RefineReport, warnings: list[str], *, held_out: list[str] | tuple, texture
 ):
-    """:func:`better_of` with a fair judge at the ``held_out`` views: both surfaces re-baked
-    (:func:`pipeline.texture.rebake_texture`, TextureConfig ``texture``) from the training views alone.
+    """The fusion or the refined mesh, judged fairly at the ``held_out`` views (:func:`better_of`).
 
-    Neither texture as it stands is fair there. The fusion texture was baked from every view, the
-    held-out one included: it re-renders that photo however wrong the surface (on the mug 30.0 dB
-    against 18.9 once baked without it). The refinement starts from that texture, so its texture
-    keeps much of the held-out photo too (27.8 dB). Baked alike from the same views, the two
-    differ only in their surfaces. Returns ``fused`` or ``refined`` as they were given; with no
-    view held out, :func:`better_of` judges them at the input views as before.
+    ``start`` is what the refinement started from: the fusion mesh with its texture re-baked from the
+    training views (:func:`pipeline.texture.rebake_texture`). The fusion mesh's own texture was baked
+    from every view, the held-out ones included, and re-renders their photos however wrong its
+    surface is (on the mug 30.0 dB at the held-out view, 18.9 dB baked without it); a refinement
+    started from it keeps much of those photos too (27.8 dB). Judged as ``start`` against ``refined``,
+    neither candidate ever saw the held-out views.
+
+    Returned: ``fused`` (its full bake) when it wins; else ``refined`` with its texture fitted by
+    least squares to every view (:func:`pipeline.texture.refit_texture`, TextureConfig ``texture``),
+    which brings in the held-out photos the refinement never used. With no view held out, the input
+    views judge ``fused`` against ``refined`` and the winner is returned as it is.
     """
-    from .refine_selection import split_frames
-    from .texture import rebake_texture
+    from .texture import refit_texture
 
-    training, judges = split_frames(frames, list(held_out))
-    if not (judges.views and training.views):
-        return better_of(fused, refined, frames, report, warnings, held_out=held_out)
-    judged_fused = rebake_texture(fused, training, texture)
-    judged_refined = rebake_texture(refined, training, texture)
-    chosen = better_of(judged_fused, judged_refined, frames, report, warnings, held_out=held_out)
-    return refined if chosen is judged_refined else fused
+    if not held_out:
+        return better_of(fused, refined, frames, report, warnings)
+    chosen = better_of(start, refined, frames, report, warnings, held_out=held_out)
+    return refit_texture(refined, frames, texture) if chosen is refined else fused
 
 
 def better_of(fused, refined, frames, report: RefineReport, warnings: list[str], *, held_out: list[str] | tuple = ()):

@@ -30,7 +30,7 @@ texel in row ``i``, column ``j`` has its centre at ``u = (j + 0.5) / T``,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -173,6 +173,45 @@ def rebake_texture(
     atlas = (v, f, np.asarray(mesh.uvs, dtype=np.float32), weld)
     texture = _bake_on_atlas(welded.astype(np.float32), weld[f], atlas, frames, cfg, backend, lambda m, x: None)
     return TexturedMesh(vertices=v, faces=f.astype(np.int32), uvs=atlas[2], texture=texture)
+
+
+def refit_texture(
+    mesh: TexturedMesh, frames: PosedFrames, cfg: TextureConfig, *, backend: Backend = "auto"
+) -> TexturedMesh:
+    """The mesh's own texture corrected by the least-squares fit to ``frames`` (:mod:`pipeline.texture_solve`,
+    the last step of :func:`bake_texture`), starting from that texture instead of a fresh blend.
+
+    What the ``nvdiffrec`` model returns after a refinement that trained on all views but the held-out
+    ones: the fit brings those views' photos into the optimised texture (a few CG iterations).
+
+    Parameters
+    ----------
+    mesh : TexturedMesh with UVs and a square (T, T, 3) uint8 texture
+    frames : PosedFrames, as for :func:`bake_texture`
+    cfg : TextureConfig: ``fit_iterations`` (0 returns the mesh as it is), ``fit_prior``, ``fit_smoothness``
+
+    Returns
+    -------
+    TexturedMesh sharing ``mesh``'s geometry and UVs, texture (T, T, 3) uint8.
+    """
+    if mesh.uvs is None or mesh.texture is None or cfg.fit_iterations <= 0:
+        return mesh
+    T = int(mesh.texture.shape[0])
+    v = np.asarray(mesh.vertices, dtype=np.float32)
+    rasterizer = make_rasterizer(v, mesh.faces, backend=backend)
+    device = torch.device("cuda" if getattr(rasterizer, "name", "") == "nvdiffrast" else "cpu")
+    ft = torch.as_tensor(np.asarray(mesh.faces), dtype=torch.int64, device=device)
+    uvs = torch.as_tensor(np.asarray(mesh.uvs, dtype=np.float32), device=device)
+    covered = rasterize_uv(uvs, ft, T).covered
+    vt = torch.as_tensor(v, device=device)
+    observations = []
+    for view in frames.views:
+        center = torch.as_tensor(view.camera.center, dtype=torch.float32, device=device)
+        rendered = rasterizer.rasterize(view.depth_camera)
+        observations.append(_fit_observations(view, rendered, uvs[ft], vt, ft, center))
+    colors = torch.as_tensor(np.asarray(mesh.texture, dtype=np.float32), device=device)[covered]
+    texture = _pad_and_fit(colors, covered, observations, frames, replace(cfg, size=T), lambda m, x: None)
+    return TexturedMesh(vertices=v, faces=mesh.faces, uvs=mesh.uvs, texture=texture)
 
 
 def _bake_on_atlas(v_in, f_in, atlas, frames: PosedFrames, cfg: TextureConfig, backend: Backend, report) -> np.ndarray:
