@@ -73,19 +73,16 @@ def nvdiffrec_model(stages: StageRunner, frames: PosedFrames, cfg: ReconstructCo
     ``cfg.refine.held_out_views``; the better of the two at the held-out views is returned."""
     from .refine import refine_mesh, write_loss_plot
     from .refine_selection import choose_held_out_views, split_frames
-    from .texture import rebake_texture
 
     out = fusion_model(stages, frames, cfg)
     fused = out.mesh
     held_out = choose_held_out_views(fused, out.frames, cfg.refine.held_out_views)
     training, _ = split_frames(out.frames, held_out)
-    # The refinement starts from a bake without the held-out views: it must never see their photos.
-    start = rebake_texture(fused, training, cfg.texture) if held_out else fused
     try:
         refined, report = stages.run(
             "refine",
             refine_mesh,
-            start,
+            fused,
             training,
             cfg.refine,
             device=cfg.device,
@@ -105,7 +102,7 @@ def nvdiffrec_model(stages: StageRunner, frames: PosedFrames, cfg: ReconstructCo
         write_loss_plot(report, stages.out_dir / "loss.png")
         out.files.append("loss.png")
         out.mesh = stages.run(
-            "compare_refined", compare_refined, fused, start, refined, out.frames, report, out.warnings,
+            "compare_refined", compare_refined, fused, refined, out.frames, report, out.warnings,
             held_out=held_out, texture=cfg.texture,
         )  # fmt: skip
     else:
@@ -114,28 +111,32 @@ def nvdiffrec_model(stages: StageRunner, frames: PosedFrames, cfg: ReconstructCo
 
 
 def compare_refined(
-    fused, start, refined, frames, report: RefineReport, warnings: list[str], *, held_out: list[str] | tuple, texture
+    fused, refined, frames, report: RefineReport, warnings: list[str], *, held_out: list[str] | tuple, texture
 ):
-    """The fusion or the refined mesh, judged fairly at the ``held_out`` views (:func:`better_of`).
+    """The fusion or the refined mesh, judged fairly at the ``held_out`` views (:func:`better_of`):
+    both surfaces with their textures re-baked from the training views alone
+    (:func:`pipeline.texture.rebake_texture`, TextureConfig ``texture``).
 
-    ``start`` is what the refinement started from: the fusion mesh with its texture re-baked from the
-    training views (:func:`pipeline.texture.rebake_texture`). The fusion mesh's own texture was baked
-    from every view, the held-out ones included, and re-renders their photos however wrong its
-    surface is (on the mug 30.0 dB at the held-out view, 18.9 dB baked without it); a refinement
-    started from it keeps much of those photos too (27.8 dB). Judged as ``start`` against ``refined``,
-    neither candidate ever saw the held-out views.
+    Neither texture as it stands is fair there. The fusion texture was baked from every view, the
+    held-out ones included, and re-renders their photos however wrong its surface is (on the mug
+    30.0 dB at the held-out view, 18.9 dB baked without it); the refinement starts from that texture
+    and keeps much of those photos (27.8 dB). Baked alike from the same views, the candidates
+    differ only in their surfaces. (Refining from the training-view bake instead, and judging against
+    it, made the refined texture itself fair, but then it lacks the held-out photos: 0.1 dB less.)
 
-    Returned: ``fused`` (its full bake) when it wins; else ``refined`` with its texture fitted by
-    least squares to every view (:func:`pipeline.texture.refit_texture`, TextureConfig ``texture``),
-    which brings in the held-out photos the refinement never used. With no view held out, the input
-    views judge ``fused`` against ``refined`` and the winner is returned as it is.
+    Returned: ``fused`` (its full bake) when it wins; else ``refined`` with its optimised texture
+    fitted by least squares to every view (:func:`pipeline.texture.refit_texture`), the held-out
+    ones included. With no view held out, the input views judge the meshes as they are.
     """
-    from .texture import refit_texture
+    from .refine_selection import split_frames
+    from .texture import rebake_texture, refit_texture
 
-    if not held_out:
+    training, judges = split_frames(frames, list(held_out))
+    if not (judges.views and training.views):
         return better_of(fused, refined, frames, report, warnings)
-    chosen = better_of(start, refined, frames, report, warnings, held_out=held_out)
-    return refit_texture(refined, frames, texture) if chosen is refined else fused
+    judged = (rebake_texture(fused, training, texture), rebake_texture(refined, training, texture))
+    chosen = better_of(*judged, frames, report, warnings, held_out=held_out)
+    return refit_texture(refined, frames, texture) if chosen is judged[1] else fused
 
 
 def better_of(fused, refined, frames, report: RefineReport, warnings: list[str], *, held_out: list[str] | tuple = ()):
