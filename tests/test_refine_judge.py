@@ -64,3 +64,19 @@ def test_the_fair_judge_still_keeps_the_better_fusion_surface(capsule):
     report = RefineReport()
     assert compare_refined(full, inflated, frames, report, [], held_out=[], texture=TEXTURE) is full
     assert report.selected_by == "input_views" and report.held_out_psnr is None
+
+
+def test_a_refinement_that_cannot_be_judged_returns_the_fusion_mesh(capsule, monkeypatch):
+    import pipeline.texture as texture_mod
+    from pipeline.errors import ReconstructionFailedError
+
+    frames, _, exact, inflated = capsule
+
+    def blind_bake(mesh, frames_in, cfg, **kw):
+        raise ReconstructionFailedError("no view sees the mesh")
+
+    monkeypatch.setattr(texture_mod, "rebake_texture", blind_bake)
+    report, warnings = RefineReport(), []
+    chosen = compare_refined(inflated, exact, frames, report, warnings, held_out=[HELD_OUT], texture=TEXTURE)
+    assert chosen is inflated and report.returned == "fusion"
+    assert warnings[0].startswith("REFINE_NO_GAIN") and "could not be judged" in warnings[0]
