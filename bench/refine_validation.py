@@ -6,15 +6,21 @@
 
 Per object: the ``fusion`` mesh (``reconstruct_bundle``, same preset), then the ``nvdiffrec`` stages
 as :func:`pipeline.models.nvdiffrec_model` runs them: hold out ``--held-out-views`` input views
-(:func:`pipeline.refine_selection.choose_held_out_views`), refine on the rest, keep the better
-of the two at the held-out views (:func:`pipeline.models.better_of`). Prints, per object:
+(:func:`pipeline.refine_selection.choose_held_out_views`), refine on the rest, keep the better of the
+two at the held-out views with both re-baked from the training views (:func:`pipeline.models.compare_refined`).
+Candidates: ``F`` fusion (full bake), ``R`` refined as optimised, ``Ft``/``Rt`` both re-baked from the
+training views (the judged pair), ``Rl`` refined with its texture fitted to every view (returned when
+it wins), ``Ra`` refined geometry re-baked from every view. Per object and candidate ``k``:
 
-- ``held``: the held-out view; ``hoF``/``hoR``: masked PSNR of fusion / refined there (the choice's measure);
-- ``orbF``/``orbR``/``orbS``: masked PSNR against the GT mesh at its 8 held-out orbit cameras
-  (gt/orbit.json, as bench/validation.py) of fusion, refined and the returned mesh, and ``gain``
-  = orbS - orbF (the issue's measure: mean >= +0.5 dB, none below -0.2 dB);
+- ``held``: the held-out view; ``ho<k>``: masked PSNR there (``hoFt``/``hoRt`` are the choice's measure;
+  ``hoF``/``hoR`` were the measure before session 11, ``old_ret`` what it chose);
+- ``orb<k>``: masked PSNR against the GT mesh at its 8 held-out orbit cameras (gt/orbit.json, as
+  bench/validation.py); ``orbS`` of the returned mesh and ``gain`` = orbS - orbF (the issue's measure:
+  mean >= +0.5 dB, none below -0.2 dB); ``old_gain`` the same for the old choice (refined as optimised or fusion);
+- ``fscoreF``/``fscoreR``: F@1% of the fusion and the refined surface against the GT;
 - ``ret``: which mesh was returned, ``s``: refinement seconds.
 
+Candidate meshes are saved to ``--out/<object>/<k>.npz`` (bench/refine_profile.py reads them).
 Build the set first with ``bench/validation.py`` (it writes ``--set``). Rows go to ``rows.json`` in ``--out``.
 """
 
@@ -38,15 +44,17 @@ from pipeline.bundle import load_bundle  # noqa: E402
 from pipeline.config import get_preset  # noqa: E402
 from pipeline.evaluate import load_mesh_file  # noqa: E402
 from pipeline.export import load_mesh  # noqa: E402
-from pipeline.models import better_of  # noqa: E402
+from pipeline.metrics import geometry_metrics, mean_masked_psnr  # noqa: E402
+from pipeline.models import compare_refined  # noqa: E402
 from pipeline.prepare import prepare_frames  # noqa: E402
 from pipeline.reconstruct import reconstruct_bundle  # noqa: E402
 from pipeline.refine import refine_mesh  # noqa: E402
 from pipeline.refine_selection import choose_held_out_views, split_frames  # noqa: E402
+from pipeline.texture import rebake_texture, refit_texture  # noqa: E402
 from pipeline.validation_set import OBJECTS, load_orbit_cameras  # noqa: E402
 
 
-def run_object(bundle: Path, preset: str, held_out_views: int) -> dict:
+def run_object(bundle: Path, preset: str, held_out_views: int, save: Path | None = None) -> dict:
     cfg = get_preset(preset)
     refine_cfg = replace(cfg.refine, held_out_views=held_out_views)
     with tempfile.TemporaryDirectory() as tmp:
@@ -54,30 +62,41 @@ def run_object(bundle: Path, preset: str, held_out_views: int) -> dict:
         fused = load_mesh(Path(tmp) / "mesh.obj")
     frames = prepare_frames(load_bundle(bundle), cfg)
     held = choose_held_out_views(fused, frames, refine_cfg.held_out_views)
-    training, _ = split_frames(frames, held)
+    training, judges = split_frames(frames, held)
     t0 = time.perf_counter()
     refined, report = refine_mesh(fused, training, refine_cfg, device="cpu")
     seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
     warnings: list[str] = []
-    returned = better_of(fused, refined, frames, report, warnings, held_out=held)
+    returned = compare_refined(fused, refined, frames, report, warnings, held_out=held, texture=cfg.texture)
+    select_s = time.perf_counter() - t1
+    # F: fusion (full bake); R: refined; Ft / Rt: both re-baked from the training views (the judged pair);
+    # Rl: refined, its texture fitted to every view (what is returned when it wins); Ra: refined, re-baked from every view.
+    meshes = {"F": fused, "R": refined}
+    meshes["Ft"] = rebake_texture(fused, training, cfg.texture) if held else fused
+    meshes["Rt"] = rebake_texture(refined, training, cfg.texture) if held else refined
+    meshes["Rl"] = returned if returned is not fused else refit_texture(refined, frames, cfg.texture)
+    meshes["Ra"] = rebake_texture(refined, frames, cfg.texture)
     gt = load_mesh_file(bundle / "gt" / "mesh.glb")
     orbit = load_orbit_cameras(bundle / "gt" / "orbit.json")
-    orb = {k: novel_view_metrics(m, gt, orbit)["novel_psnr"] for k, m in (("F", fused), ("R", refined))}
-    orb["S"] = orb["R"] if returned is refined else orb["F"]
-    ho = report.get("held_out_psnr") or {}
-    return {
-        "held": ",".join(held) or "-",
-        "hoF": ho.get("fusion"),
-        "hoR": ho.get("refined"),
-        "orbF": orb["F"],
-        "orbR": orb["R"],
-        "orbS": orb["S"],
-        "gain": orb["S"] - orb["F"],
-        "gain_refined": orb["R"] - orb["F"],
-        "ret": report.get("returned"),
-        "s": seconds,
-        "iterations": report.get("iterations"),
-    }
+    row = {"held": ",".join(held) or "-", "s": seconds, "select_s": select_s, "iterations": report.get("iterations")}
+    for k, m in meshes.items():
+        row["ho" + k] = mean_masked_psnr(m, judges) if judges.views else None
+        row["orb" + k] = novel_view_metrics(m, gt, orbit)["novel_psnr"]
+    row["orbS"] = row["orbF"] if returned is fused else row["orbRl"]
+    row["ret"] = report.get("returned")
+    for k in ("F", "R"):
+        g = geometry_metrics(meshes[k].vertices, meshes[k].faces, gt.vertices, gt.faces)
+        row["fscore" + k], row["chamfer" + k] = g["f_score"], g["chamfer_l1"]
+    row["gain"] = row["orbS"] - row["orbF"]
+    row["gain_refined"] = row["orbRl"] - row["orbF"]
+    row["old_ret"] = "refined" if held and row["hoR"] > row["hoF"] else "fusion"
+    row["old_gain"] = row["orbR"] - row["orbF"] if row["old_ret"] == "refined" else 0.0
+    if save is not None:
+        save.mkdir(parents=True, exist_ok=True)
+        for k, m in meshes.items():
+            np.savez_compressed(save / f"{k}.npz", v=m.vertices, f=m.faces, uv=m.uvs, t=m.texture)
+    return row
 
 
 def main(argv=None) -> int:
@@ -96,14 +115,14 @@ def main(argv=None) -> int:
     for obj in objects:
         row = {"object": obj}
         try:
-            row.update(run_object(args.set / obj / args.variant, args.preset, args.held_out_views))
+            row.update(run_object(args.set / obj / args.variant, args.preset, args.held_out_views, args.out / obj))
         except Exception as e:  # one object's failure is a row, not the end of the run
             row["error"] = f"{type(e).__name__}: {e}"
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "rows.json").write_text(json.dumps(rows, indent=1))
-    cols = ("held", "hoF", "hoR", "orbF", "orbR", "orbS", "gain", "ret", "s")
+    cols = ("held", "hoF", "hoR", "old_gain", "hoFt", "hoRt", "orbF", "orbR", "orbRl", "orbS", "gain", "ret", "s")
     print(f"nvdiffrec {args.preset}, {args.variant}, held-out views {args.held_out_views}")
     print("| object | " + " | ".join(cols) + " |\n|" + "---|" * (len(cols) + 1))
     for r in rows:
@@ -118,7 +137,8 @@ def main(argv=None) -> int:
         print(
             f"\nmean gain of the returned mesh at orbit views {np.mean(gains):+.2f} dB (worst {min(gains):+.2f}); "
             f"of the refined mesh, always returned, {np.mean([r['gain_refined'] for r in ok]):+.2f} dB; "
-            f"refined returned on {sum(r['ret'] == 'refined' for r in ok)}/{len(ok)}"
+            f"refined returned on {sum(r['ret'] == 'refined' for r in ok)}/{len(ok)}; the old choice "
+            f"{np.mean([r['old_gain'] for r in ok]):+.2f} dB (worst {min(r['old_gain'] for r in ok):+.2f})"
         )
     return 0
 

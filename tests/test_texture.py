@@ -280,3 +280,18 @@ def test_texture_fit_lowers_input_error_without_raising_held_out_error(shape):
     psnr_out = [_held_out_psnr(b, mesh) for b in (blended, fitted)]
     assert psnr_in[1] > psnr_in[0] + MIN_FIT_GAIN_DB, (psnr_in, psnr_out)
     assert psnr_out[1] > psnr_out[0] - MAX_HELD_OUT_LOSS_DB, (psnr_in, psnr_out)
+
+
+def test_rebake_keeps_the_atlas_and_reproduces_the_bake_from_the_same_views():
+    from pipeline.texture import rebake_texture
+
+    frames, mesh = synthetic_frames("box")
+    baked = bake_texture(mesh.vertices, mesh.faces, frames, TEXTURE, backend="embree")
+    again = rebake_texture(baked, frames, TEXTURE, backend="embree")
+    np.testing.assert_array_equal(again.vertices, baked.vertices)
+    np.testing.assert_array_equal(again.uvs, baked.uvs)
+    np.testing.assert_array_equal(again.faces, baked.faces)
+    np.testing.assert_array_equal(again.texture, baked.texture)
+    # From fewer views the texture changes (the front view's photo is no longer in it).
+    fewer = rebake_texture(baked, replace(frames, views=frames.views[1:]), TEXTURE, backend="embree")
+    assert not np.array_equal(fewer.texture, baked.texture)
