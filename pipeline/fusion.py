@@ -8,7 +8,9 @@ Steps (torch, on ``cfg.device``; marching cubes and mesh clean-up on the CPU):
    to scene units at the sample's depth, the largest over the views (positive outside);
 3. a truncated signed distance from the depth maps. A depth pixel counts only where its
    surface point lies inside the (slightly widened) hull, so wrong depth cannot grow the
-   object or cut deep into it from outside the hull;
+   object or cut deep into it from outside the hull. A shell of ``THIN_SHELL_VOXELS`` behind each
+   view's surface stays inside whatever the views on the other side say: an open sheet, seen from
+   both sides, is a thin slab (their mean alone cancels near it and leaves holes);
 4. the field is the larger of the two (the intersection of the shapes); samples no depth
    map saw are inside when inside the hull: where depth is missing, the hull decides;
    a pixel whose depth the encoding clipped at ``far`` (``PosedView.free_depth``) is no surface:
@@ -50,15 +52,13 @@ BOUNDS_IMAGE_SIZE = 192
 DEPTH_EDGE_PX = 1
 #: A depth pixel's surface point may lie this many truncation distances outside the hull.
 DEPTH_HULL_TOLERANCE = 0.5
+#: Thickness (grid steps) of the shell behind each view's surface that is inside whatever the other views
+#: say: an open sheet, seen from both sides, becomes a slab this thick on each side instead of holes.
+THIN_SHELL_VOXELS = 1.0
 #: Coarse-to-fine evaluation: cells around a coarser pass's surface that the next pass evaluates.
 SPARSE_BAND_CELLS = 1
 #: Field samples evaluated per batch (bounds memory: about 100 bytes per sample and view).
 FIELD_CHUNK = 1 << 19
-#: Support codes (:meth:`HullBoundedTSDF.support`): inside the hull where no view's depth reaches (every view
-#: sees the sample more than a truncation behind its surface, or has no depth there) ...
-UNSEEN_INSIDE = 1
-#: ... and outside only because a view's depth (or clipped ray) sees it as empty, inside the hull.
-DEPTH_FREE = 2
 #: The hull table's border: a sample that leaves a view's image is this far outside, per unit of depth.
 _OFF_IMAGE_PX = 1e4
 
@@ -198,7 +198,10 @@ class HullBoundedTSDF:
     - the hull's signed distance over the truncation distance, clamped to [-1, 1];
     - the mean over the views that see the point (in front of their depth, or behind it by less
       than the truncation) of the depth's signed distance over the truncation, at most 1;
-      -1 where no view sees the point, so that the hull decides where depth is missing.
+      -1 where no view sees the point, so that the hull decides where depth is missing;
+      where the point lies less than ``shell`` behind some view's surface, at most minus the
+      smaller of its distances to that surface and to the shell's back (over the truncation), so
+      that a part thinner than the truncation, seen from both sides, keeps an inside.
 
     Depth is read at the nearest pixel of a table with a one-pixel border, -inf there and at
     invalid pixels, so that no view counts for points that leave its image.
@@ -207,12 +210,19 @@ class HullBoundedTSDF:
     ----------
     hull : SilhouetteHull of the same views
     depth : (N, h, w) float32 z-depth, scene units; valid : (N, h, w) bool, the pixels to fuse
+    free_depth : (N, h, w) float32 clipped pixels' free z-depth (0 elsewhere) or None
+    shell : thickness (scene units) of the inside kept behind every view's surface; 0: none
     """
 
     def __init__(
-        self, hull: SilhouetteHull, depth: torch.Tensor, valid: torch.Tensor, free_depth: torch.Tensor | None = None
+        self,
+        hull: SilhouetteHull,
+        depth: torch.Tensor,
+        valid: torch.Tensor,
+        free_depth: torch.Tensor | None = None,
+        shell: float = 0.0,
     ):
-        self.hull = hull
+        self.hull, self.shell = hull, float(shell)
         table = torch.where(valid, depth, torch.full_like(depth, -math.inf))
         self._depth = F.pad(table, (1, 1, 1, 1), value=-math.inf).reshape(len(depth), -1)
         self._free = None
@@ -224,17 +234,7 @@ class HullBoundedTSDF:
         """(P, 3) float32 world points -> (P,) float32 field values in [-1, 1] (positive outside)."""
         return _in_chunks(lambda p: self._evaluate(p, truncation), points)
 
-    def support(self, points: torch.Tensor, truncation: float) -> torch.Tensor:
-        """(P, 3) float32 world points -> (P,) int8 support codes: :data:`UNSEEN_INSIDE`, :data:`DEPTH_FREE` or 0.
-
-        A surface between an ``UNSEEN_INSIDE`` sample and a ``DEPTH_FREE`` one is the edge of a
-        view's shadow, not a surface any view saw (see :func:`supported_surface_cells`).
-        """
-        return _in_chunks(lambda p: self._support(p, truncation).float(), points).to(torch.int8)
-
-    def _terms(self, p: torch.Tensor, truncation: float):
-        """Per point: depth term (mean over the views that see it, -1 where none does), views that see
-        it, the silhouette hull's term and the clipped rays' free-space term (None without clipped pixels)."""
+    def _evaluate(self, p: torch.Tensor, truncation: float) -> torch.Tensor:
         h, w = self.hull.height, self.hull.width
         ph, z, inv_z = self.hull.project(p)
         hull = (self.hull.distance_projected(ph, z, inv_z) / truncation).clamp_(-1.0, 1.0)
@@ -243,32 +243,25 @@ class HullBoundedTSDF:
         row = (ph[:, 3] * inv_z).clamp_(0.0, float(h + 1)).floor_()
         pixel = torch.add(col, row, alpha=float(w + 2)).long()
         sdf = torch.gather(self._depth, 1, pixel).sub_(z)
-        free = None
         if self._free is not None:
             # A clipped pixel's ray is empty up to its free depth: outside there, whatever the others say.
-            free = (torch.gather(self._free, 1, pixel).sub_(z).amax(0) / truncation).clamp_(-1.0, 1.0)
+            free = torch.gather(self._free, 1, pixel).sub_(z).amax(0)
+            hull = torch.maximum(hull, (free / truncation).clamp_(-1.0, 1.0))
         seen = sdf > -truncation
         if float(z.min()) <= 0.0:
             seen &= z > 0
         n_seen = seen.sum(0, dtype=torch.float32)
         tsdf = torch.where(seen, sdf.mul_(1.0 / truncation).clamp_(max=1.0), 0.0).sum(0)
         tsdf = torch.where(n_seen > 0, tsdf / n_seen.clamp(min=1.0), -1.0)
-        return tsdf, n_seen, hull, free
-
-    def _evaluate(self, p: torch.Tensor, truncation: float) -> torch.Tensor:
-        tsdf, _, hull, free = self._terms(p, truncation)
-        if free is not None:
-            hull = torch.maximum(hull, free)
+        if self.shell > 0:
+            # Thin parts: views on both sides of a sheet see its neighbourhood in front and behind, and
+            # their mean cancels into holes. A shell just behind each view's surface is inside; a tent
+            # (0 at the surface and at the shell's back), so that a closed surface, where the mean
+            # is already at most -depth behind / truncation, stays where it is.
+            behind = torch.where(seen, -sdf * truncation, -math.inf)  # scene units behind each surface
+            tent = torch.minimum(behind, self.shell - behind).amax(0)
+            tsdf = torch.where(tent > 0, torch.minimum(tsdf, -tent / truncation), tsdf)
         return torch.maximum(tsdf, hull)
-
-    def _support(self, p: torch.Tensor, truncation: float) -> torch.Tensor:
-        tsdf, n_seen, hull, free = self._terms(p, truncation)
-        outside_by_depth = tsdf if free is None else torch.maximum(tsdf, free)
-        code = torch.zeros(len(p), dtype=torch.int8, device=p.device)
-        code[(n_seen == 0) & (hull <= 0) & (outside_by_depth <= 0)] = UNSEEN_INSIDE
-        # Outside by depth (or a clipped ray) alone: the silhouettes would keep the sample inside.
-        code[(outside_by_depth > 0) & (hull <= 0)] = DEPTH_FREE
-        return code
 
 
 def _coarser(grid: VoxelGrid) -> VoxelGrid:
@@ -343,49 +336,6 @@ def surface_cells(field: torch.Tensor) -> torch.Tensor:
     """
     cells = _corner_any(field >= 0) & _corner_any(field <= 0)
     return F.pad(cells, (1, 0, 1, 0, 1, 0), value=False)
-
-
-def _cell_corners(cells: torch.Tensor) -> torch.Tensor:
-    """(X, Y, Z) bool cells indexed at their highest corner (:func:`surface_cells`) -> bool: their 8 corner samples."""
-    out = cells
-    for d in range(3):
-        n = out.shape[d]
-        grown = out.clone()
-        grown.narrow(d, 0, n - 1).logical_or_(out.narrow(d, 1, n - 1))  # sample c - 1 of cell c
-        out = grown
-    return out
-
-
-def supported_surface_cells(
-    field: torch.Tensor, support_at, grid: VoxelGrid, truncation: float, device
-) -> torch.Tensor:
-    """:func:`surface_cells` less the cells that no depth or silhouette supports.
-
-    A cell with a corner that no view's depth reaches, inside the hull (``UNSEEN_INSIDE``), and a
-    corner outside only because a view's depth sees it empty (``DEPTH_FREE``) lies on the edge of a
-    view's shadow: the cavity of a pot below the encoding's far, the hidden side of an open sheet.
-    No view saw a surface there, so none is made (the mesh stays open) rather than a lid invented.
-
-    Parameters
-    ----------
-    field : (X, Y, Z) float32 on ``grid``; support_at : callable (P, 3) points, truncation -> (P,) int8 codes
-
-    Returns
-    -------
-    (X, Y, Z) bool, cells at their highest corner (marching cubes' mask)
-    """
-    cells = surface_cells(field)
-    corners = _cell_corners(cells)
-    idx = torch.nonzero(corners.reshape(-1), as_tuple=True)[0]
-    if len(idx) == 0:
-        return cells
-    X, Y, Z = field.shape
-    ijk = torch.stack([idx // (Y * Z), (idx // Z) % Y, idx % Z], dim=-1).float()
-    lo = torch.as_tensor(grid.lo, dtype=torch.float32, device=device)
-    codes = torch.zeros(field.shape, dtype=torch.int8, device=field.device)
-    codes.view(-1)[idx] = support_at(lo + ijk * grid.spacing, truncation)
-    shadow_edge = _corner_any(codes == UNSEEN_INSIDE) & _corner_any(codes == DEPTH_FREE)
-    return cells & ~F.pad(shadow_edge, (1, 0, 1, 0, 1, 0), value=False)
 
 
 def evaluate_sparse(field_at, grid: VoxelGrid, truncation: float, device) -> tuple[torch.Tensor, int]:
@@ -512,65 +462,6 @@ def _hull(inp: _FusionInputs, grid: VoxelGrid, truncation: float, tolerance_px: 
     return SilhouetteHull(inp.cams, torch.as_tensor(sdf_px, device=inp.depth.device))
 
 
-def _pixel_rays(cams: CameraStack, n: int, rows: torch.Tensor, cols: torch.Tensor):
-    """World origin (3,) and per-pixel directions (R, 3) of view ``n``, scaled so that z-depth 1 is one unit."""
-    c2w = torch.linalg.inv(cams.world_to_cam[n])
-    pix = torch.stack([cols.float() + 0.5, rows.float() + 0.5, torch.ones(len(rows), device=rows.device)], dim=-1)
-    return c2w[:3, 3], (pix @ torch.linalg.inv(cams.K[n]).T) @ c2w[:3, :3].T
-
-
-def extend_clipped_rays(
-    fused: HullBoundedTSDF, cams: CameraStack, free: torch.Tensor, grid: VoxelGrid, truncation: float
-) -> torch.Tensor:
-    """Carry each clipped ray's free space on to the first material another view's depth shows.
-
-    A clipped pixel's surface lies beyond ``far``, and the only surfaces known are the ones the
-    depth maps show; so the ray is taken as empty up to the first sample (every half grid step)
-    that another view sees behind its surface, within the truncation. Where it meets none before
-    leaving the grid, the ray stays free only up to ``far``: an unseen surface may stop it anywhere.
-
-    Parameters
-    ----------
-    fused : the field without clipped rays; cams : the N views, images (h, w)
-    free : (N, h, w) float32 clipped pixels' free z-depth (0 elsewhere); grid : the fusion grid
-
-    Returns
-    -------
-    (N, h, w) float32, the extended free z-depth
-    """
-    out = free.clone()
-    corners = torch.as_tensor(
-        [
-            [x, y, z]
-            for x in (grid.lo[0], grid.hi[0])
-            for y in (grid.lo[1], grid.hi[1])
-            for z in (grid.lo[2], grid.hi[2])
-        ],
-        dtype=torch.float32,
-        device=free.device,
-    )
-    step = 0.5 * grid.spacing
-    for n in range(len(free)):
-        rows, cols = torch.nonzero(free[n] > 0, as_tuple=True)
-        if len(rows) == 0:
-            continue
-        z_far = float((corners @ cams.world_to_cam[n, 2, :3] + cams.world_to_cam[n, 2, 3]).max())
-        z0 = free[n, rows, cols]
-        k = torch.arange(1, max(2, math.ceil((z_far - float(z0.min())) / step) + 1), device=free.device)
-        origin, dirs = _pixel_rays(cams, n, rows, cols)
-        for r0 in range(0, len(rows), max(1, FIELD_CHUNK // len(k))):
-            z = z0[r0 : r0 + FIELD_CHUNK // len(k), None] + k[None] * step  # (R, S)
-            pts = origin + dirs[r0 : r0 + len(z), None, :] * z[..., None]
-            tsdf, n_seen, _, _ = fused._terms(pts.reshape(-1, 3), truncation)
-            material = ((n_seen > 0) & (tsdf < 0)).reshape(z.shape)
-            hit = material.any(1)
-            first = torch.argmax(material.to(torch.uint8), dim=1)
-            z_hit = torch.gather(z, 1, first[:, None])[:, 0] - step
-            idx = slice(r0, r0 + len(z))
-            out[n, rows[idx], cols[idx]] = torch.where(hit, torch.maximum(z_hit, z0[idx]), z0[idx])
-    return out
-
-
 def _fused_field(
     inp: _FusionInputs, hull: SilhouetteHull, grid: VoxelGrid, truncation: float
 ) -> tuple[HullBoundedTSDF, float]:
@@ -584,19 +475,16 @@ def _fused_field(
     valid = interior & (inp.depth > 0)
     n_valid = int(valid.sum())
     valid = _depth_inside_hull(inp.depth, valid, inp.cams, hull, DEPTH_HULL_TOLERANCE * truncation)
-    fused = HullBoundedTSDF(hull, inp.depth, valid)
-    if inp.free_depth is not None:
-        free = extend_clipped_rays(fused, inp.cams, inp.free_depth * interior, grid, truncation)
-        fused = HullBoundedTSDF(hull, inp.depth, valid, free)
+    free = None if inp.free_depth is None else inp.free_depth * interior
+    fused = HullBoundedTSDF(hull, inp.depth, valid, free, shell=THIN_SHELL_VOXELS * grid.spacing)
     return fused, float(valid.sum()) / max(n_valid, 1)
 
 
-def _marching_cubes(field: torch.Tensor, grid: VoxelGrid, cells: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Zero level set of the (X, Y, Z) field in ``cells`` (at their highest corner) -> (V, 3) float32 world
-    vertices, (F, 3) int32 faces."""
+def _marching_cubes(field: torch.Tensor, grid: VoxelGrid) -> tuple[np.ndarray, np.ndarray]:
+    """Zero level set of the (X, Y, Z) field -> (V, 3) float32 world vertices, (F, 3) int32 faces."""
     from skimage.measure import marching_cubes
 
-    cells_np = cells.cpu().numpy()
+    cells_np = surface_cells(field).cpu().numpy()
     field_np = field.cpu().numpy()
     if not (field_np.min() < 0.0 < field_np.max()):
         raise EmptyReconstructionError("the fused volume has no surface", details={"grid": grid.to_dict()})
@@ -655,8 +543,7 @@ def reconstruct_geometry(
     clock.lap("depth_check", 0.3)
     field, n_evaluated = evaluate_sparse(fused, grid, truncation, device)
     clock.lap("fuse", 0.55)
-    cells = supported_surface_cells(field, fused.support, grid, truncation, device)
-    verts, faces = _marching_cubes(field, grid, cells)
+    verts, faces = _marching_cubes(field, grid)
     del field
     n_mc = len(faces)
     clock.lap("marching_cubes", 0.7)
