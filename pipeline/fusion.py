@@ -8,7 +8,9 @@ Steps (torch, on ``cfg.device``; marching cubes and mesh clean-up on the CPU):
    to scene units at the sample's depth, the largest over the views (positive outside);
 3. a truncated signed distance from the depth maps. A depth pixel counts only where its
    surface point lies inside the (slightly widened) hull, so wrong depth cannot grow the
-   object or cut deep into it from outside the hull;
+   object or cut deep into it from outside the hull. A shell of ``THIN_SHELL_VOXELS`` behind each
+   view's surface stays inside whatever the views on the other side say: an open sheet, seen from
+   both sides, is a thin slab (their mean alone cancels near it and leaves holes);
 4. the field is the larger of the two (the intersection of the shapes); samples no depth
    map saw are inside when inside the hull: where depth is missing, the hull decides;
    a pixel whose depth the encoding clipped at ``far`` (``PosedView.free_depth``) is no surface:
@@ -50,6 +52,9 @@ BOUNDS_IMAGE_SIZE = 192
 DEPTH_EDGE_PX = 1
 #: A depth pixel's surface point may lie this many truncation distances outside the hull.
 DEPTH_HULL_TOLERANCE = 0.5
+#: Thickness (grid steps) of the shell behind each view's surface that is inside whatever the other views
+#: say: an open sheet, seen from both sides, becomes a slab this thick on each side instead of holes.
+THIN_SHELL_VOXELS = 1.0
 #: Coarse-to-fine evaluation: cells around a coarser pass's surface that the next pass evaluates.
 SPARSE_BAND_CELLS = 1
 #: Field samples evaluated per batch (bounds memory: about 100 bytes per sample and view).
@@ -193,7 +198,10 @@ class HullBoundedTSDF:
     - the hull's signed distance over the truncation distance, clamped to [-1, 1];
     - the mean over the views that see the point (in front of their depth, or behind it by less
       than the truncation) of the depth's signed distance over the truncation, at most 1;
-      -1 where no view sees the point, so that the hull decides where depth is missing.
+      -1 where no view sees the point, so that the hull decides where depth is missing;
+      where the point lies less than ``shell`` behind some view's surface, at most minus the
+      smaller of its distances to that surface and to the shell's back (over the truncation), so
+      that a part thinner than the truncation, seen from both sides, keeps an inside.
 
     Depth is read at the nearest pixel of a table with a one-pixel border, -inf there and at
     invalid pixels, so that no view counts for points that leave its image.
@@ -202,12 +210,19 @@ class HullBoundedTSDF:
     ----------
     hull : SilhouetteHull of the same views
     depth : (N, h, w) float32 z-depth, scene units; valid : (N, h, w) bool, the pixels to fuse
+    free_depth : (N, h, w) float32 clipped pixels' free z-depth (0 elsewhere) or None
+    shell : thickness (scene units) of the inside kept behind every view's surface; 0: none
     """
 
     def __init__(
-        self, hull: SilhouetteHull, depth: torch.Tensor, valid: torch.Tensor, free_depth: torch.Tensor | None = None
+        self,
+        hull: SilhouetteHull,
+        depth: torch.Tensor,
+        valid: torch.Tensor,
+        free_depth: torch.Tensor | None = None,
+        shell: float = 0.0,
     ):
-        self.hull = hull
+        self.hull, self.shell = hull, float(shell)
         table = torch.where(valid, depth, torch.full_like(depth, -math.inf))
         self._depth = F.pad(table, (1, 1, 1, 1), value=-math.inf).reshape(len(depth), -1)
         self._free = None
@@ -238,6 +253,14 @@ class HullBoundedTSDF:
         n_seen = seen.sum(0, dtype=torch.float32)
         tsdf = torch.where(seen, sdf.mul_(1.0 / truncation).clamp_(max=1.0), 0.0).sum(0)
         tsdf = torch.where(n_seen > 0, tsdf / n_seen.clamp(min=1.0), -1.0)
+        if self.shell > 0:
+            # Thin parts: views on both sides of a sheet see its neighbourhood in front and behind, and
+            # their mean cancels into holes. A shell just behind each view's surface is inside; a tent
+            # (0 at the surface and at the shell's back), so that a closed surface, where the mean
+            # is already at most -depth behind / truncation, stays where it is.
+            behind = torch.where(seen, -sdf * truncation, -math.inf)  # scene units behind each surface
+            tent = torch.minimum(behind, self.shell - behind).amax(0)
+            tsdf = torch.where(tent > 0, torch.minimum(tsdf, -tent / truncation), tsdf)
         return torch.maximum(tsdf, hull)
 
 
@@ -439,7 +462,9 @@ def _hull(inp: _FusionInputs, grid: VoxelGrid, truncation: float, tolerance_px: 
     return SilhouetteHull(inp.cams, torch.as_tensor(sdf_px, device=inp.depth.device))
 
 
-def _fused_field(inp: _FusionInputs, hull: SilhouetteHull, truncation: float) -> tuple[HullBoundedTSDF, float]:
+def _fused_field(
+    inp: _FusionInputs, hull: SilhouetteHull, grid: VoxelGrid, truncation: float
+) -> tuple[HullBoundedTSDF, float]:
     """The fused field and the fraction of depth pixels it uses.
 
     Depth pixels count away from mask edges (edge values mix with the background) and where
@@ -451,7 +476,8 @@ def _fused_field(inp: _FusionInputs, hull: SilhouetteHull, truncation: float) ->
     n_valid = int(valid.sum())
     valid = _depth_inside_hull(inp.depth, valid, inp.cams, hull, DEPTH_HULL_TOLERANCE * truncation)
     free = None if inp.free_depth is None else inp.free_depth * interior
-    return HullBoundedTSDF(hull, inp.depth, valid, free), float(valid.sum()) / max(n_valid, 1)
+    fused = HullBoundedTSDF(hull, inp.depth, valid, free, shell=THIN_SHELL_VOXELS * grid.spacing)
+    return fused, float(valid.sum()) / max(n_valid, 1)
 
 
 def _marching_cubes(field: torch.Tensor, grid: VoxelGrid) -> tuple[np.ndarray, np.ndarray]:
@@ -513,7 +539,7 @@ def reconstruct_geometry(
     clock.lap("bounds", 0.1)
     hull = _hull(inp, grid, truncation, fc.hull_tolerance_px)
     clock.lap("mask_distance", 0.2)
-    fused, depth_used = _fused_field(inp, hull, truncation)
+    fused, depth_used = _fused_field(inp, hull, grid, truncation)
     clock.lap("depth_check", 0.3)
     field, n_evaluated = evaluate_sparse(fused, grid, truncation, device)
     clock.lap("fuse", 0.55)
