@@ -114,6 +114,16 @@ def bilinear_taps(uv: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tens
     return taps, weights.to(torch.float32)
 
 
+def _bake_render(flat: torch.Tensor, uv: torch.Tensor, size: int) -> torch.Tensor:
+    """(P, 3) float32: the bilinear lookup of texture ``flat`` ((T*T, 3) float32) at ``uv`` ((P, 2)),
+    one tap at a time (a (P, 4, 3) gather would hold four colours per pixel at once)."""
+    taps, w = bilinear_taps(uv, size)
+    out = flat[taps[:, 0]] * w[:, :1]
+    for k in range(1, 4):
+        out += flat[taps[:, k]] * w[:, k : k + 1]
+    return out
+
+
 def _grid_pairs(node: np.ndarray, size: int) -> np.ndarray:
     """(E, 2) int64 pairs of positions in ``node`` whose grid cells are 4-neighbours.
 
@@ -171,24 +181,26 @@ def solve_texture(
     Tc = T // scale
     device = image.device
     flat = image.reshape(-1, 3)
-    taps, w = bilinear_taps(obs.uv, T)
-    residual = obs.colors - (flat[taps] * w[..., None]).sum(1)  # (P, 3) photo minus the bake's render
+    residual = obs.colors - _bake_render(flat, obs.uv, T)  # (P, 3) photo minus the bake's render
     ctaps, cw = bilinear_taps(obs.uv, Tc)
     # Compact ids of the nodes the pixels touch (a dense lookup: cheaper than a sort at these sizes).
+    # int32 ids and row pointers: scipy keeps them, where int64 would double the matrices' index memory.
     flat_taps = ctaps.cpu().numpy().reshape(-1)
+    del ctaps
     used = np.zeros(Tc * Tc, dtype=bool)
     used[flat_taps] = True
     node = np.flatnonzero(used)
-    compact = np.cumsum(used) - 1
-    local = compact[flat_taps]
+    local = (np.cumsum(used, dtype=np.int32) - 1)[flat_taps]
+    del flat_taps
     n, P = len(node), len(obs.uv)
     sw = obs.confidence.sqrt().cpu().numpy()
     vals = (cw.cpu().numpy() * sw[:, None]).reshape(-1)
-    A = sp.csr_matrix((vals, local.reshape(-1), np.arange(0, 4 * P + 1, 4)), shape=(P, n))
+    del cw
+    A = sp.csr_matrix((vals, local, np.arange(0, 4 * P + 1, 4, dtype=np.int32)), shape=(P, n))
     At = A.T.tocsr()
     b = residual.cpu().numpy() * sw[:, None]
     # h: each node's own data weight (the diagonal of A^T A); both regularisers scale with it.
-    h = np.bincount(local.reshape(-1), weights=vals.astype(np.float64) ** 2, minlength=n).astype(np.float32)
+    h = np.bincount(local, weights=vals.astype(np.float64) ** 2, minlength=n).astype(np.float32)
     h = np.maximum(h, np.float32(np.median(h) * 1e-2))
     # Smoothness only between nodes over chart texels (not across the gutters between charts).
     node_has_chart = F.max_pool2d(covered[None, None].float(), scale)[0, 0].reshape(-1).cpu().numpy()[node] > 0
@@ -199,7 +211,10 @@ def solve_texture(
     D = sp.csr_matrix(
         (np.concatenate([np.sqrt(hp), -np.sqrt(hp)]), (np.tile(np.arange(E), 2), pairs.T.reshape(-1))), shape=(E, n)
     )
-    M = (At @ A + D.T @ D + sp.diags(prior * h)).tocsr().astype(np.float32)
+    M = At @ A
+    M += D.T @ D
+    M += sp.diags(prior * h)
+    M = M.tocsr().astype(np.float32, copy=False)
     x, used = conjugate_gradient(M, At @ b, 1.0 / M.diagonal(), iterations)
     rms_before = float(np.sqrt((b**2).sum() / max(3 * P, 1) / max(float((sw**2).mean()), 1e-12)))
     rms_after = float(np.sqrt(((A @ x - b) ** 2).sum() / max(3 * P, 1) / max(float((sw**2).mean()), 1e-12)))
@@ -208,7 +223,10 @@ def solve_texture(
     grid[torch.as_tensor(node, device=device)] = torch.as_tensor(x, device=device)
     # align_corners=False doubling samples the coarse grid at the fine texel centres, as bilinear_taps would.
     up = F.interpolate(grid.view(Tc, Tc, 3).permute(2, 0, 1)[None], size=(T, T), mode="bilinear", align_corners=False)
-    out = (flat + up[0].permute(1, 2, 0).reshape(-1, 3))[source]
+    del grid
+    up = up[0].permute(1, 2, 0).reshape(-1, 3)
+    up += flat  # in place: at T = 2048 each (T*T, 3) float32 copy is 50 MB
+    out = up[source]
     report = {
         "nodes": n,
         "pixels": P,
