@@ -271,6 +271,8 @@ def _bake_on_atlas(v_in, f_in, atlas, frames: PosedFrames, cfg: TextureConfig, b
             colors, seen, pos, covered, v_in, f_in, torch.as_tensor(vmap, device=device)[corners], tex_bary
         )
 
+    # The fit's solve is the bake's memory peak: the per-texel projection state goes first (~300 MB at 2048²).
+    del raster, tex_face, tex_bary, corners, pos, nrm, acc, wsum, vn_t, rendered, idx, col, w, edge, cand, facing
     texture = _pad_and_fit(colors, covered, observations, frames, cfg, report)
     report("done", 1.0)
     return texture
