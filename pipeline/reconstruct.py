@@ -84,13 +84,15 @@ class StageRunner:
     def should_cancel(self) -> bool:
         return self._should_cancel is not None and bool(self._should_cancel())
 
-    def check_cancel(self) -> None:
+    def check_cancel(self, stage: str | None = None) -> None:
         if self.should_cancel():
-            raise CanceledError("the job was canceled")
+            if stage is None:
+                raise CanceledError("the job was canceled")
+            raise CanceledError(f"the job was canceled during {stage}", details={"stage": stage})
 
     def progress(self, name: str) -> ProgressFn:
         def report(_stage: str, fraction: float) -> None:
-            self.check_cancel()
+            self.check_cancel(name)
             overall = self._start[name] + self._weight[name] * min(max(fraction, 0.0), 1.0)
             if overall >= self._last and self._callback is not None:
                 self._last = overall
