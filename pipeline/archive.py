@@ -29,7 +29,7 @@ ZIP_READ_ERRORS = (
     zlib.error,
     OSError,
     EOFError,
-    NotImplementedError,
+    NotImplementedError,  # a member stored with a compression method zipfile lacks
     ValueError,
     RuntimeError,
     UnicodeDecodeError,

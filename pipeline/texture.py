@@ -199,7 +199,7 @@ def refit_texture(
     T = int(mesh.texture.shape[0])
     v = np.asarray(mesh.vertices, dtype=np.float32)
     rasterizer = make_rasterizer(v, mesh.faces, backend=backend)
-    device = torch.device("cuda" if getattr(rasterizer, "name", "") == "nvdiffrast" else "cpu")
+    device = _bake_device(rasterizer, backend)
     ft = torch.as_tensor(np.asarray(mesh.faces), dtype=torch.int64, device=device)
     uvs = torch.as_tensor(np.asarray(mesh.uvs, dtype=np.float32), device=device)
     covered = rasterize_uv(uvs, ft, T).covered
@@ -214,14 +214,19 @@ def refit_texture(
     return TexturedMesh(vertices=v, faces=mesh.faces, uvs=mesh.uvs, texture=texture)
 
 
+def _bake_device(rasterizer, backend: Backend) -> torch.device:
+    """Where a bake's texel maths runs: CUDA with nvdiffrast, or when ``auto`` finds a usable GPU."""
+    use_cuda = getattr(rasterizer, "name", "") == "nvdiffrast" or (backend == "auto" and cuda_available())
+    return torch.device("cuda" if use_cuda else "cpu")
+
+
 def _bake_on_atlas(v_in, f_in, atlas, frames: PosedFrames, cfg: TextureConfig, backend: Backend, report) -> np.ndarray:
     """(T, T, 3) uint8: the views baked onto an atlas ``(v, f, uvs, vmap)`` of the mesh ``(v_in, f_in)``
     (``vmap``: (V',) the ``v_in`` index of each atlas vertex), as :func:`bake_texture` describes."""
     v, f, uvs, vmap = atlas
     normals_in = TexturedMesh(v_in, f_in).vertex_normals()
     rasterizer = make_rasterizer(v, f, backend=backend)
-    use_cuda = getattr(rasterizer, "name", "") == "nvdiffrast" or (backend == "auto" and cuda_available())
-    device = torch.device("cuda" if use_cuda else "cpu")
+    device = _bake_device(rasterizer, backend)
 
     report("rasterize uv", 0.3)
     ft = torch.as_tensor(f, dtype=torch.int64, device=device)
@@ -232,13 +237,11 @@ def _bake_on_atlas(v_in, f_in, atlas, frames: PosedFrames, cfg: TextureConfig, b
     corners = ft[tex_face]  # (N, 3) new-vertex ids
     vt = torch.as_tensor(v, device=device)
     pos = (vt[corners] * tex_bary[..., None]).sum(1)  # (N, 3) world
-    nt = torch.as_tensor(normals_in[vmap], device=device)
-    nrm = F.normalize((nt[corners] * tex_bary[..., None]).sum(1), dim=-1)
-    del nt
+    vn_t = torch.as_tensor(normals_in[vmap], device=device)  # (V', 3) per atlas vertex
+    nrm = F.normalize((vn_t[corners] * tex_bary[..., None]).sum(1), dim=-1)
 
     extent = float(np.ptp(v_in, axis=0).max()) if len(v_in) else 1.0
     depth_tol = cfg.depth_tolerance * max(extent, 1e-6)
-    vn_t = torch.as_tensor(normals_in[vmap], device=device)
     acc = torch.zeros((len(pos), 3), dtype=torch.float32, device=device)
     wsum = torch.zeros(len(pos), dtype=torch.float32, device=device)
     fit = cfg.fit_iterations > 0

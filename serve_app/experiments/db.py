@@ -194,46 +194,36 @@ class ExperimentsDB:
             row = self._conn.execute("SELECT * FROM experiments WHERE experiment_id = ?", (experiment_id,)).fetchone()
         return dict(row) if row is not None else None
 
+    def _rows(self, sql: str, params: tuple = ()) -> list[dict]:
+        """The rows of one query, as dicts (under the connection's lock)."""
+        with self._lock:
+            rows = self._conn.execute(sql, params).fetchall()
+        return [dict(r) for r in rows]
+
     def experiments(self, limit: int = 50, offset: int = 0, *, owner: str | None = None) -> list[dict]:
         """Newest first; ``owner`` keeps only that key's experiments (None: all of them)."""
-        with self._lock:
-            if owner is None:
-                rows = self._conn.execute(
-                    "SELECT * FROM experiments ORDER BY created_at DESC LIMIT ? OFFSET ?", (limit, offset)
-                ).fetchall()
-            else:
-                rows = self._conn.execute(
-                    "SELECT * FROM experiments WHERE owner = ? ORDER BY created_at DESC LIMIT ? OFFSET ?",
-                    (owner, limit, offset),
-                ).fetchall()
-        return [dict(r) for r in rows]
+        if owner is None:
+            return self._rows("SELECT * FROM experiments ORDER BY created_at DESC LIMIT ? OFFSET ?", (limit, offset))
+        return self._rows(
+            "SELECT * FROM experiments WHERE owner = ? ORDER BY created_at DESC LIMIT ? OFFSET ?",
+            (owner, limit, offset),
+        )
 
     def ended_experiments(self) -> list[dict]:
         """``experiment_id``, ``finished_at``, ``files_expired_at`` of every finished experiment (for the TTL sweep)."""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT experiment_id, finished_at, files_expired_at FROM experiments WHERE finished_at IS NOT NULL"
-            ).fetchall()
-        return [dict(r) for r in rows]
+        return self._rows(
+            "SELECT experiment_id, finished_at, files_expired_at FROM experiments WHERE finished_at IS NOT NULL"
+        )
 
     def experiment_ids(self) -> set[str]:
-        with self._lock:
-            return {r[0] for r in self._conn.execute("SELECT experiment_id FROM experiments").fetchall()}
+        return {r["experiment_id"] for r in self._rows("SELECT experiment_id FROM experiments")}
 
     def runs(self, experiment_id: str) -> list[dict]:
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT * FROM runs WHERE experiment_id = ? ORDER BY run_index", (experiment_id,)
-            ).fetchall()
-        return [dict(r) for r in rows]
+        return self._rows("SELECT * FROM runs WHERE experiment_id = ? ORDER BY run_index", (experiment_id,))
 
     def open_runs(self) -> list[dict]:
         """Runs not yet in a terminal state (to watch again after a restart)."""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT * FROM runs WHERE status IN ('queued', 'running') ORDER BY experiment_id, run_index"
-            ).fetchall()
-        return [dict(r) for r in rows]
+        return self._rows("SELECT * FROM runs WHERE status IN ('queued', 'running') ORDER BY experiment_id, run_index")
 
     # ------------------------------------------------------------ snapshots
 
