@@ -28,6 +28,7 @@ from pipeline.overrides import InvalidOverridesError, apply_overrides, run_slug,
 from pipeline.synthetic import make_shape, write_bundle
 from serve_app.experiments.db import SNAPSHOT_KEY, ExperimentsDB, migrations
 from serve_app.experiments.results import pareto_front, plot_png, table_rows
+from serve_app.experiments.service import zip_dataset
 from serve_app.experiments.spec import InvalidExperimentError, expand_spec, parse_spec_text, resolve_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,6 +92,24 @@ def test_spec_expands_grid_and_rejects_with_the_key(tmp_path):
     for name in ("link", "missing"):
         with pytest.raises(InvalidExperimentError):
             resolve_dataset(tmp_path / "root", name)
+
+
+def test_dataset_folders_are_zipped_to_a_temporary_file_without_gt(tmp_path):
+    folder = tmp_path / "ds"
+    for rel in ("multi_views/front.png", "depth_renders/front.png", "gt/mesh.glb", ".hidden/x"):
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(rel.encode())
+    path, temporary = zip_dataset(folder)
+    try:
+        assert temporary and Path(path).is_file() and not Path(path).is_relative_to(folder)
+        with zipfile.ZipFile(path) as zf:
+            assert sorted(zf.namelist()) == ["depth_renders/front.png", "multi_views/front.png"]
+            assert zf.read("multi_views/front.png") == b"multi_views/front.png"
+    finally:
+        Path(path).unlink()
+    archive = tmp_path / "ds.zip"
+    archive.write_bytes(b"PK")
+    assert zip_dataset(archive) == (str(archive), False)  # used where it lies, never removed
 
 
 def test_db_migrations_are_recorded_and_idempotent(tmp_path):

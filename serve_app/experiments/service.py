@@ -13,7 +13,6 @@ code; it never fails the experiment.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
 import os
@@ -91,17 +90,25 @@ def git_commit(configured: str | None = None) -> str | None:
         return None
 
 
-def zip_dataset(path: Path) -> bytes:
-    """A dataset bundle (folder or ZIP) as ZIP bytes for a job, without its ``gt/`` folder."""
+def zip_dataset(path: Path) -> tuple[str, bool]:
+    """A dataset bundle (folder or ZIP) as a ZIP file on disk for a job, without its ``gt/`` folder.
+
+    Returns ``(zip_path, is_temporary)``: a ZIP dataset is used where it lies; a folder is written
+    to a temporary file, streamed file by file (never whole in memory), that the caller removes.
+    """
     if path.is_file():
-        return path.read_bytes()
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:  # PNGs are compressed already
-        for p in sorted(path.rglob("*")):
-            rel = p.relative_to(path)
-            if p.is_file() and rel.parts[0] not in _DATASET_EXCLUDE_TOP and not rel.parts[0].startswith("."):
-                zf.write(p, rel.as_posix())
-    return buf.getvalue()
+        return str(path), False
+    fd, tmp = tempfile.mkstemp(prefix="recon3d-dataset-", suffix=".zip")
+    try:
+        with os.fdopen(fd, "wb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED) as zf:  # PNGs are compressed
+            for p in sorted(path.rglob("*")):
+                rel = p.relative_to(path)
+                if p.is_file() and rel.parts[0] not in _DATASET_EXCLUDE_TOP and not rel.parts[0].startswith("."):
+                    zf.write(p, rel.as_posix())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp, True
 
 
 def default_db_path(args) -> Path:
@@ -187,8 +194,16 @@ class ExperimentService:
         ``upload``: the path of the uploaded bundle ZIP, spooled to disk by the router (None: datasets).
         """
         self.jobs.check_queue_room(len(spec.runs))
+        temporary: list[str] = []
+        try:
+            return await self._submit(spec, upload, owner, temporary)
+        finally:
+            for tmp in temporary:  # the store holds its own copy now (or the submission failed)
+                Path(tmp).unlink(missing_ok=True)
+
+    async def _submit(self, spec: ExperimentSpec, upload: str | None, owner: str | None, temporary: list[str]) -> dict:
         experiment_id = new_experiment_id()
-        inputs = await self._inputs(spec, upload)
+        inputs = await self._inputs(spec, upload, temporary)
         bundle_key = experiment_key(experiment_id, "input", "bundle.zip") if upload is not None else None
         shared = await self._store_inputs(experiment_id, inputs, bundle_key)
         now = time.time()
@@ -213,16 +228,19 @@ class ExperimentService:
         logger.info("experiment %s queued: %d runs", experiment_id, len(rows))
         return {"experiment_id": experiment_id, "status": "running", "runs": len(rows)}
 
-    async def _inputs(self, spec: ExperimentSpec, upload: str | None) -> dict[str, bytes | str]:
-        """Dataset name -> bundle ZIP (bytes, or the upload's path) of every dataset the runs use,
-        validated when configured."""
-        inputs: dict[str, bytes | str] = {}
+    async def _inputs(self, spec: ExperimentSpec, upload: str | None, temporary: list[str]) -> dict[str, str]:
+        """Dataset name -> the path of a bundle ZIP on disk for every dataset the runs use, validated
+        when configured. Temporary ZIPs written here are appended to ``temporary`` for the caller to remove."""
+        inputs: dict[str, str] = {}
         if upload is not None:
             inputs[UPLOAD_DATASET] = upload
         else:
             for ds in dict.fromkeys(r.dataset for r in spec.runs):
                 path = resolve_dataset(self.settings.dataset_root, ds, "datasets")
-                inputs[ds] = await asyncio.to_thread(zip_dataset, path)
+                zip_path, is_temporary = await asyncio.to_thread(zip_dataset, path)
+                if is_temporary:
+                    temporary.append(zip_path)
+                inputs[ds] = zip_path
         if self.args.validate_pixels:
             for ds, data in inputs.items():
                 try:
@@ -239,15 +257,14 @@ class ExperimentService:
                     ) from None
         return inputs
 
-    async def _store_inputs(self, experiment_id: str, inputs: dict[str, bytes | str], bundle_key: str | None) -> dict:
+    async def _store_inputs(self, experiment_id: str, inputs: dict[str, str], bundle_key: str | None) -> dict:
         """One copy of each dataset's bundle, shared by every run on it (not one per run): dataset -> key."""
         shared = {
             ds: bundle_key if ds == UPLOAD_DATASET else experiment_key(experiment_id, "input", f"dataset-{i}.zip")
             for i, ds in enumerate(inputs)
         }
         for ds, key in shared.items():
-            put = self.store.put_file if isinstance(inputs[ds], str) else self.store.put  # a path streams
-            await asyncio.to_thread(put, key, inputs[ds])
+            await asyncio.to_thread(self.store.put_file, key, inputs[ds])  # a streamed copy
         return shared
 
     async def _enqueue_runs(self, spec: ExperimentSpec, rows: list[dict], inputs: dict, shared: dict, owner) -> None:
