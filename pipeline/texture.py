@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from .callbacks import ProgressFn
 from .config import TextureConfig
+from .device import torch_threads
 from .errors import ReconstructionFailedError
 from .frames import PosedFrames, PosedView
 from .mesh import TexturedMesh, weld_vertices
@@ -143,8 +144,10 @@ def bake_texture(
         v_in, f_in, resolution=cfg.size, padding_px=cfg.padding_px, timeout_s=cfg.xatlas_timeout_s
     ) as job:
         # The atlas keeps every face with its corners in order, so the views' renders of the input
-        # mesh are those of the atlas mesh, bit for bit: they are made while xatlas runs.
-        views = render_bake_views(v_in, f_in, frames, cfg, backend)
+        # mesh are those of the atlas mesh, bit for bit: they are made while xatlas runs (on one
+        # torch thread: xatlas computes charts on every core).
+        with torch_threads(1):
+            views = render_bake_views(v_in, f_in, frames, cfg, backend)
         v, f, uvs, vmap = job.result()
     texture = _bake_on_atlas(v_in, f_in, (v, f, uvs, vmap), views, frames, cfg, report)
     return TexturedMesh(vertices=v.astype(np.float32), faces=f.astype(np.int32), uvs=uvs, texture=texture)
