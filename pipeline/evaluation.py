@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -232,27 +231,14 @@ def evaluate_result(
 
     ``run(stage, fn, *args)`` wraps the two stages (``evaluate``, ``previews``); the reconstruction
     runner passes its own to time them and report progress. One rasterizer serves every render.
-    With the CPU rasterizer and :data:`~pipeline.metrics.REPORT_THREADS` >= 2, the preview stills and
-    the turntable, which need no metrics, render in a side thread from the start of ``evaluate``, so
-    that the serial steps of each part (the report, the turntable's cast) overlap the other's work;
-    ``previews`` then times what is left. The files are the same either way.
     """
-    from .metrics import REPORT_THREADS
-
     out = EvaluationOutput()
     per_view: list[dict] = []
     rasterizer = mesh_rasterizer(mesh)
-    side = ThreadPoolExecutor(1) if previews and REPORT_THREADS >= 2 and hasattr(rasterizer, "cast") else None
-    try:
-        early = side.submit(_preview_renders, mesh, n_previews, rasterizer) if side is not None else None
-        if quality:
-            per_view, out = run("evaluate", _quality_part, mesh, frames, result, rasterizer)
-        if previews:
-            parts = (early, mesh, frames, per_view, n_previews, rasterizer)
-            out.files.update(run("previews", _previews_part, *parts))
-    finally:
-        if side is not None:
-            side.shutdown(wait=True, cancel_futures=True)
+    if quality:
+        per_view, out = run("evaluate", _quality_part, mesh, frames, result, rasterizer)
+    if previews:
+        out.files.update(run("previews", _previews_part, mesh, frames, per_view, n_previews, rasterizer))
     return out
 
 
@@ -263,17 +249,10 @@ def _quality_part(mesh, frames, result, rasterizer) -> tuple[list[dict], Evaluat
     return per_view, out
 
 
-def _preview_renders(mesh, n, rasterizer) -> dict[str, bytes]:
-    """The previews that need no metrics: the ``n`` stills and the turntable."""
+def _previews_part(mesh, frames, per_view, n, rasterizer) -> dict[str, bytes]:
     renderer = PreviewRenderer(mesh, rasterizer)
     files = previews_pngs(mesh, list(range(n)), n, renderer=renderer)
     files.update(turntable_gif(mesh, renderer=renderer))
-    return files
-
-
-def _previews_part(early: Future | None, mesh, frames, per_view, n, rasterizer) -> dict[str, bytes]:
-    """Every preview file: :func:`_preview_renders` (``early``'s result when it was started ahead) and the contact sheet."""
-    files = early.result() if early is not None else _preview_renders(mesh, n, rasterizer)
     files.update(contact_sheet_png(mesh, frames, per_view or None, rasterizer=rasterizer))
     return files
 
