@@ -17,10 +17,13 @@ def torch_device(device: str = "auto") -> torch.device:
 
 @contextmanager
 def torch_threads(n: int) -> Iterator[None]:
-    """Torch computes on ``n`` CPU threads inside the block (process-wide), then on as many as before.
+    """Torch computes on ``n`` CPU threads inside the block, then on as many as before.
 
     For work that runs beside another process's threads: torch's threads wait for each other
     at every operation, and a thread the other process keeps off a core holds all of them up.
+    With torch's OpenMP build the count is the calling thread's: a thread already running (e.g. a
+    second job of a model replica) keeps its own (``tests/test_texture.py`` checks it); a thread
+    started inside the block starts with ``n``.
     """
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, int(n)))

@@ -126,6 +126,31 @@ def test_leaving_a_started_atlas_job_kills_its_child(monkeypatch):
     assert proc.poll() is not None
 
 
+def test_torch_threads_sets_the_calling_threads_count_and_restores_it():
+    import threading
+
+    from pipeline.device import torch_threads
+
+    before, seen = torch.get_num_threads(), []
+    inside, read = threading.Event(), threading.Event()
+
+    def other_job():  # a thread already running, e.g. another job of a model replica
+        torch.get_num_threads()
+        inside.wait()
+        seen.append(torch.get_num_threads())
+        read.set()
+
+    other = threading.Thread(target=other_job)
+    other.start()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+        inside.set()
+        read.wait()
+    other.join()
+    assert torch.get_num_threads() == before
+    assert seen == [before]
+
+
 def test_bake_views_of_the_input_mesh_are_those_of_its_atlas_mesh():
     # bake_texture renders the views while xatlas runs, on the input mesh: the atlas keeps every
     # face and its corners in order, so the renders, edge weights and fit pixels are the same bit for bit.
