@@ -19,11 +19,18 @@ from .camera import RIG_FOV_X_DEG, Camera, default_rig
 from .config import DepthEncoding, ReconstructConfig
 from .depth import clipped_free_depth, decode_depth
 from .depth_calibration import estimate_depth_encodings
-from .device import torch_device
+from .device import torch_device, torch_threads
 from .errors import CanceledError, EmptyDepthError, InvalidInputError
 from .frames import PosedFrames, PosedView
 from .reports import CameraEstimateReport, DepthEncodingReport
 from .rig import estimate_rig
+
+#: Torch CPU threads of the rig and depth-encoding estimates. Their operations are many and small
+#: (up to a few million elements): on one thread they take 2.4-2.8 CPU s on the sneaker, no more than
+#: the 2.6 s of wall two threads took on an idle machine; and when another process holds a core,
+#: every operation waits for the descheduled thread (load average 5 on 2 cores: 46 s on two
+#: threads, 2.5 s on one; the same cameras and encodings bit for bit).
+ESTIMATE_TORCH_THREADS = 1
 
 #: Mask components smaller than this fraction of the view's largest one are specks, not object.
 MASK_SPECK_FRACTION = 0.002
@@ -177,15 +184,16 @@ def resolve_cameras(
         rig = default_rig(W, H, names=tuple(names))
         return [rig[n] for n in names], CameraEstimateReport(method="default_rig", fov_x_deg=RIG_FOV_X_DEG)
     m = torch.as_tensor(np.stack(masks), device=device)
-    rig, camera_report = estimate_rig(
-        m,
-        names,
-        W,
-        H,
-        fov_range_deg=cfg.camera.fov_search_deg,
-        carve_resolution=cfg.camera.carve_resolution,
-        should_cancel=should_cancel,
-    )
+    with torch_threads(ESTIMATE_TORCH_THREADS):
+        rig, camera_report = estimate_rig(
+            m,
+            names,
+            W,
+            H,
+            fov_range_deg=cfg.camera.fov_search_deg,
+            carve_resolution=cfg.camera.carve_resolution,
+            should_cancel=should_cancel,
+        )
     if camera_report.score_mean_iou < CAMERAS_UNCERTAIN_IOU:
         camera_report.uncertain = True
         warnings.append(
@@ -213,14 +221,15 @@ def resolve_depth_encodings(
         # The stated encoding, else the documented default, is the prior: an estimate replaces it
         # only where it explains the masks and the other views measurably better.
         stated = fs.depth_encoding is not None
-        encodings, depth_report = estimate_depth_encodings(
-            np.stack(raws),
-            np.stack(masks),
-            depth_cameras,
-            prior=fs.depth_encoding or DepthEncoding(max_value=fs.depth_max_value, background=background),
-            prior_source=fs.depth_encoding_source if stated else "default",
-            device=device,
-        )
+        with torch_threads(ESTIMATE_TORCH_THREADS):
+            encodings, depth_report = estimate_depth_encodings(
+                np.stack(raws),
+                np.stack(masks),
+                depth_cameras,
+                prior=fs.depth_encoding or DepthEncoding(max_value=fs.depth_max_value, background=background),
+                prior_source=fs.depth_encoding_source if stated else "default",
+                device=device,
+            )
         if depth_report.warning is not None:
             warnings.append(depth_report.warning)
         return encodings, depth_report

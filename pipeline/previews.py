@@ -404,15 +404,17 @@ def turntable_gif(
 ) -> bytes:
     """A looping GIF of ``frames`` shaded views, one full turn around +Y (file content).
 
-    Every frame is cast in one render pass (:func:`pipeline.render.rasterize_many`); frames
-    are shaded and reduced to their palette two at a time (Pillow's own adaptive palette, the
+    Every frame is cast in one render pass (:func:`pipeline.render.rasterize_many`, two halves of
+    the turn at once); frames are shaded and reduced to their palette two at a time (Pillow's own adaptive palette, the
     conversion its GIF writer would make, so the file is the same).
     """
     r = rasterizer if rasterizer is not None else make_rasterizer(mesh.vertices, mesh.faces, backend=backend)
     normals = normals if normals is not None else corner_normals(mesh.vertices, mesh.faces)
     orbit = _orbit(mesh, frames, elevation_deg)
     cams = [preview_camera(i, frames, resolution=resolution, **orbit) for i in range(frames)]
-    rasts = rasterize_many(r, cams)  # one render pass for every frame
+    # One render pass for every frame, its two halves at once.
+    halves = [cams[: frames // 2], cams[frames // 2 :]]
+    rasts = [rast for half in map_views(lambda cs: rasterize_many(r, cs), halves, r) for rast in half]
 
     def frame(i: int) -> Image.Image:
         img = _preview_images(

@@ -52,12 +52,25 @@ class Rasterization:
     def interpolate(self, attr: np.ndarray, faces: np.ndarray) -> np.ndarray:
         """Interpolate a per-vertex attribute (V, C) to (H, W, C); zeros on background."""
         H, W = self.tri_id.shape
-        m = self.mask
-        out = np.zeros((H, W, attr.shape[1]), dtype=np.float32)
-        f = faces[self.tri_id[m]]
-        b = self.bary[m]
-        out[m] = (attr[f[:, 0]] * b[:, :1] + attr[f[:, 1]] * b[:, 1:2] + attr[f[:, 2]] * b[:, 2:3]).astype(np.float32)
-        return out
+        on = np.flatnonzero(self.tri_id.reshape(-1) >= 0)
+        out = np.zeros((H * W, attr.shape[1]), dtype=np.float32)
+        out[on] = self.interpolate_on_mesh(attr, faces, on)
+        return out.reshape(H, W, -1)
+
+    def interpolate_on_mesh(self, attr: np.ndarray, faces: np.ndarray, on: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`interpolate` at the covered pixels only: (N, C) in row-major pixel order (``image[mask]``'s).
+
+        ``on``: (N,) int64 flat indices of the covered pixels, when the caller has them.
+        """
+        tri = self.tri_id.reshape(-1)
+        on = np.flatnonzero(tri >= 0) if on is None else on
+        f = faces[tri[on]]
+        b = self.bary.reshape(-1, 3)[on]
+        # The sum of the three products in their order, accumulated in place.
+        val = attr[f[:, 0]] * b[:, :1]
+        val += attr[f[:, 1]] * b[:, 1:2]
+        val += attr[f[:, 2]] * b[:, 2:3]
+        return val.astype(np.float32, copy=False)
 
 
 def cuda_available() -> bool:

@@ -35,9 +35,12 @@ def sample_texture(texture: np.ndarray, uv: np.ndarray) -> np.ndarray:
     fx = (x - x0)[:, None].astype(np.float32)
     fy = (y - y0)[:, None].astype(np.float32)
     # Gather first, then convert: converting a 2048^2 texture to float per call cost more than the lookups.
-    t = lambda yy, xx: texture[yy, xx].astype(np.float32, copy=False)  # noqa: E731
-    top = t(y0, x0) * (1 - fx) + t(y0, x1) * fx
-    bot = t(y1, x0) * (1 - fx) + t(y1, x1) * fx
+    # Rows of the flattened texture, one take per tap: the same texels as texture[y, x], gathered faster.
+    flat = texture.reshape(th * tw, -1)
+    r0, r1 = y0 * tw, y1 * tw
+    t = lambda rows: np.take(flat, rows, axis=0).astype(np.float32, copy=False)  # noqa: E731
+    top = t(r0 + x0) * (1 - fx) + t(r0 + x1) * fx
+    bot = t(r1 + x0) * (1 - fx) + t(r1 + x1) * fx
     return top * (1 - fy) + bot * fy
 
 
@@ -50,10 +53,10 @@ def shade_rgb(mesh: TexturedMesh, rast: Rasterization, *, background=(255, 255, 
     if not m.any():
         return out
     if mesh.has_texture:
-        uv = rast.interpolate(mesh.uvs.astype(np.float32), mesh.faces)[m]
+        uv = rast.interpolate_on_mesh(mesh.uvs.astype(np.float32), mesh.faces)
         col = sample_texture(mesh.texture, uv)
     elif mesh.vertex_colors is not None:
-        col = rast.interpolate(mesh.vertex_colors.astype(np.float32), mesh.faces)[m]
+        col = rast.interpolate_on_mesh(mesh.vertex_colors.astype(np.float32), mesh.faces)
     else:
         col = np.full((int(m.sum()), 3), 128.0, np.float32)
     out[m] = np.clip(col + 0.5, 0, 255).astype(np.uint8)

@@ -2,7 +2,9 @@
 
 Steps (all vectorised in torch, on the GPU when the CUDA rasterizer is used):
 
-1. :func:`~pipeline.uv_atlas.build_uv_atlas` cuts the mesh into charts (isolated xatlas process).
+1. :func:`~pipeline.uv_atlas.start_uv_atlas` cuts the mesh into charts (isolated xatlas process);
+   while it runs, each view is rendered (:func:`render_bake_views`: what the bake needs of a view
+   that does not depend on the UVs).
 2. :func:`rasterize_uv` fills every texel whose centre lies in a UV triangle with that
    triangle's id and barycentrics, giving each texel a world position and a normal.
 3. For each view, texels are projected into the camera. A texel counts when it is in
@@ -38,13 +40,14 @@ import torch.nn.functional as F
 
 from .callbacks import ProgressFn
 from .config import TextureConfig
+from .device import torch_threads
 from .errors import ReconstructionFailedError
 from .frames import PosedFrames, PosedView
 from .mesh import TexturedMesh, weld_vertices
 from .metrics import resize_rgb
 from .render import Backend, cuda_available, make_rasterizer
-from .texture_solve import PixelObservations, solve_texture, view_observations
-from .uv_atlas import build_uv_atlas
+from .texture_solve import PixelObservations, ViewPixels, solve_texture, view_observations, view_pixels
+from .uv_atlas import start_uv_atlas
 
 #: Texel candidates processed per chunk while rasterizing UV triangles (bounds peak memory).
 UV_RASTER_CHUNK = 4_000_000
@@ -137,10 +140,16 @@ def bake_texture(
     f_in = np.asarray(faces, dtype=np.int64)
 
     report("uv atlas", 0.0)
-    v, f, uvs, vmap = build_uv_atlas(
+    with start_uv_atlas(
         v_in, f_in, resolution=cfg.size, padding_px=cfg.padding_px, timeout_s=cfg.xatlas_timeout_s
-    )
-    texture = _bake_on_atlas(v_in, f_in, (v, f, uvs, vmap), frames, cfg, backend, report)
+    ) as job:
+        # The atlas keeps every face with its corners in order, so the views' renders of the input
+        # mesh are those of the atlas mesh, bit for bit: they are made while xatlas runs (on one
+        # torch thread: xatlas computes charts on every core).
+        with torch_threads(1):
+            views = render_bake_views(v_in, f_in, frames, cfg, backend)
+        v, f, uvs, vmap = job.result()
+    texture = _bake_on_atlas(v_in, f_in, (v, f, uvs, vmap), views, frames, cfg, report)
     return TexturedMesh(vertices=v.astype(np.float32), faces=f.astype(np.int32), uvs=uvs, texture=texture)
 
 
@@ -171,7 +180,8 @@ def rebake_texture(
     # The welded surface stands for the pre-atlas mesh: normals and the unseen-texel fill ignore seams.
     weld, welded = weld_vertices(v)
     atlas = (v, f, np.asarray(mesh.uvs, dtype=np.float32), weld)
-    texture = _bake_on_atlas(welded.astype(np.float32), weld[f], atlas, frames, cfg, backend, lambda m, x: None)
+    views = render_bake_views(v, f, frames, cfg, backend)
+    texture = _bake_on_atlas(welded.astype(np.float32), weld[f], atlas, views, frames, cfg, lambda m, x: None)
     return TexturedMesh(vertices=v, faces=f.astype(np.int32), uvs=atlas[2], texture=texture)
 
 
@@ -220,16 +230,55 @@ def _bake_device(rasterizer, backend: Backend) -> torch.device:
     return torch.device("cuda" if use_cuda else "cpu")
 
 
-def _bake_on_atlas(v_in, f_in, atlas, frames: PosedFrames, cfg: TextureConfig, backend: Backend, report) -> np.ndarray:
+@dataclass
+class BakeView:
+    """What the bake needs of one view that does not depend on the UVs (:func:`render_bake_views`).
+
+    Attributes
+    ----------
+    depth : (h, w) float32, z-depth of the mesh in ``view.depth_camera``, 0 on background
+    edge : (h, w) float32, :func:`_mask_edge_weight` of the view's mask
+    pixels : the view's pixels for the least-squares fit (None when the config fits nothing)
+    """
+
+    depth: np.ndarray
+    edge: torch.Tensor
+    pixels: ViewPixels | None
+
+
+def render_bake_views(vertices, faces, frames: PosedFrames, cfg: TextureConfig, backend: Backend) -> list[BakeView]:
+    """One :class:`BakeView` per view of ``frames``: the mesh ``(vertices (V, 3) float, faces (F, 3) int)``
+    rendered at the view's working resolution, on the device its texel maths runs on (:func:`_bake_device`)."""
+    rasterizer = make_rasterizer(vertices, faces, backend=backend)
+    device = _bake_device(rasterizer, backend)
+    vt = torch.as_tensor(np.asarray(vertices, dtype=np.float32), device=device)
+    ft = torch.as_tensor(np.asarray(faces), dtype=torch.int64, device=device)
+    out = []
+    for view in frames.views:
+        rendered = rasterizer.rasterize(view.depth_camera)
+        pixels = None
+        if cfg.fit_iterations > 0:
+            center = torch.as_tensor(view.camera.center, dtype=torch.float32, device=device)
+            pixels = view_pixels(rendered.tri_id, rendered.bary, *_fit_inputs(view, rendered, vt, ft, center))
+        out.append(BakeView(rendered.depth, _mask_edge_weight(view.mask, device), pixels))
+    return out
+
+
+def _bake_on_atlas(v_in, f_in, atlas, views: list[BakeView], frames: PosedFrames, cfg: TextureConfig, report):
     """(T, T, 3) uint8: the views baked onto an atlas ``(v, f, uvs, vmap)`` of the mesh ``(v_in, f_in)``
-    (``vmap``: (V',) the ``v_in`` index of each atlas vertex), as :func:`bake_texture` describes."""
+    (``vmap``: (V',) the ``v_in`` index of each atlas vertex), as :func:`bake_texture` describes; ``views``
+    are :func:`render_bake_views` of ``frames`` (emptied here: their renders go before the fit's solve)."""
     v, f, uvs, vmap = atlas
     normals_in = TexturedMesh(v_in, f_in).vertex_normals()
-    rasterizer = make_rasterizer(v, f, backend=backend)
-    device = _bake_device(rasterizer, backend)
+    device = views[0].edge.device if views else torch.device("cpu")
 
     report("rasterize uv", 0.3)
     ft = torch.as_tensor(f, dtype=torch.int64, device=device)
+    face_uvs = torch.as_tensor(uvs, device=device)[ft]
+    # The fit's pixels get their UVs first, so that their face ids and barycentrics go before the texel state comes.
+    observations = [bv.pixels.observations(face_uvs) for bv in views if bv.pixels is not None]
+    for bv in views:
+        bv.pixels = None
     raster = rasterize_uv(torch.as_tensor(uvs, device=device), ft, cfg.size)
     covered = raster.covered
     tex_face = raster.face[covered]
@@ -244,22 +293,16 @@ def _bake_on_atlas(v_in, f_in, atlas, frames: PosedFrames, cfg: TextureConfig, b
     depth_tol = cfg.depth_tolerance * max(extent, 1e-6)
     acc = torch.zeros((len(pos), 3), dtype=torch.float32, device=device)
     wsum = torch.zeros(len(pos), dtype=torch.float32, device=device)
-    fit = cfg.fit_iterations > 0
-    face_uvs = torch.as_tensor(uvs, device=device)[ft] if fit else None
-    observations = []
     for k, view in enumerate(frames.views):
         report(f"project view {view.name}", 0.35 + 0.5 * k / max(len(frames.views), 1))
+        bv, views[k] = views[k], None
         # Cheap per-vertex culling first: texels of faces that no corner shows to the camera are skipped.
         center = torch.as_tensor(view.camera.center, dtype=torch.float32, device=device)
         facing = ((center - vt) * vn_t).sum(-1) > 0
         cand = torch.nonzero(facing[ft].any(1)[tex_face]).squeeze(1)
-        rendered = rasterizer.rasterize(view.depth_camera)
-        edge = _mask_edge_weight(view.mask, device)
-        idx, col, w = sample_view(pos, nrm, cand, view, rendered.depth, cfg.angle_power, depth_tol, edge=edge)
+        idx, col, w = sample_view(pos, nrm, cand, view, bv.depth, cfg.angle_power, depth_tol, edge=bv.edge)
         acc.index_add_(0, idx, col * w[:, None])
         wsum.index_add_(0, idx, w)
-        if fit:
-            observations.append(_fit_observations(view, rendered, face_uvs, vt, ft, center))
     seen = wsum > MIN_VIEW_WEIGHT
     if not bool(seen.any()):
         raise ReconstructionFailedError(
@@ -275,7 +318,7 @@ def _bake_on_atlas(v_in, f_in, atlas, frames: PosedFrames, cfg: TextureConfig, b
         )
 
     # The fit's solve is the bake's memory peak: the per-texel projection state goes first (~300 MB at 2048²).
-    del raster, tex_face, tex_bary, corners, pos, nrm, acc, wsum, vn_t, rendered, idx, col, w, edge, cand, facing
+    del raster, tex_face, tex_bary, corners, pos, nrm, acc, wsum, vn_t, bv, idx, col, w, cand, facing
     texture = _pad_and_fit(colors, covered, observations, frames, cfg, report)
     report("done", 1.0)
     return texture
@@ -312,11 +355,17 @@ def _fill_unseen(colors, seen, pos, covered, v_in, f_in, corner_vertices, tex_ba
 
 def _fit_observations(view: PosedView, rendered, face_uvs: torch.Tensor, vt, ft, center) -> PixelObservations:
     """The pixels of one view for the least-squares fit, from its rasterization at the working resolution."""
+    return view_observations(rendered.tri_id, rendered.bary, face_uvs, *_fit_inputs(view, rendered, vt, ft, center))
+
+
+def _fit_inputs(view: PosedView, rendered, vt, ft, center) -> tuple[np.ndarray, torch.Tensor]:
+    """The fit's photo ((h, w, 3) uint8, shrunk to the working resolution) and pixel confidence
+    ((h, w) float32 on ``vt``'s device) of one view."""
     photo = resize_rgb(view.rgb, view.depth_camera.width, view.depth_camera.height)
-    conf = fit_confidence(view.mask, face_uvs.device)
+    conf = fit_confidence(view.mask, vt.device)
     if FIT_ANGLE_POWER > 0:
         conf = conf * _pixel_cos(rendered.tri_id, rendered.bary, vt, ft, center).pow(FIT_ANGLE_POWER)
-    return view_observations(rendered.tri_id, rendered.bary, face_uvs, photo, conf)
+    return photo, conf
 
 
 def rasterize_uv(uvs: torch.Tensor, faces: torch.Tensor, size: int) -> UVRaster:

@@ -63,31 +63,55 @@ class PixelObservations:
         )
 
 
-def view_observations(
-    tri_id: np.ndarray, bary: np.ndarray, face_uvs: torch.Tensor, photo: np.ndarray, confidence: torch.Tensor
-) -> PixelObservations:
-    """The pixels of one view that the fit uses.
+@dataclass
+class ViewPixels:
+    """The pixels of one view that the fit uses, before the mesh has UVs (:func:`view_pixels`).
+
+    Attributes
+    ----------
+    face : (P,) int32, the mesh's face at each pixel centre
+    bary : (P, 3) float32, barycentrics of that face
+    colors : (P, 3) uint8, the photo's colour at the pixel (kept small: the bake holds every view's at once)
+    confidence : (P,) float32 in (0, 1]
+    """
+
+    face: torch.Tensor
+    bary: torch.Tensor
+    colors: torch.Tensor
+    confidence: torch.Tensor
+
+    def observations(self, face_uvs: torch.Tensor) -> PixelObservations:
+        """These pixels' texture lookups, given ``face_uvs`` (F, 3, 2) float32, the UVs of each face's corners."""
+        uv = (face_uvs[self.face.long()] * self.bary[..., None]).sum(1)
+        return PixelObservations(uv, self.colors.to(torch.float32), self.confidence)
+
+
+def view_pixels(tri_id: np.ndarray, bary: np.ndarray, photo: np.ndarray, confidence: torch.Tensor) -> ViewPixels:
+    """The pixels of one view that the fit uses: on the mesh, with confidence above MIN_PIXEL_CONFIDENCE.
 
     Parameters
     ----------
     tri_id : (h, w) int64, the mesh's face per pixel centre (-1 off the mesh), at the working resolution
     bary : (h, w, 3) float32, barycentrics of that face
-    face_uvs : (F, 3, 2) float32, the UVs of each face's corners
     photo : (h, w, 3) uint8, the photo shrunk to the working resolution
-    confidence : (h, w) float32 in [0, 1], 0 where the photo may show background
-
-    Returns
-    -------
-    PixelObservations of the pixels on the mesh with confidence above MIN_PIXEL_CONFIDENCE.
+    confidence : (h, w) float32 in [0, 1], 0 where the photo may show background; its device is the result's
     """
-    device = face_uvs.device
+    device = confidence.device
     tri = torch.as_tensor(tri_id, device=device).reshape(-1)
     conf = confidence.reshape(-1)
     sel = torch.nonzero((tri >= 0) & (conf > MIN_PIXEL_CONFIDENCE)).squeeze(1)
     b = torch.as_tensor(bary, device=device).reshape(-1, 3)[sel]
-    uv = (face_uvs[tri[sel]] * b[..., None]).sum(1)
-    colors = torch.from_numpy(np.array(photo, dtype=np.float32).reshape(-1, 3)).to(device)[sel]
-    return PixelObservations(uv, colors, conf[sel])
+    colors = torch.from_numpy(np.array(photo, dtype=np.uint8).reshape(-1, 3)).to(device)[sel]
+    return ViewPixels(tri[sel].to(torch.int32), b, colors, conf[sel])
+
+
+def view_observations(
+    tri_id: np.ndarray, bary: np.ndarray, face_uvs: torch.Tensor, photo: np.ndarray, confidence: torch.Tensor
+) -> PixelObservations:
+    """:func:`view_pixels` of one view with their texture coordinates (``face_uvs``: (F, 3, 2) float32,
+    on the device of ``confidence``). Returns PixelObservations of the pixels on the mesh with
+    confidence above MIN_PIXEL_CONFIDENCE."""
+    return view_pixels(tri_id, bary, photo, confidence).observations(face_uvs)
 
 
 def bilinear_taps(uv: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:

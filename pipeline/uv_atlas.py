@@ -64,7 +64,7 @@ def build_uv_atlas(
     Returns
     -------
     vertices : (V', 3) float32, world; input vertices split along UV seams
-    faces : (F, 3) int32, into the new vertices, same order and winding as the input faces
+    faces : (F, 3) int32, into the new vertices, same order, corner order and winding as the input faces
     uvs : (V', 2) float32 in [0, 1]; v = 0 is the bottom row of the texture
     vmap : (V',) int64, index of each new vertex in the input ``vertices``
 
@@ -73,56 +73,82 @@ def build_uv_atlas(
     UVAtlasError
         On invalid or oversized input, a crash, a non-zero exit or a timeout of the child.
     """
+    with start_uv_atlas(vertices, faces, resolution=resolution, padding_px=padding_px, timeout_s=timeout_s) as job:
+        return job.result()
+
+
+def start_uv_atlas(
+    vertices: np.ndarray, faces: np.ndarray, *, resolution: int, padding_px: int, timeout_s: float
+) -> AtlasJob:
+    """:func:`build_uv_atlas`, started: the child runs while the caller works; ``job.result()`` waits for it.
+
+    Use the job as a context manager: leaving it kills a child whose result was never taken.
+    Invalid input raises :class:`~pipeline.errors.UVAtlasError` here, before any child starts.
+    """
     v = np.asarray(vertices, dtype=np.float32)
     f = np.asarray(faces)
     _check_atlas_input(v, f)
     f = f.astype(np.uint32)
     parts = _split_faces(v, f, _num_parts(len(f)))
     padding = int(math.ceil(max(int(padding_px), 0) * PADDING_OVERSIZE))
+    tmp = tempfile.TemporaryDirectory(prefix="recon3d-xatlas-")
+    in_path = Path(tmp.name) / "in.npz"
+    np.savez(
+        in_path,
+        vertices=v,
+        faces=f,
+        part_sizes=np.array([len(p) for p in parts], np.int64),
+        face_order=np.concatenate(parts),
+        resolution=np.int64(resolution),
+        padding=np.int64(padding),
+    )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(_REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.uv_atlas", str(in_path), str(Path(tmp.name) / "out.npz")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=tmp.name,
+    )
+    return AtlasJob(proc, tmp, v, f, time.monotonic() + float(timeout_s), float(timeout_s))
 
-    with tempfile.TemporaryDirectory(prefix="recon3d-xatlas-") as tmp:
-        in_path, out_path = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
-        np.savez(
-            in_path,
-            vertices=v,
-            faces=f,
-            part_sizes=np.array([len(p) for p in parts], np.int64),
-            face_order=np.concatenate(parts),
-            resolution=np.int64(resolution),
-            padding=np.int64(padding),
-        )
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(_REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+
+class AtlasJob:
+    """A running xatlas child (:func:`start_uv_atlas`); :meth:`result` waits for it and reads its atlas."""
+
+    def __init__(self, proc: subprocess.Popen, tmp: tempfile.TemporaryDirectory, v, f, deadline: float, timeout_s):
+        self._proc, self._tmp, self._v, self._f = proc, tmp, v, f
+        self._deadline, self._timeout_s = deadline, timeout_s
+
+    def __enter__(self) -> AtlasJob:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Kill the child if it still runs and remove its files."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.communicate()
+        self._tmp.cleanup()
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(vertices, faces, uvs, vmap)`` as :func:`build_uv_atlas` returns them; the timeout counts from the start."""
+        f = self._f
         try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "pipeline.uv_atlas", str(in_path), str(out_path)],
-                capture_output=True,
-                timeout=timeout_s,
-                env=env,
-                cwd=tmp,
-            )
+            _, stderr = self._proc.communicate(timeout=max(self._deadline - time.monotonic(), 0.0))
         except subprocess.TimeoutExpired:
+            self.close()
             raise UVAtlasError(
-                f"xatlas did not finish within {timeout_s:g} s on {len(f)} faces; decimate the mesh further",
-                details={"faces": int(len(f)), "timeout_s": float(timeout_s)},
+                f"xatlas did not finish within {self._timeout_s:g} s on {len(f)} faces; decimate the mesh further",
+                details={"faces": int(len(f)), "timeout_s": self._timeout_s},
             ) from None
-        if proc.returncode != 0:
-            rc = proc.returncode
-            how = (
-                f"was killed by signal {signal.Signals(-rc).name}"
-                if rc < 0 and -rc in _signal_numbers()
-                else f"exited with status {rc}"
-            )
-            raise UVAtlasError(
-                f"the xatlas process {how} on a mesh of {len(f)} faces",
-                details={
-                    "faces": int(len(f)),
-                    "returncode": int(rc),
-                    "stderr": proc.stderr.decode(errors="replace")[-2000:],
-                },
-            )
+        if self._proc.returncode != 0:
+            raise _child_failed(self._proc.returncode, stderr, len(f))
         try:
-            with np.load(out_path) as d:
+            with np.load(Path(self._tmp.name) / "out.npz") as d:
                 vmap, new_faces, uvs = (
                     d["vmap"].astype(np.int64),
                     d["faces"].astype(np.int32),
@@ -130,9 +156,22 @@ def build_uv_atlas(
                 )
         except (OSError, KeyError, ValueError) as e:
             raise UVAtlasError(f"the xatlas process wrote no readable result: {e}") from None
-    if new_faces.shape != f.shape or len(vmap) != len(uvs) or (len(vmap) and (vmap.min() < 0 or vmap.max() >= len(v))):
-        raise UVAtlasError("the xatlas result does not match the input mesh", details={"faces": int(len(f))})
-    return v[vmap], new_faces, np.clip(uvs, 0.0, 1.0), vmap
+        n_v = len(self._v)
+        if new_faces.shape != f.shape or len(vmap) != len(uvs) or (len(vmap) and (vmap.min() < 0 or vmap.max() >= n_v)):
+            raise UVAtlasError("the xatlas result does not match the input mesh", details={"faces": int(len(f))})
+        return self._v[vmap], new_faces, np.clip(uvs, 0.0, 1.0), vmap
+
+
+def _child_failed(rc: int, stderr: bytes, n_faces: int) -> UVAtlasError:
+    how = (
+        f"was killed by signal {signal.Signals(-rc).name}"
+        if rc < 0 and -rc in _signal_numbers()
+        else f"exited with status {rc}"
+    )
+    return UVAtlasError(
+        f"the xatlas process {how} on a mesh of {n_faces} faces",
+        details={"faces": int(n_faces), "returncode": int(rc), "stderr": stderr.decode(errors="replace")[-2000:]},
+    )
 
 
 def _signal_numbers() -> set[int]:

@@ -67,3 +67,32 @@ def test_edge_pixels_on_the_box_equal_the_whole_frame():
         assert np.array_equal(edge_pixels(rast), want)
         n_edges += int(want.sum())
     assert n_edges > 0
+
+
+def test_interpolation_and_texture_lookups_are_the_written_out_formulas_bit_for_bit():
+    # interpolate / interpolate_on_mesh and sample_texture gather by flat index (faster); the values
+    # must stay those of the plain formulas, which every preview and metric was pinned to.
+    from pipeline.shading import sample_texture
+
+    mesh = make_shape("torus")
+    cam = _cameras(mesh)[2]
+    rast = EmbreeRasterizer(mesh.vertices, mesh.faces).rasterize(cam)
+    m = rast.mask
+    attr = np.random.default_rng(0).random((len(mesh.vertices), 2)).astype(np.float32)
+    f, b = mesh.faces[rast.tri_id[m]], rast.bary[m]
+    want = attr[f[:, 0]] * b[:, :1] + attr[f[:, 1]] * b[:, 1:2] + attr[f[:, 2]] * b[:, 2:3]
+    got = rast.interpolate(attr, mesh.faces)
+    assert got.shape == (*m.shape, 2) and not got[~m].any()
+    assert np.array_equal(got[m], want) and np.array_equal(rast.interpolate_on_mesh(attr, mesh.faces), want)
+
+    texture = np.random.default_rng(1).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    uv = np.concatenate([want, [[0.0, 0.0], [1.0, 1.0], [0.999, 0.001]]]).astype(np.float32)
+    x = np.clip(uv[:, 0] * 53 - 0.5, 0, 52)
+    y = np.clip((1.0 - uv[:, 1]) * 37 - 0.5, 0, 36)
+    x0, y0 = np.floor(x).astype(np.int64), np.floor(y).astype(np.int64)
+    x1, y1 = np.minimum(x0 + 1, 52), np.minimum(y0 + 1, 36)
+    fx, fy = (x - x0)[:, None].astype(np.float32), (y - y0)[:, None].astype(np.float32)
+    t = lambda yy, xx: texture[yy, xx].astype(np.float32)  # noqa: E731
+    top = t(y0, x0) * (1 - fx) + t(y0, x1) * fx
+    bot = t(y1, x0) * (1 - fx) + t(y1, x1) * fx
+    assert np.array_equal(sample_texture(texture, uv), top * (1 - fy) + bot * fy)

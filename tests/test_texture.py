@@ -19,8 +19,8 @@ from pipeline.metrics import image_metrics
 from pipeline.render import make_rasterizer
 from pipeline.shading import render_views, shade_rgb
 from pipeline.synthetic import make_shape
-from pipeline.texture import bake_texture, fill_empty_texels, rasterize_uv
-from pipeline.uv_atlas import FAULT_ENV, MAX_ATLAS_FACES, build_uv_atlas
+from pipeline.texture import bake_texture, fill_empty_texels, rasterize_uv, render_bake_views
+from pipeline.uv_atlas import FAULT_ENV, MAX_ATLAS_FACES, build_uv_atlas, start_uv_atlas
 
 VIEW_SIZE = 256
 TEXTURE = TextureConfig(size=512, padding_px=2, xatlas_timeout_s=60.0)
@@ -115,6 +115,55 @@ def test_uv_atlas_timeout_becomes_uv_atlas_error(monkeypatch):
     mesh = make_shape("box")
     with pytest.raises(UVAtlasError, match="did not finish"):
         build_uv_atlas(mesh.vertices, mesh.faces, resolution=256, padding_px=2, timeout_s=3)
+
+
+def test_leaving_a_started_atlas_job_kills_its_child(monkeypatch):
+    monkeypatch.setenv(FAULT_ENV, "hang")
+    mesh = make_shape("box")
+    with start_uv_atlas(mesh.vertices, mesh.faces, resolution=256, padding_px=2, timeout_s=60) as job:
+        proc = job._proc
+        assert proc.poll() is None
+    assert proc.poll() is not None
+
+
+def test_torch_threads_sets_the_calling_threads_count_and_restores_it():
+    import threading
+
+    from pipeline.device import torch_threads
+
+    before, seen = torch.get_num_threads(), []
+    inside, read = threading.Event(), threading.Event()
+
+    def other_job():  # a thread already running, e.g. another job of a model replica
+        torch.get_num_threads()
+        inside.wait()
+        seen.append(torch.get_num_threads())
+        read.set()
+
+    other = threading.Thread(target=other_job)
+    other.start()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+        inside.set()
+        read.wait()
+    other.join()
+    assert torch.get_num_threads() == before
+    assert seen == [before]
+
+
+def test_bake_views_of_the_input_mesh_are_those_of_its_atlas_mesh():
+    # bake_texture renders the views while xatlas runs, on the input mesh: the atlas keeps every
+    # face and its corners in order, so the renders, edge weights and fit pixels are the same bit for bit.
+    frames, mesh = synthetic_frames("torus", views=("front", "top"))
+    v, f, _, _ = build_uv_atlas(mesh.vertices, mesh.faces, resolution=256, padding_px=2, timeout_s=60)
+    before = render_bake_views(mesh.vertices.astype(np.float32), mesh.faces, frames, TEXTURE, "embree")
+    after = render_bake_views(v, f, frames, TEXTURE, "embree")
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_array_equal(a.depth, b.depth)
+        assert torch.equal(a.edge, b.edge)
+        for name in ("face", "bary", "colors", "confidence"):
+            assert torch.equal(getattr(a.pixels, name), getattr(b.pixels, name)), name
+        assert len(a.pixels.face) > 200
 
 
 def test_uv_atlas_rejects_bad_and_oversized_input():
