@@ -31,7 +31,7 @@ from .camera import Camera
 from .camera_stack import CameraStack
 from .config import DepthEncoding
 from .reports import DepthEncodingReport
-from .rig import carve_hull, render_hull, resize_masks
+from .visual_hull import carve_hull, render_hull, resize_masks
 
 #: ``method`` of the depth-encoding report when an estimate replaced the prior (not a statement).
 HULL_FIT_METHOD = "hull_fit"

@@ -43,7 +43,7 @@ from .frames import PosedFrames
 from .masks import mask_box, signed_distance_px
 from .mesh_cleanup import decimate, drop_hanging_pieces, keep_large_components, orient_outward, taubin_smooth
 from .reports import GeometryReport
-from .rig import carve_hull, resize_masks
+from .visual_hull import carve_hull, resize_masks
 from .voxel_grid import VoxelGrid
 
 #: Masks are resampled to at most this size (longest side) to find the hull's bounding box.

@@ -11,8 +11,9 @@ from pipeline.camera import RIG_VIEW_NAMES, default_rig
 from pipeline.camera_stack import CameraStack
 from pipeline.mesh import TexturedMesh
 from pipeline.render import make_rasterizer
-from pipeline.rig import carve_occupancy, estimate_rig, layout_variants
+from pipeline.rig import estimate_rig, layout_variants
 from pipeline.synthetic import make_shape
+from pipeline.visual_hull import carve_occupancy
 from pipeline.voxel_grid import VoxelGrid
 
 SIZE = 128
