@@ -1,8 +1,9 @@
 """The one model server every model deployment uses (the model comes from :mod:`pipeline.registry`).
 
 A model replica takes a :class:`~deployments.protocol.ModelRequest` (plain, serialisable), reads
-the upload from the store, runs the model's pipeline in a worker thread (``asyncio.to_thread``)
-and uploads the artifacts back to the store. It *streams* events to the caller (progress, then
+the upload from the store, runs the model's pipeline in a worker thread (``asyncio.to_thread``),
+makes quality.json and the previews itself when the request asks for it (``evaluate``, one-node
+clusters: :mod:`deployments.replica_evaluation`) and uploads the artifacts back to the store. It *streams* events to the caller (progress, then
 one result or error: :mod:`deployments.protocol`).
 
 Cancellation: the pipeline polls ``should_cancel``, which is true once the cancel flag

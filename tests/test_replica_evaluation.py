@@ -108,14 +108,16 @@ def test_without_the_frames_it_prepares_them_from_the_upload(bundle, cli_out, tm
     seen: list = []
     stages: list[str] = []
     ev = RE.evaluate_in_replica(
-        out, result, None, bundle.read_bytes,
+        out, result, None, bundle.read_bytes, n_previews=1,
         progress=lambda stage, _f: stages.append(stage), should_cancel=lambda: False,
         on_quality=lambda q, e: seen.append((q, e)),
     )  # fmt: skip
     want = json.loads((cli_out / "quality.json").read_text())
     assert stages == ["evaluate", "previews"] and ev["error"] is None and seen == [(ev["quality"], None)]
     assert _drop_times(json.loads((out / "quality.json").read_text())) == _drop_times(want)
-    assert (out / "previews" / "turntable.gif").read_bytes() == (cli_out / "previews" / "turntable.gif").read_bytes()
+    for rel in ("previews/contact_sheet.png", "previews/turntable.gif"):  # the same whatever the preview count
+        assert (out / rel).read_bytes() == (cli_out / rel).read_bytes(), rel
+    assert result.previews["textured"] == ["previews/textured_00.png"]
 
 
 def test_a_broken_mesh_is_quality_failed_and_a_cancel_stops_it(cli_out, tmp_path):
