@@ -3,10 +3,9 @@
 On a one-node cluster the scheduler asks the replica to score its mesh itself, as the CLI does
 (:func:`pipeline.evaluation.evaluate_result`: quality.json, previews, contact sheet, two threads),
 instead of fanning the parts out as Ray tasks (``serve_app/fanout.py``). The tasks would compete
-for the same cores, and their worker processes start cold for each job: Ray keeps about one idle
-worker per CPU, and Serve's own actors already use more than that on a small node, so each
-task's worker imports the library again (measured in docs/architecture.md). The replica has the
-library imported and the frames in memory.
+for the same cores, and their worker processes start cold for each job (Ray stops idle workers
+between jobs on a small node), so each task's worker imports the library again (measured in
+docs/architecture.md). The replica has the library imported and the frames in memory.
 
 The mesh scored is the published one (read back from the output folder, as the fan-out and the
 CLI do). A failure of the evaluation itself (not a cancel) does not fail the model run: like a

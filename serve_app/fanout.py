@@ -68,10 +68,10 @@ async def replica_evaluates(evaluate_in: str) -> bool:
     """Whether a model run's replica scores its own mesh (``AppArgs.evaluate_in``); decided per run.
 
     ``auto``: yes while the Ray cluster has one node. There the tasks would share the replica's
-    cores, and their workers start cold for each job (Ray keeps about one idle worker per CPU and
-    Serve's actors already outnumber that on a small node), so each task imports the library
-    again; the replica has it imported and the frames in memory. With more nodes the tasks
-    spread over them and the model replica (and its GPU) is free as soon as its mesh is published.
+    cores, and their workers start cold for each job (Ray stops idle workers between jobs on a
+    small node), so each task imports the library again; the replica has it imported and the
+    frames in memory. With more nodes the tasks spread over them, and the model replica (and its
+    GPU) is free as soon as its mesh is published.
     """
     if evaluate_in != "auto":
         return evaluate_in == "replica"
