@@ -76,6 +76,20 @@ def hop_lines(hops: list) -> str:
     return "\n".join(out)
 
 
+def replica_peak_rss_mb(model: str) -> float | None:
+    """The model replica's peak RSS (VmHWM, MB) since its run started (the server resets it then); Linux only."""
+    name = f"ServeReplica:recon3d:{model}-model".encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::" + name):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            continue
+    return None
+
+
 def run_cli(bundle: str, out: Path, model: str, preset: str) -> float:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "pipeline.cli", "reconstruct", bundle, "--out", str(out), "--model", model,
@@ -126,6 +140,10 @@ def main() -> int:
                         flush=True,
                     )
                     print("    run timings_s: " + json.dumps(run.get("timings_s", {})), flush=True)
+                    peak = replica_peak_rss_mb(a.model)
+                    print(
+                        f"    model replica peak RSS since the run started: {peak or float('nan'):.0f} MB", flush=True
+                    )
                     print("    hops (seen at, status, stage, lasted):\n" + hop_lines(hops), flush=True)
                     if i > 0 or a.jobs == 1:
                         times.append(s)

@@ -37,7 +37,7 @@ from . import constants as DC
 from . import protocol as P
 from .config import ModelDeploymentConfig
 from .replica_evaluation import evaluate_in_replica
-from .resources import PeakMemory
+from .resources import PeakMemory, release_free_heap
 from .store import Store, make_store
 
 logger = logging.getLogger("recon3d.model")
@@ -169,7 +169,7 @@ class ModelServer:
             self._compute_slots = asyncio.Semaphore(self.cfg.model.max_ongoing_requests)
         await self._compute_slots.acquire()
         try:
-            work = asyncio.ensure_future(asyncio.to_thread(self._run_sync, req, progress, cancel, on_quality))
+            work = asyncio.ensure_future(asyncio.to_thread(self._run_then_release, req, progress, cancel, on_quality))
         except BaseException:
             self._compute_slots.release()
             raise
@@ -240,6 +240,13 @@ class ModelServer:
             return self._error_event(e, req, cancel).to_dict()
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
+
+    def _run_then_release(self, req: P.ModelRequest, progress, cancel: CancelCheck, on_quality) -> dict:
+        """:meth:`_run_sync`, then the heap it freed handed back: the next run's peak starts from what this one left."""
+        try:
+            return self._run_sync(req, progress, cancel, on_quality)
+        finally:
+            release_free_heap()
 
     def _reconstruct(
         self, req: P.ModelRequest, src: bytes, out: Path, progress, cancel: CancelCheck, exported: dict
