@@ -77,7 +77,9 @@ def hop_lines(hops: list) -> str:
 
 
 def replica_peak_rss_mb(model: str) -> float | None:
-    """The model replica's peak RSS (VmHWM, MB) since its run started (the server resets it then); Linux only."""
+    """The model replica's peak RSS (VmHWM, MB) since its run started (the server resets it then); Linux only.
+
+    Found by its process name on this machine: run one benchmark at a time."""
     name = f"ServeReplica:recon3d:{model}-model".encode()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
