@@ -9,7 +9,8 @@ after the other; the first warms the model replica and Ray's task workers, the r
 from the POST to the first poll (every 0.1 s) that reads a terminal state. Before each timed job
 it runs ``recon3d reconstruct`` on the same bundle in a subprocess (the CLI, with quality.json
 and previews; the service idles meanwhile), so both see the same load. Prints the best of each,
-their ratio, and the service's per-stage times (``timings_s`` of the job's run).
+their ratio, the service's per-stage times (``timings_s`` of the job's run) and the job's hops
+(each status and stage change the polls saw, with how long it lasted).
 
 The machine may be shared: read the service/CLI ratio of one run, not the absolute times.
 """
@@ -43,19 +44,52 @@ def app_args(store_dir: Path) -> dict:
     return args
 
 
-def time_job(client: httpx.Client, data: bytes, model: str, preset: str) -> tuple[float, dict]:
-    """(seconds from the POST to the first terminal poll, the job)."""
+def time_job(client: httpx.Client, data: bytes, model: str, preset: str) -> tuple[float, dict, list]:
+    """(seconds from the POST to the first terminal poll, the job, its hops).
+
+    The hops are ``(seconds after the POST, status, the run's stage)`` at each poll that saw the
+    pair change: submit -> queued -> the model's stages -> evaluate -> previews -> terminal.
+    """
     t0 = time.perf_counter()
     r = client.post(
         "/jobs", files={"bundle": ("bundle.zip", data, "application/zip")}, data={"model": model, "preset": preset}
     )
     r.raise_for_status()
     job_id = r.json()["job_id"]
+    hops = [(time.perf_counter() - t0, "accepted", None)]
     while True:
         job = client.get(f"/jobs/{job_id}").json()
+        state = (job["status"], (job["models"].get(model) or {}).get("stage"))
+        if state != hops[-1][1:]:
+            hops.append((time.perf_counter() - t0, *state))
         if job["status"] in TERMINAL:
-            return time.perf_counter() - t0, job
+            return time.perf_counter() - t0, job, hops
         time.sleep(POLL_S)
+
+
+def hop_lines(hops: list) -> str:
+    """One line per hop: when it was first seen and how long the previous one lasted."""
+    out = []
+    for (t, status, stage), nxt in zip(hops, hops[1:] + [None], strict=True):
+        lasted = f"{nxt[0] - t:6.2f} s" if nxt is not None else ""
+        out.append(f"      {t:7.2f} s  {status:9s} {stage or '-':22s} {lasted}")
+    return "\n".join(out)
+
+
+def replica_peak_rss_mb(model: str) -> float | None:
+    """The model replica's peak RSS (VmHWM, MB) since its run started (the server resets it then); Linux only.
+
+    Found by its process name on this machine: run one benchmark at a time."""
+    name = f"ServeReplica:recon3d:{model}-model".encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::" + name):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            continue
+    return None
 
 
 def run_cli(bundle: str, out: Path, model: str, preset: str) -> float:
@@ -101,13 +135,18 @@ def main() -> int:
                         clis.append(run_cli(a.bundle, Path(tmp) / f"cli-{i}", a.model, a.preset))
                         t = json.loads((Path(tmp) / f"cli-{i}" / "result.json").read_text())["timings_s"]
                         print(f"CLI run before job {i + 1}: {clis[-1]:.2f} s; timings_s: {json.dumps(t)}", flush=True)
-                    s, job = time_job(client, data, a.model, a.preset)
+                    s, job, hops = time_job(client, data, a.model, a.preset)
                     run = job["models"][a.model]
                     print(
                         f"job {i + 1}/{a.jobs} ({'warm-up' if i == 0 else 'timed'}): {s:.2f} s, {job['status']}",
                         flush=True,
                     )
                     print("    run timings_s: " + json.dumps(run.get("timings_s", {})), flush=True)
+                    peak = replica_peak_rss_mb(a.model)
+                    print(
+                        f"    model replica peak RSS since the run started: {peak or float('nan'):.0f} MB", flush=True
+                    )
+                    print("    hops (seen at, status, stage, lasted):\n" + hop_lines(hops), flush=True)
                     if i > 0 or a.jobs == 1:
                         times.append(s)
         finally:

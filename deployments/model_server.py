@@ -1,8 +1,9 @@
 """The one model server every model deployment uses (the model comes from :mod:`pipeline.registry`).
 
 A model replica takes a :class:`~deployments.protocol.ModelRequest` (plain, serialisable), reads
-the upload from the store, runs the model's pipeline in a worker thread (``asyncio.to_thread``)
-and uploads the artifacts back to the store. It *streams* events to the caller (progress, then
+the upload from the store, runs the model's pipeline in a worker thread (``asyncio.to_thread``),
+makes quality.json and the previews itself when the request asks for it (``evaluate``, one-node
+clusters: :mod:`deployments.replica_evaluation`) and uploads the artifacts back to the store. It *streams* events to the caller (progress, then
 one result or error: :mod:`deployments.protocol`).
 
 Cancellation: the pipeline polls ``should_cancel``, which is true once the cancel flag
@@ -35,7 +36,8 @@ from pipeline.result import ReconstructionResult
 from . import constants as DC
 from . import protocol as P
 from .config import ModelDeploymentConfig
-from .resources import PeakMemory
+from .replica_evaluation import evaluate_in_replica
+from .resources import PeakMemory, release_free_heap
 from .store import Store, make_store
 
 logger = logging.getLogger("recon3d.model")
@@ -158,13 +160,16 @@ class ModelServer:
         def progress(stage: str, fraction: float) -> None:
             loop.call_soon_threadsafe(events.put_nowait, P.ProgressEvent(stage, fraction).to_dict())
 
+        def on_quality(quality: dict | None, error: dict | None) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, P.QualityEvent(quality, error).to_dict())
+
         # One compute slot per ongoing request, held until the worker THREAD ends, not the request:
         # Serve frees a canceled request at once, while its thread computes on to its next checkpoint.
         if self._compute_slots is None:
             self._compute_slots = asyncio.Semaphore(self.cfg.model.max_ongoing_requests)
         await self._compute_slots.acquire()
         try:
-            work = asyncio.ensure_future(asyncio.to_thread(self._run_sync, req, progress, cancel))
+            work = asyncio.ensure_future(asyncio.to_thread(self._run_then_release, req, progress, cancel, on_quality))
         except BaseException:
             self._compute_slots.release()
             raise
@@ -206,13 +211,22 @@ class ModelServer:
 
     # ------------------------------------------------------------ work (worker thread)
 
-    def _run_sync(self, req: P.ModelRequest, progress, cancel: CancelCheck) -> dict:
+    def _run_sync(self, req: P.ModelRequest, progress, cancel: CancelCheck, on_quality) -> dict:
+        """The model run, the evaluation when the request asks for it (``req.evaluate``), result.json, the upload."""
         t0 = time.perf_counter()
         work_dir = Path(tempfile.mkdtemp(prefix=f"recon3d-{req.job_id}-"))
         try:
             out = work_dir / "out"
-            inputs: dict = {}
-            result = self._reconstruct(req, out, progress, cancel, inputs)
+            src = self.store.get(req.input_key)
+            exported: dict = {}
+            result = self._reconstruct(req, src, out, progress, cancel, exported)
+            evaluation = None
+            if req.evaluate:
+                evaluation = evaluate_in_replica(
+                    out, result, exported.get("frames"), lambda: src, n_previews=req.preview_views,
+                    progress=progress, should_cancel=cancel, on_quality=on_quality,
+                )  # fmt: skip
+            result.write(out)
             if not self._owns_output(req):
                 return P.ErrorEvent(
                     P.STALE_ATTEMPT,
@@ -220,26 +234,34 @@ class ModelServer:
                     {"attempt": req.attempt},
                 ).to_dict()
             files = self._publish(req, out)
-            return P.ResultEvent(result, files, round(time.perf_counter() - t0, 3), inputs or None).to_dict()
+            elapsed = round(time.perf_counter() - t0, 3)
+            return P.ResultEvent(result, files, elapsed, exported.get("inputs") or None, evaluation).to_dict()
         except Exception as e:
             return self._error_event(e, req, cancel).to_dict()
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
 
-    def _reconstruct(
-        self, req: P.ModelRequest, out: Path, progress, cancel: CancelCheck, inputs: dict
-    ) -> ReconstructionResult:
-        """Run the model into ``out``; write result.json there once, with the run's resources added.
+    def _run_then_release(self, req: P.ModelRequest, progress, cancel: CancelCheck, on_quality) -> dict:
+        """:meth:`_run_sync`, then the heap it freed handed back: the next run's peak starts from what this one left."""
+        try:
+            return self._run_sync(req, progress, cancel, on_quality)
+        finally:
+            release_free_heap()
 
-        A runner that takes ``on_exported`` fills ``inputs`` with the fan-out's object refs
-        (:func:`put_evaluation_inputs`) as soon as the mesh files exist.
+    def _reconstruct(
+        self, req: P.ModelRequest, src: bytes, out: Path, progress, cancel: CancelCheck, exported: dict
+    ) -> ReconstructionResult:
+        """Run the model into ``out``; the typed result, with the run's resources added (not yet written).
+
+        A runner that takes ``on_exported`` hands over the frames as soon as the mesh files exist:
+        ``exported["frames"]`` when this replica evaluates (``req.evaluate``), else ``exported["inputs"]``,
+        the fan-out's object refs (:func:`put_evaluation_inputs`).
         """
-        src = self.store.get(req.input_key)
         cfg = resolve_run_config(req, self.device)
         mem = PeakMemory(self.device).start()
         extra = {}
         if _accepts(self.runner, "on_exported"):
-            extra["on_exported"] = lambda frames, folder: inputs.update(put_evaluation_inputs(frames, folder))
+            extra["on_exported"] = lambda frames, folder: exported.update(_exported(req, frames, folder))
         returned = self.runner(
             src, out, model=req.model, preset=req.preset, device=self.device, config=cfg,
             progress=progress, should_cancel=cancel, evaluate=False, previews=False, **extra,
@@ -256,7 +278,6 @@ class ModelServer:
         if not result.config:
             result.config = cfg.to_dict()  # a custom runner: record what it was given
         result.resources = resources  # peak memory of this run (experiments database)
-        result.write(out)
         return result
 
     def _publish(self, req: P.ModelRequest, out: Path) -> list[str]:
@@ -317,6 +338,11 @@ def _accepts(fn, name: str) -> bool:
     except (TypeError, ValueError):
         return False
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _exported(req: P.ModelRequest, frames, folder: Path) -> dict:
+    """What the replica keeps once the mesh files exist: the frames, or the fan-out's object refs."""
+    return {"frames": frames} if req.evaluate else {"inputs": put_evaluation_inputs(frames, folder)}
 
 
 def put_evaluation_inputs(frames, folder: Path) -> dict:

@@ -5,11 +5,12 @@ arrays) as a plain dict; the model server (:mod:`deployments.model_server`) stre
 as plain dicts::
 
     {"type": "progress", "stage": "bake_texture", "fraction": 0.62}              # any number
+    {"type": "quality", "quality": {"status": ..., "psnr": ...}, "error": None}   # only when it evaluates
     {"type": "result", "result": {...result.json...}, "files": [...], "elapsed_s": 12.3}   # or
     {"type": "error", "error": {"code": "MODEL_OOM", "message": "...", "details": {...}}}
 
-:func:`parse_event` turns them back into :class:`ProgressEvent`, :class:`ResultEvent` or
-:class:`ErrorEvent`. Errors travel as data (the last event), never as exceptions, so nothing
+:func:`parse_event` turns them back into :class:`ProgressEvent`, :class:`QualityEvent`,
+:class:`ResultEvent` or :class:`ErrorEvent`. Errors travel as data (the last event), never as exceptions, so nothing
 depends on how Ray wraps exception types across a handle. This module imports neither Ray nor
 the service, only the library's result type.
 """
@@ -68,6 +69,11 @@ class ModelRequest:
     """Store key holding the number of the attempt that owns ``output_prefix`` (fences a replaced attempt)."""
     overrides: dict | None = None
     """Config parameters over the preset, dotted keys (pipeline.overrides)."""
+    evaluate: bool = False
+    """Score the mesh in the replica's own process (quality.json, previews) before the result, as the
+    CLI does; False: the scheduler fans the evaluation out as Ray tasks (``serve_app.fanout``)."""
+    preview_views: int = 8
+    """Preview cameras around the object when the replica evaluates (``AppArgs.preview_views``)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,6 +91,21 @@ class ProgressEvent:
 
     def to_dict(self) -> dict:
         return {"type": self.type, "stage": self.stage, "fraction": float(self.fraction)}
+
+
+@dataclass(frozen=True)
+class QualityEvent:
+    """quality.json's summary, sent by a replica that evaluates (``ModelRequest.evaluate``) before its previews.
+
+    ``quality``: :class:`~pipeline.result.QualitySummary` as a dict; ``error``: ``{code, message}``
+    when the report's status is failure, or when it could not be built (QUALITY_FAILED)."""
+
+    quality: dict | None
+    error: dict | None = None
+    type: str = "quality"
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, "quality": self.quality, "error": self.error}
 
 
 @dataclass(frozen=True)
@@ -112,6 +133,9 @@ class ResultEvent:
     """Ray object refs of what the fan-out scores, put by the model replica once the mesh existed:
     ``mesh`` (the published mesh read back), ``frames`` (the PosedFrames it was made from) and
     ``normals`` (the previews' corner normals). None: the fan-out reads them from the store."""
+    evaluation: dict | None = None
+    """What the replica's own evaluation gave (``ModelRequest.evaluate``): ``quality`` and ``error`` as
+    in :class:`QualityEvent`, ``warnings``; its files are in ``files``. None: the replica did not evaluate."""
     type: str = "result"
 
     def to_dict(self) -> dict:
@@ -123,10 +147,12 @@ class ResultEvent:
         }
         if self.evaluation_inputs:
             out["evaluation_inputs"] = dict(self.evaluation_inputs)
+        if self.evaluation is not None:
+            out["evaluation"] = dict(self.evaluation)
         return out
 
 
-ModelEvent = ProgressEvent | ResultEvent | ErrorEvent
+ModelEvent = ProgressEvent | QualityEvent | ResultEvent | ErrorEvent
 
 
 def parse_event(d: dict) -> ModelEvent:
@@ -140,7 +166,10 @@ def parse_event(d: dict) -> ModelEvent:
             files=list(d["files"]),
             elapsed_s=d.get("elapsed_s", 0.0),
             evaluation_inputs=d.get("evaluation_inputs") or None,
+            evaluation=d.get("evaluation"),
         )
+    if kind == "quality":
+        return QualityEvent(quality=d.get("quality"), error=d.get("error"))
     if kind == "error":
         e = d.get("error") or {}
         return ErrorEvent(

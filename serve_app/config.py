@@ -6,6 +6,8 @@ in the YAML fails at deploy time with a pydantic error naming the field.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.config import AutoscalingConfig, ModelConfig
@@ -63,7 +65,13 @@ class AppArgs(BaseModel):
     max_attempts: int = Field(
         2, ge=1, description="Runs of a job at most; a job interrupted by a restart is retried while attempts remain."
     )
-    fanout: bool = Field(True, description="Run per-view metrics and previews as Ray tasks after the model.")
+    fanout: bool = Field(True, description="Make quality.json and the previews of each model run (where: evaluate_in).")
+    evaluate_in: Literal["auto", "replica", "tasks"] = Field(
+        "auto",
+        description="Where quality.json and the previews are made: 'replica' = in the model replica's process "
+        "after its run (as the CLI does); 'tasks' = fanned out as Ray tasks once the mesh is published; "
+        "'auto' = 'replica' while the Ray cluster has one node, else 'tasks' (decided per run).",
+    )
     fanout_max_retries: int = Field(2, ge=0, description="Retries of a failed per-view task.")
     preview_views: int = Field(
         8, ge=1, description="Preview cameras around the object (textured + wireframe PNG each)."

@@ -1,5 +1,9 @@
 """Fan-out after a model run: the evaluation path's parts as Ray tasks, then quality.json.
 
+Used on clusters of more than one node (``AppArgs.evaluate_in``, :func:`replica_evaluates`); on one
+node the model replica runs the same parts itself (``deployments/replica_evaluation.py``) and
+:func:`from_replica` reads what it sent.
+
 The parts are :mod:`pipeline.evaluation`'s, the same functions the CLI runs in one process
 (:func:`pipeline.evaluation.evaluate_result`): per-view metrics, preview cameras, the turntable,
 the contact sheet and quality.json. Launched by the job scheduler (in the ingress replica)
@@ -44,6 +48,45 @@ class FanoutResult:
     warnings: list[str] = field(default_factory=list)
     error: dict | None = None
     """{code, message, details} when quality.json could not be made or its status is failure."""
+
+
+def from_replica(quality: dict | None, error: dict | None, warnings: list[str] | None = None) -> FanoutResult:
+    """The FanoutResult of a replica that evaluated its own mesh (``QualityEvent`` / ``ResultEvent.evaluation``).
+
+    Its files came with the model's (``ResultEvent.files``), so ``files`` stays empty."""
+    out = FanoutResult(warnings=list(warnings or []))
+    if quality:
+        out.quality = QualitySummary(
+            **{k: quality[k] for k in ("status", "psnr", "ssim", "failed_views") if k in quality}
+        )
+    if error:
+        out.error = {"code": error.get("code", QUALITY_FAILED), "message": error.get("message", ""), "details": {}}
+    return out
+
+
+async def replica_evaluates(evaluate_in: str) -> bool:
+    """Whether a model run's replica scores its own mesh (``AppArgs.evaluate_in``); decided per run.
+
+    ``auto``: yes while the Ray cluster has one node. There the tasks would share the replica's
+    cores, and their workers start cold for each job (Ray stops idle workers between jobs on a
+    small node), so each task imports the library again; the replica has it imported and the
+    frames in memory. With more nodes the tasks spread over them, and the model replica (and its
+    GPU) is free as soon as its mesh is published.
+    """
+    if evaluate_in != "auto":
+        return evaluate_in == "replica"
+    return await asyncio.to_thread(_alive_nodes) == 1
+
+
+def _alive_nodes() -> int | None:
+    """Alive nodes of the Ray cluster this process is connected to; None outside Ray."""
+    if not ray.is_initialized():
+        return None
+    try:
+        return sum(1 for n in ray.nodes() if n.get("Alive"))
+    except Exception:  # GCS unreachable: fall back to the tasks, which work on any cluster
+        logger.warning("could not count the cluster's nodes", exc_info=True)
+        return None
 
 
 # ---------------------------------------------------------------- tasks (run on any worker)

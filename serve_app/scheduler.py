@@ -4,8 +4,10 @@ the parts in :mod:`serve_app.scheduling` (each tested alone, without Ray).
 * Per model, a FIFO of job ids (:mod:`~serve_app.scheduling.queues`) and ``max_concurrent_jobs``
   workers that dispatch them to the model deployment's handle
   (:mod:`~serve_app.scheduling.dispatch`: a streaming call, progress events, then the result).
-* After a model run, the fan-out (per-view metrics, previews, quality.json) runs as Ray tasks
-  (:mod:`serve_app.fanout`); the model replica is already free for the next job.
+* Each model run's quality.json and previews: on a one-node cluster the model replica makes them
+  itself after its run (``ModelRequest.evaluate``, ``deployments/replica_evaluation.py``); on more
+  nodes they fan out as Ray tasks once the mesh is published (:mod:`serve_app.fanout`), and the
+  model replica is already free (``AppArgs.evaluate_in``).
 * On start-up, :mod:`~serve_app.scheduling.recovery` decides what happens to every stored record.
   No run stays ``running`` forever: each has a deadline (``job_timeout_s``), enforced by the
   model (JOB_TIMEOUT) and, as a backstop, here.
@@ -28,13 +30,13 @@ import time
 from dataclasses import asdict
 
 from deployments.model_server import deployment_name
-from deployments.protocol import MODEL_FAILED, REPLICA_LOST, ErrorEvent, ProgressEvent, ResultEvent
+from deployments.protocol import MODEL_FAILED, REPLICA_LOST, ErrorEvent, ProgressEvent, QualityEvent, ResultEvent
 from deployments.store import Store
 
 from . import constants as SC
 from . import errors as E
 from .config import AppArgs
-from .fanout import run_fanout
+from .fanout import FanoutResult, from_replica, replica_evaluates, run_fanout
 from .jobs import JOBS_PREFIX, ErrorInfo, JobBook, JobRecord, artifacts_prefix, cancel_key, job_input_key, job_key
 from .logging import job_logger
 from .retention import orphan_job_ids, set_expiry, sweep_expired
@@ -302,7 +304,13 @@ class JobScheduler:
         def on_deadline(cm: asyncio.Timeout) -> None:
             self._deadlines[(rec.job_id, model)] = cm  # cancel() shortens it to CANCEL_STOP_S
 
-        req = D.model_request(rec, model, run.attempts, self.args.job_timeout_s)
+        async def on_quality(ev: QualityEvent) -> None:
+            await self._show_quality(rec, model, from_replica(ev.quality, ev.error))
+
+        evaluate = self.args.fanout and await replica_evaluates(self.args.evaluate_in)
+        req = D.model_request(
+            rec, model, run.attempts, self.args.job_timeout_s, evaluate=evaluate, preview_views=self.args.preview_views
+        )
         try:
             final = await D.stream_run(
                 self.handles[model],
@@ -311,6 +319,7 @@ class JobScheduler:
                 timeout_s=self.args.job_timeout_s + SC.CANCEL_GRACE_S,
                 on_deadline=on_deadline,
                 canceled=lambda: rec.cancel_requested,
+                on_quality=on_quality,
             )
         except asyncio.CancelledError:
             # Drain (redeploy): the model stops at its next cancel checkpoint; the job stays queued.
@@ -350,10 +359,13 @@ class JobScheduler:
     async def _succeeded(self, rec: JobRecord, model: str, ev: ResultEvent, share: float) -> None:
         run = rec.runs[model]
         D.apply_result(run, ev, share)
-        if self.args.fanout and not rec.cancel_requested:
-            await self._cancelable_fanout(rec, model, ev)
-        elif rec.cancel_requested:
+        if rec.cancel_requested:
             run.status = "canceled"
+        elif ev.evaluation is not None:  # the replica scored its mesh itself; its files came with the result
+            e = ev.evaluation
+            self._apply_evaluation(run, from_replica(e.get("quality"), e.get("error"), e.get("warnings")))
+        elif self.args.fanout:
+            await self._cancelable_fanout(rec, model, ev)
         if run.status == "running":
             run.status = "succeeded"
             run.progress = 100.0
@@ -416,10 +428,7 @@ class JobScheduler:
         t0 = time.perf_counter()
 
         async def on_quality(fo) -> None:
-            # The report is known: show it (and the stage) without waiting for the slowest preview.
-            run.quality = self._quality_view(fo)
-            run.stage = "previews"
-            await self.book.save(rec, force=False)
+            await self._show_quality(rec, model, fo)
 
         fo = await run_fanout(
             job_id=rec.job_id,
@@ -434,6 +443,17 @@ class JobScheduler:
             on_quality=on_quality,
         )
         run.timings_s["evaluate_and_previews"] = round(time.perf_counter() - t0, 3)
+        self._apply_evaluation(run, fo)
+
+    async def _show_quality(self, rec: JobRecord, model: str, fo: FanoutResult) -> None:
+        """The report is known: show it (and the stage) without waiting for the slowest preview."""
+        run = rec.runs[model]
+        run.quality = self._quality_view(fo)
+        run.stage = "previews"
+        await self.book.save(rec, force=False)
+
+    def _apply_evaluation(self, run, fo: FanoutResult) -> None:
+        """quality.json's summary, the previews' files and warnings into the run; a failed report fails it."""
         run.files = sorted(set(run.files) | set(fo.files))
         run.warnings += fo.warnings
         run.quality = self._quality_view(fo)

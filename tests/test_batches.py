@@ -66,6 +66,8 @@ def client(tmp_path_factory):
         "default_preset": "fast",
         "job_timeout_s": 60,
         "fanout_num_cpus": 0.5,
+        # The Ray-task fan-out end to end (multi-node clusters); test_service covers the replica's own evaluation.
+        "evaluate_in": "tasks",
         "preview_views": 1,
         "ingress_num_cpus": 0,
         "batches": {"max_items": MAX_ITEMS},

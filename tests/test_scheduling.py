@@ -208,6 +208,64 @@ def test_scheduler_runs_a_job_to_success_and_records_its_duration(tmp_path):
     assert s.q.mean_duration_s("fusion") is not None
 
 
+QUALITY = {"status": "warning", "psnr": 20.4, "ssim": 0.86, "failed_views": []}
+
+
+def evaluated_result(error: dict | None = None) -> dict:
+    """The result of a replica that scored its own mesh (``ModelRequest.evaluate``)."""
+    ev = result_event(files=("mesh.obj", "quality.json", "previews/turntable.gif"))
+    return {**ev, "evaluation": {"quality": QUALITY, "error": error, "warnings": []}}
+
+
+def _run_evaluating_job(tmp_path, final: dict):
+    """(record, the first request, the stage and quality seen while the job ran)."""
+    events = [progress(0.0, "started"), progress(1.0, "evaluate"), {"type": "quality", "quality": QUALITY}]
+    handle = FakeHandle(FakeStream([*events, progress(1.0, "previews"), final], delay_s=0.05))
+
+    async def main():
+        store = LocalStore(tmp_path)
+        s = JobScheduler(app_args(fanout=True, evaluate_in="replica"), store, JobBook(store), {"fusion": handle})
+        await s.start()
+        rec = new_record()
+        await s.submit(rec)
+        seen = []
+        for _ in range(200):
+            if rec.terminal:
+                break
+            seen.append((rec.runs["fusion"].stage, rec.runs["fusion"].quality))
+            await asyncio.sleep(0.01)
+        await s.stop()
+        return rec, seen
+
+    rec, seen = run(main())
+    return rec, handle.requests[0], seen
+
+
+def test_a_replica_that_evaluates_shows_the_quality_before_its_previews(tmp_path):
+    rec, request, seen = _run_evaluating_job(tmp_path, evaluated_result())
+    assert request["evaluate"] is True
+    assert ("previews", {**QUALITY, "error": None}) in seen  # shown while the previews were being made
+    run_ = rec.runs["fusion"]
+    assert rec.status == "succeeded" and run_.progress == 100.0 and run_.quality == {**QUALITY, "error": None}
+    assert {"quality.json", "previews/turntable.gif"} <= set(run_.files)
+
+
+def test_a_failed_report_from_the_replica_fails_the_run_and_keeps_its_files(tmp_path):
+    error = {"code": "QUALITY_FAILED", "message": "masked PSNR 9.1 dB is below 12 dB"}
+    rec, _, _ = _run_evaluating_job(tmp_path, evaluated_result(error))
+    run_ = rec.runs["fusion"]
+    assert rec.status == "failed" and run_.error.code == "QUALITY_FAILED" and "mesh.obj" in run_.files
+    assert run_.quality["error"] == error
+
+
+def test_where_the_evaluation_runs():
+    from serve_app.fanout import replica_evaluates
+
+    assert run(replica_evaluates("replica")) and not run(replica_evaluates("tasks"))
+    assert not run(replica_evaluates("auto"))  # outside Ray: the node count is unknown, so the tasks
+    assert D.model_request(new_record(), "fusion", 1, 60.0).evaluate is False
+
+
 def test_scheduler_requeues_a_run_whose_replica_died_then_fails_it(tmp_path):
     lost = D.REPLICA_LOST_ERRORS[-1]("replica gone")
 

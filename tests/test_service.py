@@ -130,6 +130,7 @@ def test_submit_stream_and_download_every_file(client, bundle_zip):
     run = job["models"]["fusion"]
     assert run["status"] == "succeeded" and run["quality"]["status"] in ("normal", "warning")
     assert run["quality"]["failed_views"] == []
+    assert {"evaluate", "previews"} <= set(run["timings_s"])  # one node: the replica made them (evaluate_in auto)
     expected = {
         "mesh.obj",
         "material.mtl",

@@ -21,6 +21,7 @@ from deployments.protocol import (
     ErrorEvent,
     ModelRequest,
     ProgressEvent,
+    QualityEvent,
     ResultEvent,
     parse_event,
 )
@@ -45,8 +46,11 @@ def attempt_key(job_id: str, model: str) -> str:
     return job_key(job_id, "attempts", model)
 
 
-def model_request(rec: JobRecord, model: str, attempt: int, job_timeout_s: float) -> ModelRequest:
-    """The request of attempt ``attempt`` of ``rec``'s run of ``model``."""
+def model_request(
+    rec: JobRecord, model: str, attempt: int, job_timeout_s: float, *, evaluate: bool = False, preview_views: int = 8
+) -> ModelRequest:
+    """The request of attempt ``attempt`` of ``rec``'s run of ``model``; ``evaluate``: the replica scores its mesh
+    (``preview_views`` preview cameras)."""
     return ModelRequest(
         job_id=rec.job_id,
         model=model,
@@ -58,6 +62,8 @@ def model_request(rec: JobRecord, model: str, attempt: int, job_timeout_s: float
         attempt=attempt,
         overrides=rec.overrides or None,
         attempt_key=attempt_key(rec.job_id, model),
+        evaluate=evaluate,
+        preview_views=preview_views,
     )
 
 
@@ -69,8 +75,10 @@ async def stream_run(
     timeout_s: float,
     on_deadline: Callable[[asyncio.Timeout], None] | None = None,
     canceled: Callable[[], bool] = lambda: False,
+    on_quality: Callable[[QualityEvent], Awaitable[None]] | None = None,
 ) -> ResultEvent | ErrorEvent:
-    """Run ``req`` on ``handle``: progress events go to ``on_progress``; returns the final event.
+    """Run ``req`` on ``handle``: progress events go to ``on_progress``, the quality event of a replica
+    that evaluates to ``on_quality``; returns the final event.
 
     A model that does not finish within ``timeout_s`` gives JOB_TIMEOUT. ``on_deadline`` receives the
     call's timeout: a cancel shortens it to CANCEL_STOP_S, and when it fires with ``canceled()`` true
@@ -87,6 +95,9 @@ async def stream_run(
                 ev = parse_event(raw)
                 if isinstance(ev, ProgressEvent):
                     await on_progress(ev)
+                elif isinstance(ev, QualityEvent):
+                    if on_quality is not None:
+                        await on_quality(ev)
                 else:
                     final = ev
     except TimeoutError:
