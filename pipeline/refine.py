@@ -649,7 +649,12 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
             return cfg.lr_final_fraction
         return cfg.lr_final_fraction ** (min(it, cfg.iterations) / max(cfg.iterations, 1))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(pb.opt, lr_factor)
+    base_rates = [g["lr"] for g in pb.opt.param_groups]
+
+    def set_rates(it: int) -> None:  # LambdaLR's rule, without its Optimizer (see optim.UniformAdam)
+        for g, lr in zip(pb.opt.param_groups, base_rates, strict=True):
+            g["lr"] = lr * lr_factor(it)
+
     log = {"history": [], "terms": {"photometric": [], "mask": [], "depth": [], "laplacian": []}, "iou": []}
     log.update(stop_reason="iterations", vis_updates=0, settle_at=None)
     history, terms = log["history"], log["terms"]
@@ -694,7 +699,7 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
                 break
             settle_left = cfg.convergence_window
             log["settle_at"] = it + 1
-        sched.step()  # after the test above, so a settle starts at the final rate on the next step
+        set_rates(it + 1)  # after the test above, so a settle starts at the final rate on the next step
     return _refined_result(mesh, pb, log, dev, progress, oom_retry, t0)
 
 
