@@ -83,6 +83,9 @@ class DiffRender:
     contour_xy : (M, 2) float or None, CPU only: pixel positions of visible silhouette samples
     contour_view : (M,) long or None, the view of each contour sample
     contour_len : (M,) float or None, edge length each sample stands for, pixels
+    pixels : (N,) long or None, CPU only: the covered pixels' rows in the (C * H * W) frame
+    pixel_depth : (N,) float or None, CPU only: ``depth`` at those pixels (losses over covered
+        pixels need not touch the whole frame)
     """
 
     rgb: torch.Tensor
@@ -92,6 +95,8 @@ class DiffRender:
     contour_xy: torch.Tensor | None = None
     contour_view: torch.Tensor | None = None
     contour_len: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None
+    pixel_depth: torch.Tensor | None = None
 
 
 def _camera_tensors(cameras: list[Camera], dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -410,7 +415,8 @@ class CpuDiffRenderer:
         col = col * okf + (1.0 - okf)  # degenerate pixels read as background
 
         rgb = torch.ones(C * H * W, 3, dtype=dtype, device=dev).index_put((k["flat"],), col.T).reshape(C, H, W, 3)
-        depth = torch.zeros(C * H * W, dtype=dtype, device=dev).index_put((k["flat"],), depth_px * okf)
+        depth_px = depth_px * okf
+        depth = torch.zeros(C * H * W, dtype=dtype, device=dev).index_put((k["flat"],), depth_px)
         mask = self._vis["mask"]
         t = k["contour_t"]
         xa, ya = x.index_select(0, k["contour_a"]), y.index_select(0, k["contour_a"])
@@ -424,6 +430,8 @@ class CpuDiffRenderer:
             contour_xy=contour_xy,
             contour_view=self._vis["contour"][4],
             contour_len=self._vis["contour"][3].to(dtype),
+            pixels=k["flat"],
+            pixel_depth=depth_px,
         )
 
     def _camera_tensors(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:

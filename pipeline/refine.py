@@ -587,6 +587,7 @@ class _Problem:
         self.lap0 = torch.sparse.mm(self.L, v0)
         self.n_obj = float(self.tgt["mask"].sum().clamp(min=1))
         self.depth_valid = self.tgt["mask"] & (self.tgt["depth"] > 0)
+        self.depth_valid_flat, self.tgt_depth_flat = self.depth_valid.reshape(-1), self.tgt["depth"].reshape(-1)
         self.depth_weight = refine_depth_weight(frames, cfg)
         self.tgt_rgb_flat = self.tgt["rgb"].reshape(-1, 3)
         self.tgt_ssim = target_ssim_stats(self.tgt["rgb"]) if cfg.ssim_weight > 0 else None
@@ -608,12 +609,24 @@ class _Problem:
         if cfg.ssim_weight > 0:
             photo = photo + cfg.ssim_weight * structural_loss(out.rgb, tgt["rgb"], union, self.tgt_ssim) / n_obj
         sil = silhouette_loss(out, tgt["mask"], tgt["sdf"]) / n_obj
-        both = self.depth_valid & out.mask
-        dz = torch.where(both, (out.depth - tgt["depth"]) / scale, torch.zeros_like(out.depth))
-        depth = F.smooth_l1_loss(dz, torch.zeros_like(dz), beta=DEPTH_HUBER_FRACTION, reduction="sum") / n_obj
+        depth = self.depth_term(out) / n_obj
         lap = ((torch.sparse.mm(self.L, positions) - self.lap0) / scale).pow(2).sum() / n_obj
         loss = photo + cfg.mask_weight * sil + self.depth_weight * depth + cfg.laplacian_weight * lap
         return loss, {"photometric": photo, "mask": sil, "depth": depth, "laplacian": lap}
+
+    def depth_term(self, out) -> torch.Tensor:
+        """Sum of smooth L1 of the z-depth error (over the bounding-box diagonal) where both depths exist.
+
+        On the CPU only the covered pixels are visited (``out.pixels``); elsewhere the term is 0.
+        """
+        if out.pixels is not None:
+            both = self.depth_valid_flat.index_select(0, out.pixels)
+            err = out.pixel_depth - self.tgt_depth_flat.index_select(0, out.pixels)
+            dz = torch.where(both, err / self.scale, torch.zeros_like(err))
+        else:
+            both = self.depth_valid & out.mask
+            dz = torch.where(both, (out.depth - self.tgt["depth"]) / self.scale, torch.zeros_like(out.depth))
+        return F.smooth_l1_loss(dz, torch.zeros_like(dz), beta=DEPTH_HUBER_FRACTION, reduction="sum")
 
     def silhouette_iou(self, out) -> float:
         with torch.no_grad():
