@@ -3,6 +3,7 @@
     python bench/refine_validation.py [--set /tmp/recon3d-bench-validation/set_r512_d512]
                                       [--variant posed] [--objects mug,rod] [--preset fast]
                                       [--held-out-views 1] [--threads 2] [--out /tmp/refine-validation]
+                                      [--time-budget 0]
 
 Per object: the ``fusion`` mesh (``reconstruct_bundle``, same preset), then the ``nvdiffrec`` stages
 as :func:`pipeline.models.nvdiffrec_model` runs them: hold out ``--held-out-views`` input views
@@ -19,6 +20,9 @@ it wins), ``Ra`` refined geometry re-baked from every view. Per object and candi
   mean >= +0.5 dB, none below -0.2 dB); ``old_gain`` the same for the old choice (refined as optimised or fusion);
 - ``fscoreF``/``fscoreR``: F@1% of the fusion and the refined surface against the GT;
 - ``ret``: which mesh was returned, ``s``: refinement seconds.
+
+``--time-budget S`` replaces the preset's refinement time budget (0: none, so the steps taken
+depend only on the optimisation, not on the machine's load: use it to compare two trees).
 
 Candidate meshes are saved to ``--out/<object>/<k>.npz`` (bench/refine_profile.py reads them).
 Build the set first with ``bench/validation.py`` (it writes ``--set``). Rows go to ``rows.json`` in ``--out``.
@@ -54,9 +58,13 @@ from pipeline.texture import rebake_texture, refit_texture  # noqa: E402
 from pipeline.validation_set import OBJECTS, load_orbit_cameras  # noqa: E402
 
 
-def run_object(bundle: Path, preset: str, held_out_views: int, save: Path | None = None) -> dict:
+def run_object(
+    bundle: Path, preset: str, held_out_views: int, save: Path | None = None, time_budget_s: float | None = None
+) -> dict:
     cfg = get_preset(preset)
     refine_cfg = replace(cfg.refine, held_out_views=held_out_views)
+    if time_budget_s is not None:
+        refine_cfg = replace(refine_cfg, time_budget_s=time_budget_s or 1e9)
     with tempfile.TemporaryDirectory() as tmp:
         reconstruct_bundle(bundle, tmp, model="fusion", preset=preset, evaluate=False, previews=False)
         fused = load_mesh(Path(tmp) / "mesh.obj")
@@ -108,6 +116,7 @@ def main(argv=None) -> int:
     ap.add_argument("--held-out-views", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "refine-validation")
+    ap.add_argument("--time-budget", type=float, default=None, help="refinement time budget, s (0: none)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     objects = args.objects.split(",") if args.objects else [o for o in OBJECTS if (args.set / o).is_dir()]
@@ -115,7 +124,8 @@ def main(argv=None) -> int:
     for obj in objects:
         row = {"object": obj}
         try:
-            row.update(run_object(args.set / obj / args.variant, args.preset, args.held_out_views, args.out / obj))
+            bundle = args.set / obj / args.variant
+            row.update(run_object(bundle, args.preset, args.held_out_views, args.out / obj, args.time_budget))
         except Exception as e:  # one object's failure is a row, not the end of the run
             row["error"] = f"{type(e).__name__}: {e}"
         rows.append(row)

@@ -83,6 +83,9 @@ class DiffRender:
     contour_xy : (M, 2) float or None, CPU only: pixel positions of visible silhouette samples
     contour_view : (M,) long or None, the view of each contour sample
     contour_len : (M,) float or None, edge length each sample stands for, pixels
+    pixels : (N,) long or None, CPU only: the covered pixels' rows in the (C * H * W) frame
+    pixel_depth : (N,) float or None, CPU only: ``depth`` at those pixels (losses over covered
+        pixels need not touch the whole frame)
     """
 
     rgb: torch.Tensor
@@ -92,6 +95,8 @@ class DiffRender:
     contour_xy: torch.Tensor | None = None
     contour_view: torch.Tensor | None = None
     contour_len: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None
+    pixel_depth: torch.Tensor | None = None
 
 
 def _camera_tensors(cameras: list[Camera], dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,20 +106,20 @@ def _camera_tensors(cameras: list[Camera], dtype, device) -> tuple[torch.Tensor,
     return K, w2c
 
 
-def project_batch(vertices: torch.Tensor, K: torch.Tensor, w2c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Project (V, 3) world vertices into C cameras.
+def project_flat(
+    vertices: torch.Tensor, K: torch.Tensor, w2c: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Project (V, 3) world vertices into C cameras ((C, 3, 3) K, (C, 4, 4) world_to_cam).
 
-    Returns
-    -------
-    xy : (C, V, 2) pixel coordinates (pixel centres at +0.5)
-    z : (C, V) z-depth along each optical axis
+    Returns pixel x, pixel y (pixel centres at +0.5) and z-depth along each optical axis, each a
+    contiguous (C * V,) tensor, camera-major.
     """
-    pc = torch.einsum("cij,vj->cvi", w2c[:, :3, :3], vertices) + w2c[:, None, :3, 3]
-    z = pc[..., 2]
+    pc = torch.einsum("cij,vj->civ", w2c[:, :3, :3], vertices) + w2c[:, :3, 3, None]  # (C, 3, V)
+    z = pc[:, 2]
     zs = z.clamp(min=1e-9)
-    x = K[:, None, 0, 0] * pc[..., 0] / zs + K[:, None, 0, 1] * pc[..., 1] / zs + K[:, None, 0, 2]
-    y = K[:, None, 1, 1] * pc[..., 1] / zs + K[:, None, 1, 2]
-    return torch.stack([x, y], dim=-1), z
+    x = K[:, 0, 0, None] * pc[:, 0] / zs + K[:, 0, 1, None] * pc[:, 1] / zs + K[:, 0, 2, None]
+    y = K[:, 1, 1, None] * pc[:, 1] / zs + K[:, 1, 2, None]
+    return x.reshape(-1), y.reshape(-1), z.reshape(-1)
 
 
 def sample_texture_torch(texture: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
@@ -130,13 +135,13 @@ def sample_texture_torch(texture: torch.Tensor, uv: torch.Tensor) -> torch.Tenso
     -------
     (N, C) float
     """
-    return sample_texture_grid(texture, texture_grid(uv))
+    return sample_texture_grid_channels(texture, texture_grid(uv)).T
 
 
 def texture_grid(uv: torch.Tensor) -> torch.Tensor:
     """(1, 1, N, 2) ``grid_sample`` coordinates of (N, 2) UVs (wrapped as :func:`sample_texture_torch` does).
 
-    One grid serves every texture layer sampled at the same UVs.
+    One grid serves every texture layer sampled at the same UVs (:func:`sample_texture_grid_channels`).
     """
     # align_corners=False puts -1 / +1 on the outer texel edges, so texel centres sit at
     # (k + 0.5) / size as in the numpy sampler; y = +1 is the last (bottom) row, where v = 0.
@@ -144,12 +149,22 @@ def texture_grid(uv: torch.Tensor) -> torch.Tensor:
     return torch.stack([u * 2.0 - 1.0, 1.0 - v * 2.0], dim=-1)[None, None]
 
 
-def sample_texture_grid(texture: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """Bilinear lookup of a (T, S, C) texture at a :func:`texture_grid`: (N, C)."""
+def sample_texture_grid_channels(texture: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Bilinear lookup of a (T, S, C) texture at a (1, 1, N, 2) grid, channels first: (C, N).
+
+    The samples are split into two batches of the same texture (an expand, no copy): the CPU
+    grid_sample kernel runs one thread per batch entry, and the refinement runs on two cores.
+    """
+    n = grid.shape[2]
+    half = n // 2
+    tex = texture.permute(2, 0, 1)[None]
+    if half == 0 or n % 2:
+        return F.grid_sample(tex, grid, mode="bilinear", padding_mode="border", align_corners=False)[0, :, 0, :]
     out = F.grid_sample(
-        texture.permute(2, 0, 1)[None], grid, mode="bilinear", padding_mode="border", align_corners=False
-    )
-    return out[0, :, 0, :].T
+        tex.expand(2, -1, -1, -1), grid.reshape(2, 1, half, 2), mode="bilinear", padding_mode="border",
+        align_corners=False,
+    )  # fmt: skip
+    return out[:, :, 0, :].permute(1, 0, 2).reshape(out.shape[1], n)
 
 
 def wrap_outside_unit(uv: torch.Tensor) -> torch.Tensor:
@@ -225,6 +240,7 @@ class CpuDiffRenderer:
         self._representative[weld] = np.arange(len(weld))
         self._edges, self._edge_faces, _ = edge_adjacency(self._faces_welded)
         self._vis: dict | None = None
+        self._camera_cache: dict = {}
         self._dirs: list[np.ndarray | None] = [None] * len(self.cameras)
         self._boxes: list[tuple[slice, slice] | None] | None = None
 
@@ -264,6 +280,7 @@ class CpuDiffRenderer:
             "face": torch.as_tensor(np.concatenate(face_ids), device=dev),
             "mask": torch.as_tensor(masks, device=dev),
             "contour": tuple(torch.as_tensor(x, device=dev) for x in (a, b, t, length, cview)),
+            "constants": {},  # filled by _step_constants
         }
         self._boxes = [mask_box(m, VISIBILITY_BOX_MARGIN_PX) for m in masks]
 
@@ -377,77 +394,132 @@ class CpuDiffRenderer:
         """
         if self._vis is None:
             self.update_visibility(vertices)
-        vis = self._vis
         dtype, dev = vertices.dtype, vertices.device
         C, H, W = len(self.cameras), self.height, self.width
-        K, w2c = _camera_tensors(self.cameras, dtype, dev)
-        xy, z = project_batch(vertices, K, w2c)  # (C, V, 2), (C, V)
-        nv = vertices.shape[0]
-
-        view, pixel, face = vis["view"], vis["pixel"], vis["face"]
-        corner = view[:, None] * nv + self.faces[face]  # (N, 3) rows of the flattened (C*V) projections
-        # index_select, not advanced indexing: its backward is an index_add, several times
-        # cheaper on the CPU than the accumulating index_put of a gather's backward.
-        flat_corner = corner.reshape(-1)
-        px, py = xy.reshape(-1, 2).index_select(0, flat_corner).reshape(-1, 3, 2).unbind(-1)  # (N, 3) each
-        zc = z.reshape(-1).index_select(0, flat_corner).reshape(-1, 3)
-        qx, qy = (pixel % W).to(dtype) + 0.5, (pixel // W).to(dtype) + 0.5
-
-        # Screen-space barycentrics of the pixel centre and their screen derivatives.
-        x0, x1, x2 = px.unbind(-1)
-        y0, y1, y2 = py.unbind(-1)
-        e1x, e1y, e2x, e2y, dx, dy = x1 - x0, y1 - y0, x2 - x0, y2 - y0, qx - x0, qy - y0
-        den = e1x * e2y - e1y * e2x
-        ok = den.abs() > MIN_SCREEN_AREA_PX2
-        inv_den = 1.0 / torch.where(ok, den, torch.ones_like(den))
-        b1, b2 = (dx * e2y - dy * e2x) * inv_den, (e1x * dy - e1y * dx) * inv_den
-        b1x, b1y, b2x, b2y = e2y * inv_den, -e2x * inv_den, -e1y * inv_den, e1x * inv_den
-        # Perspective-correct interpolation: uv = sum(b_k uv_k / z_k) / sum(b_k / z_k). Numerator
-        # and denominator are affine in the screen position, so each sample costs a few
-        # multiply-adds from their values and derivatives at the centre.
-        w = 1.0 / zc  # (N, 3)
-        uvw = self.uvs.to(dtype)[self.faces[face]] * w[..., None]  # (N, 3, 2)
-        dw1, dw2 = w[:, 1] - w[:, 0], w[:, 2] - w[:, 0]
-        du1, du2 = uvw[:, 1] - uvw[:, 0], uvw[:, 2] - uvw[:, 0]
-        den_c, den_x, den_y = w[:, 0] + b1 * dw1 + b2 * dw2, b1x * dw1 + b2x * dw2, b1y * dw1 + b2y * dw2
-        num_c = uvw[:, 0] + b1[:, None] * du1 + b2[:, None] * du2
-        num_x = b1x[:, None] * du1 + b2x[:, None] * du2
-        num_y = b1y[:, None] * du1 + b2y[:, None] * du2
-        off = torch.as_tensor(sample_offsets, dtype=dtype, device=dev)  # (S, 2)
-        inner = vis["inner"].to(dtype)[None]  # outline pixels take their centre S times
-        ox, oy = off[:, 0, None] * inner, off[:, 1, None] * inner  # (S, N)
-        inv_z = den_c + ox * den_x + oy * den_y  # (S, N)
-        uv = (num_c + ox[..., None] * num_x + oy[..., None] * num_y) / inv_z[..., None]  # (S, N, 2)
+        k = self._step_constants(dtype, tuple(sample_offsets), vertices.shape[0])
+        x, y, z = project_flat(vertices, *self._camera_tensors(dtype))  # (C * V,) each
+        # Corners gathered as (3, N) rows, so each corner's values are contiguous. index_select, not
+        # advanced indexing: its backward is an index_add, several times cheaper on the CPU than the
+        # accumulating index_put of a gather's backward.
+        px, py, pz = (a.index_select(0, k["corner"]).reshape(3, -1) for a in (x, y, z))
+        grid, inv_z, ok = _perspective_samples(px, py, pz, k)
         depth_px = (1.0 / inv_z).mean(0)
-
-        grid = texture_grid(uv.reshape(-1, 2))
-        col = sum(sample_texture_grid(t.to(dtype), grid) for t in _layers(texture))
+        # Channels first: (3, S * N) is what grid_sample returns, and the sample mean is then over rows.
+        col = sum(sample_texture_grid_channels(t.to(dtype), grid) for t in _layers(texture))
         if not isinstance(texture, torch.Tensor):
             col = col.clamp(0.0, 1.0)
         # Every layer at every sample: coarse corrections vary within a pixel too (sampling them at
         # the samples' mean cost spot 0.4 dB and the sneaker 0.3 dB).
-        col = col.reshape(len(off), -1, 3).mean(0)
-        okf = ok.to(dtype)[:, None]
+        col = col.reshape(3, inv_z.shape[0], -1).mean(1)
+        okf = ok.to(dtype)
         col = col * okf + (1.0 - okf)  # degenerate pixels read as background
 
-        flat = view * (H * W) + pixel
-        rgb = torch.ones(C * H * W, 3, dtype=dtype, device=dev).index_put((flat,), col).reshape(C, H, W, 3)
-        depth = torch.zeros(C * H * W, dtype=dtype, device=dev).index_put((flat,), depth_px * ok.to(dtype))
-        mask = vis["mask"]
-
-        a, b, t, length, cview = vis["contour"]
-        pa, pb = xy[cview, a], xy[cview, b]
-        t = t.to(dtype)[:, None]
-        contour_xy = pa * (1.0 - t) + pb * t
+        rgb = torch.ones(C * H * W, 3, dtype=dtype, device=dev).index_put((k["flat"],), col.T).reshape(C, H, W, 3)
+        depth_px = depth_px * okf
+        depth = torch.zeros(C * H * W, dtype=dtype, device=dev).index_put((k["flat"],), depth_px)
+        mask = self._vis["mask"]
+        t = k["contour_t"]
+        xa, ya = x.index_select(0, k["contour_a"]), y.index_select(0, k["contour_a"])
+        xb, yb = x.index_select(0, k["contour_b"]), y.index_select(0, k["contour_b"])
+        contour_xy = torch.stack([xa * (1.0 - t) + xb * t, ya * (1.0 - t) + yb * t], dim=-1)
         return DiffRender(
             rgb=rgb,
             coverage=mask.to(dtype),
             depth=depth.reshape(C, H, W),
             mask=mask,
             contour_xy=contour_xy,
-            contour_view=cview,
-            contour_len=length.to(dtype),
+            contour_view=self._vis["contour"][4],
+            contour_len=self._vis["contour"][3].to(dtype),
+            pixels=k["flat"],
+            pixel_depth=depth_px,
         )
+
+    def _camera_tensors(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C, 3, 3) K and (C, 4, 4) world_to_cam of the cameras in ``dtype`` (made once per dtype)."""
+        if dtype not in self._camera_cache:
+            self._camera_cache[dtype] = _camera_tensors(self.cameras, dtype, self.device)
+        return self._camera_cache[dtype]
+
+    def _step_constants(self, dtype, sample_offsets: tuple, n_vertices: int) -> dict[str, torch.Tensor]:
+        """What :meth:`render` needs of the current visibility that no step changes (made once per refresh).
+
+        ``corner`` (3 N,): corner k of covered pixel n at row k N + n, as an index into the flattened
+        (C * V) projections; ``u``, ``v`` (3, N) the corners' texture coordinates; ``qx``, ``qy`` (N,) the
+        pixel centres; ``ox``, ``oy`` (S, N) the sample offsets (0 on outline pixels); ``flat`` (N,) the
+        pixels' rows in a (C * H * W) frame; ``contour_a``, ``contour_b`` (M,) the contour samples' edge
+        ends in the flattened projections and ``contour_t`` (M,) their position along the edge.
+        """
+        key = (dtype, sample_offsets, n_vertices)
+        cache = self._vis["constants"]
+        if key not in cache:
+            vis, W = self._vis, self.width
+            corners = self.faces[vis["face"]].T  # (3, N)
+            uv = self.uvs.to(dtype)[corners]  # (3, N, 2)
+            off = torch.as_tensor(sample_offsets, dtype=dtype, device=self.device)  # (S, 2)
+            inner = vis["inner"].to(dtype)[None]  # outline pixels take their centre S times
+            a, b, t, _, cview = vis["contour"]
+            cache[key] = {
+                "corner": (vis["view"][None] * n_vertices + corners).reshape(-1),
+                "u": uv[..., 0].contiguous(),
+                "v": uv[..., 1].contiguous(),
+                "qx": (vis["pixel"] % W).to(dtype) + 0.5,
+                "qy": (vis["pixel"] // W).to(dtype) + 0.5,
+                "ox": off[:, 0, None] * inner,
+                "oy": off[:, 1, None] * inner,
+                "flat": vis["view"] * (self.height * W) + vis["pixel"],
+                "contour_a": cview * n_vertices + a,
+                "contour_b": cview * n_vertices + b,
+                "contour_t": t.to(dtype),
+            }
+        return cache[key]
+
+
+def _perspective_samples(px, py, pz, k: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Texture coordinates of the sub-pixel samples of covered pixels, perspective-correct.
+
+    Parameters
+    ----------
+    px, py, pz : (3, N) the pixels' face corners projected: pixel x, y and z-depth (differentiable)
+    k : :meth:`CpuDiffRenderer._step_constants`
+
+    Returns
+    -------
+    grid : (1, 1, S * N, 2) ``grid_sample`` coordinates, sample-major
+    inv_z : (S, N) 1 / z-depth at each sample
+    ok : (N,) bool, the face's screen area is large enough to trust its barycentrics
+    """
+    # Screen-space barycentrics of the pixel centre and their screen derivatives.
+    x0, x1, x2 = px
+    y0, y1, y2 = py
+    e1x, e1y, e2x, e2y, dx, dy = x1 - x0, y1 - y0, x2 - x0, y2 - y0, k["qx"] - x0, k["qy"] - y0
+    den = e1x * e2y - e1y * e2x
+    ok = den.abs() > MIN_SCREEN_AREA_PX2
+    inv_den = 1.0 / torch.where(ok, den, torch.ones_like(den))
+    b1, b2 = (dx * e2y - dy * e2x) * inv_den, (e1x * dy - e1y * dx) * inv_den
+    b1x, b1y, b2x, b2y = e2y * inv_den, -e2x * inv_den, -e1y * inv_den, e1x * inv_den
+    # Perspective-correct interpolation: uv = sum(b_k uv_k / z_k) / sum(b_k / z_k). Numerator
+    # and denominator are affine in the screen position, so each sample costs a few
+    # multiply-adds from their values and derivatives at the centre.
+    w = 1.0 / pz  # (3, N)
+    ox, oy = k["ox"], k["oy"]
+    inv_z = _affine_at_samples(w, b1, b2, b1x, b1y, b2x, b2y, ox, oy)  # (S, N)
+    u = _affine_at_samples(k["u"] * w, b1, b2, b1x, b1y, b2x, b2y, ox, oy) / inv_z
+    v = _affine_at_samples(k["v"] * w, b1, b2, b1x, b1y, b2x, b2y, ox, oy) / inv_z
+    # align_corners=False puts -1 / +1 on the outer texel edges (see texture_grid).
+    grid = torch.stack([wrap_outside_unit(u) * 2.0 - 1.0, 1.0 - wrap_outside_unit(v) * 2.0], dim=-1)
+    return grid.reshape(1, 1, -1, 2), inv_z, ok
+
+
+def _affine_at_samples(f, b1, b2, b1x, b1y, b2x, b2y, ox, oy) -> torch.Tensor:
+    """(S, N) a per-corner quantity (3, N), interpolated linearly in screen space to the samples.
+
+    Its value at the pixel centre (barycentrics b1, b2) plus the offsets (S, N) times its screen
+    derivatives (from the barycentrics' derivatives b1x ... b2y).
+    """
+    f0, f1, f2 = f.unbind(0)  # one unbind: its backward is one stack (a select's is a full-size zero fill)
+    d1, d2 = f1 - f0, f2 - f0
+    centre = f0 + b1 * d1 + b2 * d2
+    return centre + ox * (b1x * d1 + b2x * d2) + oy * (b1y * d1 + b2y * d2)
 
 
 class CudaDiffRenderer:

@@ -16,12 +16,16 @@ from __future__ import annotations
 import torch
 
 
-class UniformAdam(torch.optim.Optimizer):
+class UniformAdam:
     """Adam with one step normaliser per tensor: the root of its largest bias-corrected second moment.
 
     Each entry moves by ``lr * m_hat / (sqrt(max(v_hat)) + eps)``, where ``m_hat`` is its
     bias-corrected first moment and ``v_hat`` the tensor's bias-corrected second moments. The entry
     with the steadiest large gradient moves about ``lr`` per step; the others in proportion.
+
+    It has the parts of :class:`torch.optim.Optimizer` the refinement uses (``param_groups`` with
+    their ``lr``, ``state``, ``zero_grad``, ``step``) but is not one: the first Optimizer a process
+    makes imports ``torch._dynamo``, 1-2 s of a job's refinement on two cores.
 
     Parameters
     ----------
@@ -36,20 +40,30 @@ class UniformAdam(torch.optim.Optimizer):
             raise ValueError(f"learning rate must be >= 0, got {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps})
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps}
+        params = list(params)
+        groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+        self.param_groups = [{**defaults, **g, "params": list(g["params"])} for g in groups]
+        self.state: dict[torch.Tensor, dict] = {}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
 
     @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def step(self) -> None:
         for group in self.param_groups:
             b1, b2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
+                state = self.state.setdefault(p, {})
                 if not state:
                     state["step"] = 0
                     state["m"] = torch.zeros_like(p)
@@ -61,4 +75,3 @@ class UniformAdam(torch.optim.Optimizer):
                 v.mul_(b2).addcmul_(p.grad, p.grad, value=1.0 - b2)
                 scale = (v.max() / (1.0 - b2**t)).sqrt() + group["eps"]  # a 0-d tensor: no device sync
                 p.addcdiv_(m, scale, value=-group["lr"] / (1.0 - b1**t))
-        return loss

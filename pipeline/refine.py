@@ -203,7 +203,20 @@ def ssim_map_torch(a: torch.Tensor, b: torch.Tensor, *, sigma: float = SSIM_SIGM
     return m.mean(1)
 
 
-def structural_loss(rgb: torch.Tensor, target: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+def target_ssim_stats(target: torch.Tensor, *, sigma: float = SSIM_SIGMA) -> torch.Tensor:
+    """The blurred mean and second moment of (C, h, w, 3) target images: (C, 2, 3, h, w).
+
+    They never change during a refinement, so :func:`structural_loss` takes them made once.
+    """
+    n, h, w = target.shape[:3]
+    y = target.permute(0, 3, 1, 2)  # (C, 3, h, w)
+    stats = torch.stack([y, y * y], 1).reshape(-1, h, w)
+    return gaussian_blur(stats, sigma).reshape(n, 2, 3, h, w)
+
+
+def structural_loss(
+    rgb: torch.Tensor, target: torch.Tensor, region: torch.Tensor, target_stats: torch.Tensor | None = None
+) -> torch.Tensor:
     """Sum of (1 - SSIM) over the ``region`` pixels of (C, h, w, 3) renders against their targets.
 
     Each view is cropped to the box around its region first (the rest is background on both
@@ -211,8 +224,14 @@ def structural_loss(rgb: torch.Tensor, target: torch.Tensor, region: torch.Tenso
     of one gather: slicing each view separately would give every slice its own full-size
     gradient buffer in the backward pass. The term and its gradient are computed by
     :class:`_StructuralTerm` (values as :func:`ssim_map_torch` gives them).
+
+    ``target_stats`` is :func:`target_ssim_stats` of ``target`` (made here when None). Blurred
+    over the whole frame, they equal the crop's own at every region pixel: the box keeps
+    :data:`SSIM_BOX_MARGIN_PX` pixels around the region, more than the blur's radius.
     """
     C, h, w = rgb.shape[:3]
+    if target_stats is None:
+        target_stats = target_ssim_stats(target.detach())
     full = (slice(0, h), slice(0, w))
     boxes = [mask_box(region[c], SSIM_BOX_MARGIN_PX) or full for c in range(C)]
     flat_idx = []
@@ -225,7 +244,8 @@ def structural_loss(rgb: torch.Tensor, target: torch.Tensor, region: torch.Tenso
     target_crops = target.reshape(-1, 3)[idx].detach()
     weights = torch.cat([region[c, ys, xs].reshape(-1) for c, (ys, xs) in enumerate(boxes)]).to(rgb.dtype)
     shapes = tuple((ys.stop - ys.start, xs.stop - xs.start) for ys, xs in boxes)
-    return _StructuralTerm.apply(crops, target_crops, weights, shapes)
+    stat_crops = tuple(target_stats[c, :, :, ys, xs].to(rgb.dtype) for c, (ys, xs) in enumerate(boxes))
+    return _StructuralTerm.apply(crops, target_crops, weights, shapes, stat_crops)
 
 
 class _StructuralTerm(torch.autograd.Function):
@@ -241,17 +261,17 @@ class _StructuralTerm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, crops, target_crops, weights, shapes):
+    def forward(ctx, crops, target_crops, weights, shapes, target_stat_crops):
         total = crops.new_zeros(())
         saved = []
         start = 0
-        for hb, wb in shapes:
+        for (hb, wb), (mu_y, e_yy) in zip(shapes, target_stat_crops, strict=True):
             n = hb * wb
             x = crops[start : start + n].reshape(hb, wb, 3).permute(2, 0, 1)
             y = target_crops[start : start + n].reshape(hb, wb, 3).permute(2, 0, 1)
             wgt = weights[start : start + n].reshape(hb, wb)
-            stats = gaussian_blur(torch.cat([x, y, x * x, y * y, x * y]), SSIM_SIGMA)
-            mu_x, mu_y, e_xx, e_yy, e_xy = stats.reshape(5, 3, hb, wb)
+            # Only the render's statistics are blurred per step; the target's come made (target_ssim_stats).
+            mu_x, e_xx, e_xy = gaussian_blur(torch.cat([x, x * x, x * y]), SSIM_SIGMA).reshape(3, 3, hb, wb)
             mxy = mu_x * mu_y
             mxx = mu_x * mu_x
             a1 = 2.0 * mxy + _SSIM_C1
@@ -281,7 +301,7 @@ class _StructuralTerm(torch.autograd.Function):
             grads.append(gx.permute(1, 2, 0).reshape(-1, 3))
         ctx.saved = None
         grad = torch.cat(grads) * grad_total if grads else None
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 # ---------------------------------------------------------------- regulariser
@@ -567,8 +587,10 @@ class _Problem:
         self.lap0 = torch.sparse.mm(self.L, v0)
         self.n_obj = float(self.tgt["mask"].sum().clamp(min=1))
         self.depth_valid = self.tgt["mask"] & (self.tgt["depth"] > 0)
+        self.depth_valid_flat, self.tgt_depth_flat = self.depth_valid.reshape(-1), self.tgt["depth"].reshape(-1)
         self.depth_weight = refine_depth_weight(frames, cfg)
         self.tgt_rgb_flat = self.tgt["rgb"].reshape(-1, 3)
+        self.tgt_ssim = target_ssim_stats(self.tgt["rgb"]) if cfg.ssim_weight > 0 else None
         self.samples = tuple(subpixel_offsets(cfg.supersample))
 
     def welded_positions(self) -> torch.Tensor:
@@ -585,14 +607,26 @@ class _Problem:
         per_px = diff.square() if cfg.photometric_loss == "l2" else diff.abs()
         photo = per_px.mean(-1).sum() / n_obj
         if cfg.ssim_weight > 0:
-            photo = photo + cfg.ssim_weight * structural_loss(out.rgb, tgt["rgb"], union) / n_obj
+            photo = photo + cfg.ssim_weight * structural_loss(out.rgb, tgt["rgb"], union, self.tgt_ssim) / n_obj
         sil = silhouette_loss(out, tgt["mask"], tgt["sdf"]) / n_obj
-        both = self.depth_valid & out.mask
-        dz = torch.where(both, (out.depth - tgt["depth"]) / scale, torch.zeros_like(out.depth))
-        depth = F.smooth_l1_loss(dz, torch.zeros_like(dz), beta=DEPTH_HUBER_FRACTION, reduction="sum") / n_obj
+        depth = self.depth_term(out) / n_obj
         lap = ((torch.sparse.mm(self.L, positions) - self.lap0) / scale).pow(2).sum() / n_obj
         loss = photo + cfg.mask_weight * sil + self.depth_weight * depth + cfg.laplacian_weight * lap
         return loss, {"photometric": photo, "mask": sil, "depth": depth, "laplacian": lap}
+
+    def depth_term(self, out) -> torch.Tensor:
+        """Sum of smooth L1 of the z-depth error (over the bounding-box diagonal) where both depths exist.
+
+        On the CPU only the covered pixels are visited (``out.pixels``); elsewhere the term is 0.
+        """
+        if out.pixels is not None:
+            both = self.depth_valid_flat.index_select(0, out.pixels)
+            err = out.pixel_depth - self.tgt_depth_flat.index_select(0, out.pixels)
+            dz = torch.where(both, err / self.scale, torch.zeros_like(err))
+        else:
+            both = self.depth_valid & out.mask
+            dz = torch.where(both, (out.depth - self.tgt["depth"]) / self.scale, torch.zeros_like(out.depth))
+        return F.smooth_l1_loss(dz, torch.zeros_like(dz), beta=DEPTH_HUBER_FRACTION, reduction="sum")
 
     def silhouette_iou(self, out) -> float:
         with torch.no_grad():
@@ -628,7 +662,12 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
             return cfg.lr_final_fraction
         return cfg.lr_final_fraction ** (min(it, cfg.iterations) / max(cfg.iterations, 1))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(pb.opt, lr_factor)
+    base_rates = [g["lr"] for g in pb.opt.param_groups]
+
+    def set_rates(it: int) -> None:  # LambdaLR's rule, without its Optimizer (see optim.UniformAdam)
+        for g, lr in zip(pb.opt.param_groups, base_rates, strict=True):
+            g["lr"] = lr * lr_factor(it)
+
     log = {"history": [], "terms": {"photometric": [], "mask": [], "depth": [], "laplacian": []}, "iou": []}
     log.update(stop_reason="iterations", vis_updates=0, settle_at=None)
     history, terms = log["history"], log["terms"]
@@ -673,7 +712,7 @@ def _refine(mesh, frames, cfg: RefineConfig, dev, progress, should_cancel, *, oo
                 break
             settle_left = cfg.convergence_window
             log["settle_at"] = it + 1
-        sched.step()  # after the test above, so a settle starts at the final rate on the next step
+        set_rates(it + 1)  # after the test above, so a settle starts at the final rate on the next step
     return _refined_result(mesh, pb, log, dev, progress, oom_retry, t0)
 
 
