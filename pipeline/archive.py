@@ -2,10 +2,11 @@
 
 One module for every path that opens an uploaded ZIP (bundles, a bundle with an added
 ``transforms.json``, archives of bundles): :func:`open_zip` reads the central directory,
-:func:`check_entries` refuses too many entries, unsafe names, members whose declared size
-or compression ratio is over the limits, and archives whose declared total is over the
-limit; :func:`read_member` inflates one member with a hard cap, so a member that lies
-about its size in the directory still stops at the cap. Corrupt deflate streams and bad
+:func:`check_entries` refuses too many entries, unsafe names, members stored with a
+compression method zipfile cannot inflate, members whose declared size or compression ratio
+is over the limits, and archives whose declared total is over the limit;
+:func:`read_member` inflates one member with a hard cap, so a member that lies about its
+size in the directory still stops at the cap. Corrupt deflate streams and bad
 CRCs become :class:`~pipeline.errors.InvalidArchiveError`.
 """
 
@@ -22,6 +23,8 @@ from .errors import InputTooLargeError, InvalidArchiveError, UnsafeArchiveError
 
 #: Members below this size are never refused for their ratio (a tiny JSON compresses well).
 RATIO_EXEMPT_BYTES = 1024 * 1024
+#: Compression methods zipfile can inflate; a member with another is refused before reading.
+READABLE_METHODS = frozenset({zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA})
 #: Exceptions that a damaged archive raises while its directory or a member is read.
 ZIP_READ_ERRORS = (
     zipfile.BadZipFile,
@@ -29,7 +32,6 @@ ZIP_READ_ERRORS = (
     zlib.error,
     OSError,
     EOFError,
-    NotImplementedError,  # a member stored with a compression method zipfile lacks
     ValueError,
     RuntimeError,
     UnicodeDecodeError,
@@ -87,6 +89,12 @@ def check_entries(infos: list[zipfile.ZipInfo], limits: ArchiveLimits) -> int:
             raise UnsafeArchiveError(f"archive entry {name!r} escapes the archive's folder", details={"file": name})
         if info.is_dir():
             continue
+        if info.compress_type not in READABLE_METHODS:
+            raise InvalidArchiveError(
+                f"{name} is stored with compression method {info.compress_type}, which cannot be read; "
+                "use deflate or store",
+                details={"file": name, "compression_method": info.compress_type},
+            )
         if info.file_size > limits.max_member_bytes:
             raise InputTooLargeError(
                 f"{name} expands to {info.file_size} bytes; the limit is {limits.max_member_bytes}",

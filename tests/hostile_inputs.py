@@ -42,12 +42,22 @@ def nested_json(depth: int = 100_000) -> bytes:
 
 
 def corrupt_member(bundle_zip: bytes, name: str, how: str) -> bytes:
-    """``how``: 'deflate' flips bytes inside the member's compressed stream, 'crc' changes its stored CRC."""
+    """``how``: 'deflate' flips bytes inside the member's compressed stream, 'crc' changes its stored CRC,
+    'method' names a compression method zipfile cannot inflate (98, PPMd)."""
     files = members(bundle_zip)
     data = make_zip(files)
     zf = zipfile.ZipFile(io.BytesIO(data))
     info = zf.getinfo(name)
     raw = bytearray(data)
+    if how == "method":
+        # The method is stored twice: in the local header (+8) and in the central directory entry (+10).
+        raw[info.header_offset + 8 : info.header_offset + 10] = struct.pack("<H", 98)
+        cd = raw.find(b"PK\x01\x02")
+        while cd >= 0:
+            if raw[cd + 46 : cd + 46 + len(name)] == name.encode():
+                raw[cd + 10 : cd + 12] = struct.pack("<H", 98)
+            cd = raw.find(b"PK\x01\x02", cd + 4)
+        return bytes(raw)
     if how == "crc":
         # The CRC is stored twice: in the local header (+14) and in the central directory entry (+16).
         bad = struct.pack("<I", (info.CRC ^ 0xDEADBEEF) & 0xFFFFFFFF)

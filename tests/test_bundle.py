@@ -166,6 +166,16 @@ def test_zip_path_traversal(bundle, tmp_path):
     assert _code(z) == "UNSAFE_ARCHIVE"
 
 
+def test_zip_member_with_an_unreadable_compression_method(bundle, tmp_path):
+    from hostile_inputs import corrupt_member
+
+    data = corrupt_member(_zip(bundle, tmp_path / "b.zip").read_bytes(), "multi_views/left.png", "method")
+    with pytest.raises(InvalidInputError) as ei:
+        load_bundle(data)
+    assert ei.value.code == "INVALID_ARCHIVE"
+    assert ei.value.details == {"file": "multi_views/left.png", "compression_method": 98}
+
+
 def test_zip_absolute_path(bundle, tmp_path):
     z = _zip(bundle, tmp_path / "b.zip")
     with zipfile.ZipFile(z, "a") as zf:

@@ -115,6 +115,7 @@ EYE = [[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 2.5], [0, 0, 0, 1.0]]
 BUNDLE_CASES = [
     ("corrupt_deflate", lambda b: H.corrupt_member(b, "multi_views/front.png", "deflate"), 422, "INVALID_ARCHIVE"),
     ("bad_crc", lambda b: H.corrupt_member(b, "multi_views/back.png", "crc"), 422, "INVALID_ARCHIVE"),
+    ("unknown_compression", lambda b: H.corrupt_member(b, "multi_views/left.png", "method"), 422, "INVALID_ARCHIVE"),
     ("camera_angle_y_zero", lambda b: edit_transforms(b, camera_angle_y=0), 422, "INVALID_TRANSFORMS"),
     ("camera_angle_x_zero", lambda b: edit_transforms(b, camera_angle_x=0.0), 422, "INVALID_TRANSFORMS"),
     ("w_zero", lambda b: edit_transforms(b, w=0), 422, "INVALID_TRANSFORMS"),
