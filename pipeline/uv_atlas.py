@@ -106,7 +106,7 @@ def start_uv_atlas(
     env["PYTHONPATH"] = os.pathsep.join([str(_REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.uv_atlas", str(in_path), str(Path(tmp.name) / "out.npz")],
-        stdout=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,  # unread; a full pipe would stall the child until result()
         stderr=subprocess.PIPE,
         env=env,
         cwd=tmp.name,
